@@ -1,0 +1,168 @@
+"""The equations of Auto-Rubric as Reward (ARR) and Rubric Policy Optimization (RPO) as pure tensor functions.
+
+Paper: "Auto-Rubric as Reward: From Implicit Preferences to Explicit Multimodal Generative Criteria",
+arXiv 2605.08354 (ARR: §3.1-3.2, RPO: §3.3). The flow-SDE transition follows the official code's DanceGRPO form.
+Our copy of the paper has no equation numbers, so every function cites its section and the name of the equation.
+
+Run: nothing to run; `python -m pytest tests/test_arr_rpo.py` checks every function against closed forms,
+`torch.distributions` and diffusers' `FlowMatchEulerDiscreteScheduler`.
+
+Notation (code name -> paper symbol)
+    r_a, r_b          -> r(x, y_a), r(x, y_b)      implicit (Bradley-Terry) rewards of two candidates
+    rank              -> the judge's ranking of the candidates, 1 = best
+    win, lose         -> r_w, r_l                  constant rewards of the preferred / dispreferred candidate
+    sigma             -> sigma_t                   noise level, 1 = pure noise, 0 = data
+    v                 -> v_theta(x_t, t, c)         predicted velocity (noise - x0)
+    eta               -> eta                       SDE noise scale (0 = the deterministic ODE)
+    mean, std         -> mu_theta, sigma_t^SDE     Gaussian transition pi_theta(x_{t-1} | x_t, c)
+    log_prob          -> log pi_theta(x_{t-1} | x_t, c)
+    old_log_prob      -> log pi_theta_old(...)     recorded during the rollout
+    ratio             -> rho_t                     per-timestep importance ratio
+    advantages        -> A                         r_w for the winner, r_l for the loser, same at every timestep
+    clip_range        -> epsilon                   PPO clip
+    ref_mean          -> mu_ref                    mean of the reference policy (LoRA adapters disabled)
+
+Shapes: B samples, L packed latent tokens, C packed channels; every latent is (B, L, C) in the policies, but the
+functions here accept any (B, ...) shape.
+
+Time convention: sigma = 1 is pure noise and sigma = 0 is data, `x_sigma = (1 - sigma) * x0 + sigma * noise`, the
+transformer predicts `v = noise - x0`, so `x0_hat = x - sigma * v`. FLUX and Qwen-Image transformers take
+`timestep = sigma` and multiply by 1000 inside.
+
+Log-probs are per-element MEANS over all non-batch dimensions, as in the official code, DDPO and Flow-GRPO. The true
+log-density of the transition is the sum, i.e. D = L * C times larger (65,536 elements for one 512 x 512 FLUX
+latent). The mean makes the ratio a geometric mean of per-element ratios, which is why a clip range of 0.2 and a
+kl_beta of 0.01 are the published values: with summed log-probs both would need to be rescaled by about 1 / D.
+`gaussian_kl` uses the same per-element mean, so kl_beta means the same thing for both KL estimators.
+
+Deliberate deviations from the paper and the official code
+    1. `rank_to_reward` rejects anything that is not a permutation of 1..N (ties, zeros, empty or single
+       rankings). The official code turns a tie [1, 1] into two +1.0 rewards and a malformed [0, 1] into rewards;
+       here such verdicts are errors that the trainer masks and counts.
+    2. `gaussian_kl` is the exact KL between the policy's and the reference's Gaussian transitions (they share the
+       std). The official code uses the single-sample k1 estimate log pi - log pi_ref on on-policy samples, whose
+       expected gradient is zero; `k1_kl` keeps it available for parity.
+    3. `sde_step` takes an explicit generator (or noise); the official code draws from the global RNG.
+"""
+import math
+
+import torch
+
+
+def bradley_terry_prob(r_a, r_b):
+    """Bradley-Terry preference (§3.1, implicit reward model): P(y_a > y_b | x) = sigmoid(r_a - r_b)."""
+    return torch.sigmoid(torch.as_tensor(r_a) - torch.as_tensor(r_b))
+
+
+def rank_to_reward(rank, win=1.0, lose=-0.1):
+    """Rubric-conditioned decision -> reward (§3.2, binary reward with r_w / r_l; paper Table 3: +1.0 / -0.1).
+
+    rank: the judge's ranking, rank[i] is the place of candidate i (1 = best). Two candidates give (win, lose) or
+    (lose, win); N > 2 candidates get rewards linear in the rank from `win` (rank 1) to `lose` (rank N).
+    Raises ValueError unless rank is a permutation of 1..N with N >= 2: a tie, a zero or an empty ranking is a
+    failed judgment, which the caller masks, never a reward.
+    """
+    values = list(rank) if isinstance(rank, (list, tuple)) else None
+    if values is None or len(values) < 2:
+        raise ValueError(f"rank must be a list of at least 2 places, got {rank!r}")
+    if any(isinstance(r, bool) or not isinstance(r, int) for r in values):
+        raise ValueError(f"rank must hold integers, got {rank!r}")
+    n = len(values)
+    if sorted(values) != list(range(1, n + 1)):
+        raise ValueError(f"rank must be a permutation of 1..{n} (no ties, no zeros), got {rank!r}")
+    return [(win * (n - r) + lose * (r - 1)) / (n - 1) for r in values]  # exact win / lose at the ends
+
+
+def sigma_schedule(num_steps, shift=3.0):
+    """Shifted sigma schedule (official recipe): s = linspace(1, 0, K + 1), sigma = shift * s / (1 + (shift-1) * s).
+
+    Returns (K + 1,) float32, strictly decreasing from 1.0 to 0.0. Computed in float64 so the values do not
+    depend on the rounding of float32 arithmetic.
+    """
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be >= 2 (one stochastic step plus the final Euler step), got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * s / (1.0 + (shift - 1.0) * s)).to(torch.float32)
+
+
+def sde_mean_std(x, v, sigma, sigma_next, eta):
+    """Flow ODE -> SDE transition (§3.3; the official code's DanceGRPO form): the Gaussian pi(x_next | x).
+
+    With d = sigma_next - sigma < 0:
+        score = -(x + (1 - sigma) * v) / sigma            # score of x_sigma given x0_hat = x - sigma * v
+        mean  = x + d * (v - 0.5 * eta**2 * score)
+        std   = eta * sqrt(sigma - sigma_next)
+    At eta = 0 the mean is x + d * v, the Euler step of diffusers' FlowMatchEulerDiscreteScheduler.
+    x, v: (B, ...); sigma, sigma_next: floats or 0-dim tensors. Returns mean (B, ...) and std (0-dim tensor).
+    """
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device)
+    d = sigma_next - sigma
+    score = -(x + (1 - sigma) * v) / sigma
+    mean = x + d * (v - 0.5 * eta**2 * score)  # (B, ...)
+    std = eta * torch.sqrt(sigma - sigma_next)  # ()
+    return mean, std
+
+
+def sde_step(x, v, sigma, sigma_next, eta, noise=None, generator=None):
+    """One stochastic flow-SDE step (§3.3): x_next = mean + std * noise, noise ~ N(0, I) from `generator`.
+
+    Returns (x_next, mean, std) with x_next, mean (B, ...) and std a 0-dim tensor. At eta = 0 no noise is drawn
+    and x_next == mean is exactly diffusers' Euler step.
+    """
+    mean, std = sde_mean_std(x, v, sigma, sigma_next, eta)
+    if eta == 0:
+        return mean, mean, std
+    if noise is None:
+        device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    return mean + std * noise, mean, std
+
+
+def gaussian_log_prob(x_next, mean, std):
+    """log pi_theta(x_next | x) of the Gaussian transition (§3.3), as a per-element mean over non-batch dims.
+
+    x_next, mean: (B, ...); std: scalar or broadcastable. Returns (B,).
+    """
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    log_density = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(dim=1)
+
+
+def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
+    """RPO clipped objective (§3.3), as a loss to minimise: max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)).
+
+    rho = exp(log_prob - old_log_prob) is the per-timestep importance ratio. All inputs (B,); returns (B,).
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(-advantages * ratio, -advantages * clipped)
+
+
+def gaussian_kl(mean, ref_mean, std):
+    """KL(pi_theta || pi_ref) of two Gaussian transitions with the same std (§3.3, KL regulariser), exactly:
+    ||mu_theta - mu_ref||^2 / (2 std^2), as a per-element mean over non-batch dims (the log-prob convention).
+
+    mean, ref_mean: (B, ...); std: scalar or broadcastable. Returns (B,).
+    """
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)
+
+
+def k1_kl(log_prob, ref_log_prob):
+    """The official code's KL term: the k1 estimate log pi_theta - log pi_ref at the sampled transition. (B,)."""
+    return log_prob - ref_log_prob
+
+
+def approx_kl(log_prob, old_log_prob):
+    """k3 estimate of KL(pi_old || pi_theta) for logging: (rho - 1) - log rho, >= 0 elementwise. (B,)."""
+    log_ratio = log_prob - old_log_prob
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def clip_fraction(log_prob, old_log_prob, clip_range):
+    """Fraction of samples whose ratio lies outside [1 - eps, 1 + eps], i.e. whose PPO gradient is clipped."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return ((ratio - 1.0).abs() > clip_range).float().mean()

@@ -1,0 +1,173 @@
+"""FluxPolicy against diffusers' FluxPipeline and load_lora_weights, on a tiny random-weight FLUX built in code."""
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+import arr_rpo
+import policy
+
+SIZE = 64
+PROMPTS = ["a red apple on a table", "a blue car"]
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory):
+    return policy.build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
+
+
+@pytest.fixture()
+def flux(tiny_flux_dir):
+    return policy.FluxPolicy.from_pretrained(tiny_flux_dir, lora_rank=4, lora_alpha=8)
+
+
+def randomise_lora(pol, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def as_float(image):
+    return np.asarray(image).astype(np.float32) / 255.0
+
+
+def pipeline_images(pipe, prompt, sigmas, seed):
+    return pipe(prompt, height=SIZE, width=SIZE, sigmas=sigmas[:-1].tolist(), num_inference_steps=len(sigmas) - 1,
+                guidance_scale=3.5, generator=torch.Generator().manual_seed(seed), output_type="pil").images
+
+
+def test_build_tiny_flux_refuses_to_overwrite(tmp_path):
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(FileExistsError):
+        policy.build_tiny_flux(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_eta0_rollout_equals_flux_pipeline(flux, tiny_flux_dir):
+    sigmas = arr_rpo.sigma_schedule(4)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    expected = pipeline_images(pipe, PROMPTS[0], sigmas, seed=7)[0]
+    traj = flux.rollout([PROMPTS[0]] * 2, sigmas=sigmas, eta=0.0, height=SIZE, width=SIZE,
+                        generator=torch.Generator().manual_seed(7))
+    assert traj.latents.shape == (2, 5, (SIZE // 16) ** 2, 64) and traj.log_probs.shape == (2, 3)
+    for image in traj.images:  # same_noise: both samples are the pipeline's single image
+        assert np.abs(as_float(image) - as_float(expected)).max() <= 2 / 255
+    # with independent noise for two prompts the draw is the pipeline's batched draw
+    traj = flux.rollout(PROMPTS, sigmas=sigmas, eta=0.0, height=SIZE, width=SIZE, same_noise=False,
+                        generator=torch.Generator().manual_seed(3))
+    batched = pipe(PROMPTS, height=SIZE, width=SIZE, sigmas=sigmas[:-1].tolist(), num_inference_steps=4,
+                   guidance_scale=3.5, generator=torch.Generator().manual_seed(3)).images
+    for mine, theirs in zip(traj.images, batched):
+        assert np.abs(as_float(mine) - as_float(theirs)).max() <= 2 / 255
+
+
+def test_recompute_gives_ratio_one_and_reference_equals_policy_at_init(flux):
+    traj = flux.rollout(PROMPTS, num_steps=4, eta=0.7, height=SIZE, width=SIZE,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(traj.log_probs).all()
+    for k in range(traj.log_probs.shape[1]):
+        stats = flux.recompute(traj, k)
+        ratio = torch.exp(stats.log_prob - traj.log_probs[:, k])
+        assert torch.allclose(ratio, torch.ones(2), atol=1e-5)
+        assert torch.allclose(stats.mean, stats.ref_mean, atol=1e-6)  # lora_B = 0 at init
+        assert stats.log_prob.requires_grad and not stats.ref_mean.requires_grad
+    with pytest.raises(IndexError):
+        flux.recompute(traj, 3)  # the final Euler step has no log-prob
+
+
+def test_recomputed_log_prob_matches_distribution_of_stored_transition(flux):
+    traj = flux.rollout(PROMPTS[:1], num_steps=4, eta=0.5, height=SIZE, width=SIZE,
+                        generator=torch.Generator().manual_seed(1))
+    stats = flux.recompute(traj, 0, reference=False)
+    expected = torch.distributions.Normal(stats.mean, stats.std).log_prob(traj.latents[:, 1]).flatten(1).mean(1)
+    assert stats.ref_mean is None and torch.allclose(stats.log_prob, expected, atol=1e-5)
+
+
+def test_only_lora_parameters_get_gradients_and_disabled_adapters_are_the_base(flux, tiny_flux_dir):
+    traj = flux.rollout(PROMPTS, num_steps=4, eta=0.7, height=SIZE, width=SIZE,
+                        generator=torch.Generator().manual_seed(2))
+    flux.recompute(traj, 1).log_prob.sum().backward()
+    named = dict(flux.transformer.named_parameters())
+    with_grad = {n for n, p in named.items() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert {n for n, p in named.items() if p.requires_grad} == with_grad
+    randomise_lora(flux, seed=0)
+    base = FluxPipeline.from_pretrained(tiny_flux_dir).transformer.eval()
+    x, cond = traj.latents[:, 1], traj.cond
+    with torch.no_grad():
+        expected = base(hidden_states=x, timestep=torch.full((2,), 0.75), guidance=cond.guidance,
+                        pooled_projections=cond.pooled, encoder_hidden_states=cond.prompt_embeds,
+                        txt_ids=cond.text_ids, img_ids=cond.img_ids, return_dict=False)[0]
+        with flux.adapters_disabled():
+            disabled = flux.velocity(cond, x, torch.tensor(0.75))
+        enabled = flux.velocity(cond, x, torch.tensor(0.75))
+    assert torch.equal(disabled, expected)
+    assert not torch.allclose(enabled, expected, atol=1e-4)
+    assert all(p.requires_grad for p in flux.trainable_parameters())
+
+
+def test_saved_lora_loads_in_diffusers_with_alpha_and_restores_bitwise(flux, tiny_flux_dir, tmp_path):
+    randomise_lora(flux, seed=1)
+    flux.save_lora(tmp_path)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    sigmas = arr_rpo.sigma_schedule(4)
+    traj = flux.rollout([PROMPTS[0]], sigmas=sigmas, eta=0.0, height=SIZE, width=SIZE,
+                        generator=torch.Generator().manual_seed(5))
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    base_image = pipeline_images(pipe, PROMPTS[0], sigmas, seed=5)[0]
+    pipe.load_lora_weights(tmp_path)
+    lora_image = pipeline_images(pipe, PROMPTS[0], sigmas, seed=5)[0]
+    assert np.abs(as_float(lora_image) - as_float(traj.images[0])).max() <= 2 / 255
+    assert np.abs(as_float(base_image) - as_float(traj.images[0])).max() > 10 / 255  # the LoRA does change images
+
+    fresh = policy.FluxPolicy.from_pretrained(tiny_flux_dir, lora_rank=4, lora_alpha=8)
+    fresh.load_lora(tmp_path)
+    for a, b in zip(flux.trainable_parameters(), fresh.trainable_parameters()):
+        assert torch.equal(a, b)
+    wrong_alpha = policy.FluxPolicy.from_pretrained(tiny_flux_dir, lora_rank=4, lora_alpha=4)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        wrong_alpha.load_lora(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        fresh.load_lora(tmp_path / "missing")
+
+
+def test_generators_make_trajectories_reproducible_and_samples_get_different_sde_noise(flux):
+    def run(seed):
+        return flux.rollout(PROMPTS, num_steps=4, eta=0.7, height=SIZE, width=SIZE,
+                            generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(11), run(11), run(12)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.equal(a.latents, c.latents)
+    same_prompt = flux.rollout([PROMPTS[0]] * 2, num_steps=4, eta=0.7, height=SIZE, width=SIZE,
+                               generator=torch.Generator().manual_seed(11))
+    assert torch.equal(same_prompt.latents[0, 0], same_prompt.latents[1, 0])  # shared initial noise
+    assert not torch.equal(same_prompt.latents[0, 1], same_prompt.latents[1, 1])  # independent SDE noise
+
+
+def test_lora_targets_presets_and_validation(tiny_flux_dir):
+    wide = policy.FluxPolicy.from_pretrained(tiny_flux_dir, lora_rank=2, lora_alpha=2, lora_targets="wide")
+    attn = policy.FluxPolicy.from_pretrained(tiny_flux_dir, lora_rank=2, lora_alpha=2)
+    listed = policy.FluxPolicy.from_pretrained(tiny_flux_dir, lora_rank=2, lora_alpha=2, lora_targets="to_q,to_k")
+    assert len(wide.trainable_parameters()) > len(attn.trainable_parameters()) > len(listed.trainable_parameters())
+    with pytest.raises(ValueError, match="preset"):
+        policy.FluxPolicy.from_pretrained(tiny_flux_dir, lora_targets="everything")
+
+
+def test_prompt_cache_and_freed_encoders(flux):
+    embeds, pooled = flux.encode_prompts(PROMPTS)
+    again, _ = flux.encode_prompts(PROMPTS[::-1])
+    assert torch.equal(again[0], embeds[1]) and torch.equal(again[1], embeds[0])
+    flux.free_text_encoders()
+    flux.rollout(PROMPTS[:1], num_steps=2, eta=0.5, height=32, width=32)  # cached prompts still work
+    with pytest.raises(RuntimeError, match="not cached"):
+        flux.encode_prompts(["a prompt never seen"])
+
+
+def test_rollout_rejects_bad_arguments(flux):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        flux.rollout(PROMPTS, height=60, width=64)
+    with pytest.raises(ValueError, match="sigmas"):
+        flux.rollout(PROMPTS, sigmas=[1.0, 0.5, 0.6, 0.0], height=32, width=32)
+    with pytest.raises(ValueError, match="guidance"):
+        flux.rollout(PROMPTS, guidance=None, height=32, width=32)
