@@ -1,0 +1,923 @@
+"""Auto-Rubric induction (generate -> verify -> refine -> structure), zero-shot prompt rubrics, and the
+l1-regularised rubric selector.
+
+Paper: "Auto-Rubric as Reward: From Implicit Preferences to Explicit Multimodal Generative Criteria",
+arXiv 2605.08354, §3.2 (rubric generation M_gen, verification M_verify, refinement M_refine, hierarchical
+structuring; zero-shot prompt-specific rubrics). The selector is the l1-regularised logistic-regression refiner of
+AutoRubric-T2I (`select_rubrics_l1`).
+
+Run (the API key, if the server needs one, is read from OPENAI_API_KEY by judge.VLMClient):
+    python rubrics.py induce --data seed_pairs.json --base_url http://localhost:8000/v1 \
+        --model Qwen/Qwen3-VL-8B-Instruct --out rubrics.txt [--num_rubrics 5] [--max_refine 3] [--categories 5] \
+        [--task t2i|edit] [--concurrency 8] [--cache rubrics.txt.cache.sqlite] [--force]
+    python rubrics.py select --data pairs.json --rubrics candidates.txt --base_url URL --model NAME --top_n 5 \
+        --out selected.txt [--l1 0.01] [--holdout 0.3] [--mode pairwise|pointwise] [--seed 0]
+    python rubrics.py prompt --data prompts.txt --base_url URL --model NAME --out prompt_rubrics.json
+`induce` writes the rubric text (what `judge.py eval --rubrics` and `train.py --rubrics` read) and a provenance
+sidecar `rubrics.json`; `select` writes the selected rubrics and `selected.json` with their weights and held-out
+accuracies; `prompt` writes the zero-shot rubrics per prompt that `judge.py eval --prompt_rubrics` reads.
+
+Pipeline per labelled item (pair or N-candidate list, `label_rank`, 1 = best):
+    rubrics = generate(item)                        M_gen: sees the label, asks for exactly K rubrics
+    repeat up to 1 + max_refine times:
+        passed, ranks = verify(item, rubrics)       M_verify: the judge protocol with these rubrics, NO label,
+                                                    original AND reversed order; pass iff both recover the label
+        if passed: keep the rubrics, stop
+        rubrics = refine(item, rubrics, feedback)   M_refine: sees the label and both predicted rankings
+    never passed -> the item is discarded and counted
+    text = structure(all verified rubrics)          at most C themes with tips, hierarchical when too many
+
+Deliberate deviations from the paper and the official code
+    1. Verification never sees the label. The official verifier prompt contains the expected ranking, so it tests
+       whether the VLM copies the label; ours is exactly the judge protocol (`judge.Judge` with the candidate
+       rubrics as the rubric text), so a rubric passes only if it alone recovers the preference.
+    2. Verification judges both the original and the reversed candidate order and requires both to recover the
+       label, so rubrics that only work through position bias are refined or discarded. A tie or an invalid
+       ranking fails (the official argsort check lets the tie [1, 1] pass for the label [1, 2]).
+    3. The rubrics produced by the last refinement are verified too; the official loop refines once more after its
+       last verification and throws the result away.
+    4. Bounded concurrency: items run on a pool of `client.max_concurrency` threads (the official code starts every
+       item at once). A judge failure on one item is recorded in its outcome and counted; the run goes on.
+    5. Resumable: every answered request (generation, each verification order, refinement, structuring) is kept in
+       judge.py's sqlite answer cache, keyed by a hash of the request, so a rerun after an interruption re-sends
+       nothing that was already answered. Malformed replies are re-asked with the bad answer and the complaint
+       appended (a new request), never by repeating the identical request.
+    6. Structuring merges in chunks, hierarchically, when the verified rubrics do not fit one request, retries
+       malformed replies, and falls back to a deduplicated numbered list instead of failing (the official code makes
+       one unretried call with every rubric in it).
+    7. No MCR^2 diversity sampling of seed items (the official code uses it above 100 items only): every item is
+       processed. Only ranking labels are supported (no pointwise `label_score` induction).
+    8. `select_rubrics_l1` fits the logistic model without an intercept: `diffs` flip sign when the two candidates
+       are swapped, so P(first preferred) = sigmoid(w . d) is symmetric, and an intercept could only learn the
+       position bias of the labels.
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from judge import (Judge, JudgeError, ReplyError, ResponseCache, VLMClient, extract_json, load_pairs, load_template,
+                   template_sha256)
+
+TASKS = ("t2i", "edit")
+# What the text input of an item is called in our prompts, and the judge's labels for the images.
+INPUT_LABEL = {"t2i": "Prompt", "edit": "Editing instruction"}
+TASK_NAME = {"t2i": "text-to-image generation", "edit": "instruction-guided image editing"}
+CANDIDATE_LABEL = {"t2i": "Image", "edit": "Edited Image"}
+BASE_LABEL = "Image BASE (original image):"
+MAX_TOKENS = 2048  # K rubrics plus a reason; thinking models spend more before answering
+
+
+def _schema(title, properties, required):
+    return {"title": title, "type": "object", "additionalProperties": False, "required": required,
+            "properties": properties}
+
+
+RUBRIC_LIST_SCHEMA = _schema("rubrics", {"rubrics": {"type": "array", "items": {"type": "string"}},
+                                         "reason": {"type": "string"}}, ["rubrics", "reason"])
+THEMES_SCHEMA = _schema("themes", {
+    "themes": {"type": "array", "items": _schema("theme", {
+        "theme": {"type": "string"}, "tips": {"type": "array", "items": {"type": "string"}}}, ["theme", "tips"])},
+    "reason": {"type": "string"}}, ["themes", "reason"])
+SCORE_SCHEMA = _schema("score", {"score": {"type": "integer", "minimum": 1, "maximum": 5},
+                                 "reason": {"type": "string"}}, ["score", "reason"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Message building and reply parsing
+# ----------------------------------------------------------------------------------------------------------------
+
+def _candidate_parts(client, item, task):
+    """Image content parts in the judge's layout: the base image first (editing), then labelled candidates."""
+    parts = []
+    if task == "edit" and item.source_image is not None:
+        parts += [{"type": "text", "text": BASE_LABEL},
+                  {"type": "image_url", "image_url": {"url": client.encode(item.source_image)}}]
+    for i, image in enumerate(item.images, start=1):
+        parts += [{"type": "text", "text": f"{CANDIDATE_LABEL[task]} {i}:"},
+                  {"type": "image_url", "image_url": {"url": client.encode(image)}}]
+    return parts
+
+
+def _ranking_text(rank, task):
+    """[2, 1] -> 'Image 2 > Image 1' (best first). Only generate/refine requests ever contain a label."""
+    order = sorted(range(len(rank)), key=lambda i: rank[i])
+    return " > ".join(f"{CANDIDATE_LABEL[task]} {i + 1}" for i in order)
+
+
+def numbered(rubrics):
+    """Render a rubric list as the plain numbered text the judge takes as its rubric."""
+    return "\n".join(f"{i}. {rubric}" for i, rubric in enumerate(rubrics, start=1))
+
+
+# "1. ", "(2) ", "- ", "Rubric 3: " at the start of a rubric; "3.5 mm lens" keeps its number
+_ENUMERATION = re.compile(r"^\s*(?:[-*\u2022]|\(?\d{1,3}[.):]|rubric\s*\d{1,3}\s*[.:)-])\s+", re.IGNORECASE)
+
+
+def _same_key(rubric):
+    """Rubrics that differ only in case, whitespace or a final period are the same rubric."""
+    return " ".join(rubric.lower().split()).rstrip(".")
+
+
+def _dedupe(rubrics):
+    """Whitespace-normalised rubrics without duplicates (see _same_key), first occurrence kept."""
+    seen, unique = set(), []
+    for rubric in rubrics:
+        key = _same_key(rubric)
+        if key and key not in seen:
+            seen.add(key)
+            unique.append(" ".join(rubric.split()))
+    return unique
+
+
+def _rubric_list(k):
+    """Parser of a {"rubrics": [...]} reply: strings, enumeration stripped, non-empty, deduplicated, at most k."""
+    def parse(obj):
+        raw = obj.get("rubrics")
+        if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+            raise ValueError('"rubrics" must be a list of strings')
+        rubrics = _dedupe(_ENUMERATION.sub("", r).strip() for r in raw)
+        if not rubrics:
+            raise ValueError('"rubrics" is empty')
+        return rubrics[:k]
+    return parse
+
+
+def _ask_json(client, messages, schema, parse, retries, cache, what):
+    """client.chat + extract_json + `parse`, re-asking up to `retries` times when the reply is unusable.
+
+    A re-ask appends the unusable answer and what was wrong with it, so it is a new request: the cache replays an
+    interrupted run faithfully and a temperature-0 model is not asked the identical question again. Transport
+    failures were already retried inside the client and propagate as JudgeError.
+    """
+    current, problem = messages, ""
+    for _ in range(1 + retries):
+        text = None
+        try:
+            text = client.chat(current, json_schema=schema, max_tokens=MAX_TOKENS, cache=cache)
+            return parse(extract_json(text))
+        except (ReplyError, ValueError) as exc:
+            problem = str(exc)
+        reask = {"role": "user", "content": load_template("rubric_reask").format(problem=problem)}
+        current = messages + ([{"role": "assistant", "content": text}] if text else []) + [reask]
+    raise ReplyError(f"{what}: unusable reply after {1 + retries} attempt(s): {problem}")
+
+
+def _check_task(task):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _check_label(item):
+    n = len(item.images)
+    if n < 2 or sorted(item.label_rank) != list(range(1, n + 1)):
+        raise ValueError(f"item at line {item.line}: label_rank {item.label_rank} is not a permutation of 1..{n}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline (§3.2): generate -> verify -> refine -> structure
+# ----------------------------------------------------------------------------------------------------------------
+
+def generate(client, item, k=5, task="t2i", retries=2, cache=None):
+    """M_gen: ask for exactly `k` rubrics that explain the labelled ranking of `item` (the label is shown).
+
+    cache: a judge.ResponseCache (None: the client's own). Returns 1..k cleaned rubric strings (fewer only when
+    the model repeats itself); raises JudgeError.
+    """
+    _check_task(task)
+    _check_label(item)
+    text = load_template("rubric_generate").format(
+        task=load_template(f"rubric_task_{task}"), n=len(item.images), ranking=_ranking_text(item.label_rank, task),
+        k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
+    messages = [{"role": "user", "content": _candidate_parts(client, item, task) + [{"type": "text", "text": text}]}]
+    return _ask_json(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k), retries, cache,
+                     f"rubric generation for item at line {item.line}")
+
+
+def verify(client, item, rubrics, task="t2i", cache=None):
+    """M_verify: judge `item` with only `rubrics`, without its label, in the original and the reversed order.
+
+    Returns (passed, ranks): ranks[0] is the verdict on the original order, ranks[1] the verdict on the reversed
+    order mapped back to the original numbering; passed iff both equal item.label_rank. The requests are exactly
+    those of `judge.Judge(client, numbered(rubrics), task, swap=False)`: nothing in them depends on the label.
+    Raises JudgeError when the judge fails (transport, or no valid ranking after its re-asks), so that callers can
+    tell a failure from a disagreement.
+    """
+    _check_task(task)
+    _check_label(item)
+    with Judge(client, numbered(rubrics), task=task, swap=False, cache=cache) as judge:
+        ranks = []
+        for images in (list(item.images), list(item.images)[::-1]):
+            verdict = judge.compare(item.prompt, images, source_image=item.source_image)
+            if verdict.error is not None or verdict.rank is None:
+                raise JudgeError(f"verification of item at line {item.line} failed: {verdict.error or 'no rank'}")
+            ranks.append(list(verdict.rank))
+    ranks[1] = ranks[1][::-1]  # candidate i was shown at position N-1-i
+    return all(rank == list(item.label_rank) for rank in ranks), ranks
+
+
+def describe_failure(item, ranks, task="t2i"):
+    """Feedback for M_refine: the expected ranking and the judge's ranking in both presentation orders."""
+    return "\n".join([
+        f"Expected: {_ranking_text(item.label_rank, task)}",
+        f"Judge with the candidates in the order shown: {_ranking_text(ranks[0], task)}",
+        f"Judge with the candidates in reversed order (numbered as shown above): {_ranking_text(ranks[1], task)}",
+    ])
+
+
+def refine(client, item, rubrics, feedback, k=5, task="t2i", retries=2, cache=None):
+    """M_refine: ask for `k` improved rubrics given the failed ones and the verification feedback (which holds the
+    label). Returns 1..k cleaned rubric strings; raises JudgeError."""
+    _check_task(task)
+    _check_label(item)
+    text = load_template("rubric_refine").format(
+        task=load_template(f"rubric_task_{task}"), n=len(item.images), ranking=_ranking_text(item.label_rank, task),
+        rubrics=numbered(rubrics), feedback=feedback, k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
+    messages = [{"role": "user", "content": _candidate_parts(client, item, task) + [{"type": "text", "text": text}]}]
+    return _ask_json(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k), retries, cache,
+                     f"rubric refinement for item at line {item.line}")
+
+
+def render_themes(themes):
+    """[(theme, [tips])] -> the Theme + Tips rubric text."""
+    return "\n\n".join("\n".join([f"Theme {i}: {theme}"] + [f"- {tip}" for tip in tips])
+                       for i, (theme, tips) in enumerate(themes, start=1))
+
+
+def _themes(categories):
+    """Parser of a {"themes": [{"theme", "tips"}]} reply with 1..categories themes, each with at least one tip."""
+    def parse(obj):
+        themes = obj.get("themes")
+        if not isinstance(themes, list) or not 1 <= len(themes) <= categories:
+            raise ValueError(f'"themes" must be a list of 1 to {categories} entries')
+        parsed = []
+        for entry in themes:
+            theme = entry.get("theme") if isinstance(entry, dict) else None
+            tips = entry.get("tips") if isinstance(entry, dict) else None
+            if not isinstance(theme, str) or not theme.strip():
+                raise ValueError('every theme needs a non-empty "theme" string')
+            if not isinstance(tips, list) or not tips or not all(isinstance(t, str) and t.strip() for t in tips):
+                raise ValueError('every theme needs a non-empty "tips" list of strings')
+            parsed.append((" ".join(theme.split()), [" ".join(t.split()) for t in tips]))
+        return parsed
+    return parse
+
+
+def _structure_once(client, rubrics, categories, task, retries, cache):
+    """One structuring request: [(theme, tips)], or None when it failed or stayed malformed."""
+    text = load_template("rubric_structure").format(
+        task_name=TASK_NAME[task], n=len(rubrics), rubrics=numbered(rubrics), categories=categories)
+    try:
+        return _ask_json(client, [{"role": "user", "content": text}], THEMES_SCHEMA, _themes(categories), retries,
+                         cache, "structuring")
+    except JudgeError:
+        return None
+
+
+def _chunks(rubrics, max_rubrics, max_chars):
+    """Consecutive groups of at most max_rubrics rubrics and max_chars characters (a longer rubric goes alone)."""
+    chunks, current, size = [], [], 0
+    for rubric in rubrics:
+        if current and (len(current) >= max_rubrics or size + len(rubric) > max_chars):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(rubric)
+        size += len(rubric)
+    return chunks + ([current] if current else [])
+
+
+def structure(client, rubrics, categories=5, task="t2i", max_rubrics_per_request=100, max_chars=20000, retries=2,
+              cache=None):
+    """Hierarchical structuring: consolidate verified rubrics into at most `categories` Theme + Tips entries.
+
+    When the rubrics do not fit one request (max_rubrics_per_request, max_chars), every chunk is merged into themes
+    first, the themes (one line each) are the rubrics of the next level, and so on until one request holds them
+    all. Malformed replies are re-asked `retries` times; when structuring still fails, or a level stops shrinking,
+    the result is the deduplicated numbered list: never an exception. Returns "" for no rubrics.
+    """
+    _check_task(task)
+    unique = _dedupe(rubrics)
+    if not unique:
+        return ""
+    level = unique
+    while len(_chunks(level, max_rubrics_per_request, max_chars)) > 1:
+        merged = []
+        for chunk in _chunks(level, max_rubrics_per_request, max_chars):
+            themes = _structure_once(client, chunk, categories, task, retries, cache)
+            merged += chunk if themes is None else [f"{theme} ({'; '.join(tips)})" for theme, tips in themes]
+        merged = _dedupe(merged)
+        if len(merged) >= len(level):
+            return numbered(unique)
+        level = merged
+    themes = _structure_once(client, level, categories, task, retries, cache)
+    return numbered(unique) if themes is None else render_themes(themes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zero-shot prompt-specific rubrics
+# ----------------------------------------------------------------------------------------------------------------
+
+def prompt_rubrics(client, prompt, k=5, task="t2i", retries=2, cache=None):
+    """The paper's zero-shot mode: `k` rubrics for one prompt / instruction from its text alone (no images, no
+    label). The request depends only on (model, task, k, prompt), so a judge.ResponseCache (`cache`, or the
+    client's own) caches the answer per prompt. Raises JudgeError."""
+    _check_task(task)
+    text = load_template("rubric_prompt").format(
+        task=load_template(f"rubric_task_{task}"), input_label=INPUT_LABEL[task], prompt=prompt, k=k)
+    return _ask_json(client, [{"role": "user", "content": text}], RUBRIC_LIST_SCHEMA, _rubric_list(k), retries,
+                     cache, "prompt rubric generation")
+
+
+def prompt_rubric_provider(client, k=5, task="t2i", cache=None):
+    """A callable prompt -> rubric text for `Judge(prompt_rubrics=...)`: zero-shot rubrics made once per prompt
+    (memoised in memory, and in `cache` across runs), rendered as a numbered list. A JudgeError inside it becomes
+    the verdict's error (Judge.compare never raises)."""
+    memo, locks, lock = {}, {}, threading.Lock()
+
+    def provide(prompt):
+        with lock:
+            prompt_lock = locks.setdefault(prompt, threading.Lock())
+        with prompt_lock:  # concurrent judgments of one prompt ask for its rubrics once
+            if prompt not in memo:
+                memo[prompt] = numbered(prompt_rubrics(client, prompt, k=k, task=task, cache=cache))
+            return memo[prompt]
+
+    return provide
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# induce: the whole pipeline over a seed set
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ItemOutcome:
+    line: int                   # the item's line / index in the data file
+    attempts: int               # verification rounds run (1 = the generated rubrics were verified once)
+    verified: bool
+    error: str | None           # set when the judge failed on this item (then neither verified nor discarded)
+    rubrics: list               # the item's last rubrics (the verified ones when verified)
+    ranks: list                 # the last verification's ranks: [original order, reversed order]
+
+
+@dataclasses.dataclass
+class RubricSet:
+    text: str                   # the structured rubric (Theme + Tips, or the numbered list as fallback)
+    rubrics: list               # every verified rubric, deduplicated, in item order
+    outcomes: list              # one ItemOutcome per item, in input order
+    structured: bool            # False when structuring fell back to the numbered list
+    n_pairs: int
+    n_verified: int
+    n_discarded: int            # never passed verification within max_refine refinements
+    n_errors: int               # the judge failed; a rerun with the same cache retries only what is missing
+
+
+def induce_item(client, item, num_rubrics=5, max_refine=3, task="t2i", cache=None):
+    """generate -> verify -> (refine -> verify) * max_refine for one item; judge failures go into `error`."""
+    attempts, rubrics, ranks = 0, [], []
+    try:
+        rubrics = generate(client, item, k=num_rubrics, task=task, cache=cache)
+        for attempts in range(1, max_refine + 2):
+            if attempts > 1:
+                feedback = describe_failure(item, ranks, task)
+                rubrics = refine(client, item, rubrics, feedback, k=num_rubrics, task=task, cache=cache)
+            passed, ranks = verify(client, item, rubrics, task=task, cache=cache)
+            if passed:
+                return ItemOutcome(item.line, attempts, True, None, rubrics, ranks)
+        return ItemOutcome(item.line, attempts, False, None, rubrics, ranks)
+    except (JudgeError, OSError, ValueError) as exc:
+        return ItemOutcome(item.line, attempts, False, f"{type(exc).__name__}: {exc}", rubrics, ranks)
+
+
+def induce(client, items, num_rubrics=5, max_refine=3, categories=5, task="t2i", cache_path=None, progress=None,
+           max_rubrics_per_request=100):
+    """Run the whole ARR induction over labelled `items`, at most client.max_concurrency items at a time.
+
+    cache_path: sqlite answer cache (judge.ResponseCache); rerunning with the same file after an interruption
+        re-sends no request that was already answered. None: the client's own cache, if any.
+    progress: optional callable(done, total, outcome), called in the caller's thread after each item.
+    """
+    _check_task(task)
+    cache = ResponseCache(cache_path) if cache_path is not None else None
+    try:
+        outcomes = [None] * len(items)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
+            futures = {pool.submit(induce_item, client, item, num_rubrics, max_refine, task, cache): i
+                       for i, item in enumerate(items)}
+            try:
+                for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                    outcomes[futures[future]] = future.result()
+                    if progress is not None:
+                        progress(done, len(items), outcomes[futures[future]])
+            except BaseException:
+                # interrupted: start no new item; the running ones finish, so their answers land in the cache
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        verified = _dedupe(r for outcome in outcomes if outcome.verified for r in outcome.rubrics)
+        text = structure(client, verified, categories=categories, task=task,
+                         max_rubrics_per_request=max_rubrics_per_request, cache=cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    return RubricSet(
+        text=text, rubrics=verified, outcomes=outcomes, structured=bool(verified) and text != numbered(verified),
+        n_pairs=len(items), n_verified=sum(o.verified for o in outcomes),
+        n_discarded=sum(not o.verified and o.error is None for o in outcomes),
+        n_errors=sum(o.error is not None for o in outcomes))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AutoRubric-T2I: per-rubric scores and the l1-regularised logistic selector
+# ----------------------------------------------------------------------------------------------------------------
+
+def select_rubrics_l1(diffs, labels, top_n, l1=0.01, max_iter=10000, tol=1e-9):
+    r"""l1-regularised logistic regression over rubric score differences; returns (indices, weights).
+
+    diffs: (P, R) score of the first candidate minus score of the second under each rubric.
+    labels: (P,) 1.0 where the first candidate is preferred, else 0.0 (soft labels in [0, 1] also work).
+    Returns indices (n,) of the at most `top_n` rubrics with the largest |weight| among the nonzero weights,
+    largest first, and the full weight vector (R,) (zeros for rubrics the l1 penalty removed).
+
+    Objective (AutoRubric-T2I refiner), z_p = d_p . w:
+        F(w) = f(w) + l1 * ||w||_1,   f(w) = (1/P) sum_p [ log(1 + exp(z_p)) - y_p z_p ]
+    f is the mean logistic negative log-likelihood of P(first preferred) = sigmoid(z_p). It is convex and smooth:
+        grad f(w) = D^T (sigmoid(D w) - y) / P,   hess f(w) = D^T S D / P,   S = diag(s_p (1 - s_p)) <= 1/4,
+    so grad f is Lipschitz with L = ||D||_2^2 / (4 P) (largest singular value squared). Proximal gradient
+    (ISTA) minimises the quadratic upper bound f(v) + grad f(v).(w - v) + L/2 ||w - v||^2 + l1 ||w||_1, which
+    separates per coordinate and is solved by soft-thresholding:
+        w+ = soft(v - grad f(v) / L, l1 / L),   soft(u, t) = sign(u) * max(|u| - t, 0).
+    FISTA evaluates the step at the extrapolated point v = w_k + (t_k - 1) / t_{k+1} (w_k - w_{k-1}),
+    t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2, which improves the rate from O(1/k) to O(1/k^2); we restart the momentum
+    (t = 1) whenever F increases, which keeps the iteration monotone. It stops when max|w+ - w| <= tol.
+    At the optimum the subgradient conditions (KKT) hold: grad_j f + l1 sign(w_j) = 0 where w_j != 0 and
+    |grad_j f| <= l1 where w_j = 0; `l1 >= max_j |grad_j f(0)| = ||D^T (1/2 - y)||_inf / P` gives w = 0.
+    No feature standardisation: all rubrics are scored on the same scale, so one penalty treats them alike.
+    """
+    diffs = torch.as_tensor(diffs)
+    labels = torch.as_tensor(labels)
+    if diffs.dim() != 2 or labels.shape != (diffs.shape[0],):
+        raise ValueError(f"diffs must be (P, R) and labels (P,), got {tuple(diffs.shape)} and {tuple(labels.shape)}")
+    if not torch.isfinite(diffs).all() or not torch.isfinite(labels).all():
+        raise ValueError("diffs and labels must be finite (drop pairs whose scoring failed)")
+    if top_n < 1 or l1 < 0:
+        raise ValueError("top_n must be >= 1 and l1 >= 0")
+    out_dtype = diffs.dtype if diffs.is_floating_point() else torch.get_default_dtype()
+    D = diffs.to(torch.float64)  # (P, R)
+    y = labels.to(torch.float64)  # (P,)
+    P, R = D.shape
+
+    def smooth(w):
+        z = D @ w  # (P,)
+        return (torch.nn.functional.softplus(z) - y * z).mean()
+
+    def objective(w):
+        return smooth(w) + l1 * w.abs().sum()
+
+    def grad(w):
+        return D.T @ (torch.sigmoid(D @ w) - y) / P  # (R,)
+
+    lipschitz = max(torch.linalg.matrix_norm(D, ord=2).item() ** 2 / (4 * P), 1e-12)
+    step = 1.0 / lipschitz
+    w = torch.zeros(R, dtype=torch.float64)
+    v, t, value = w.clone(), 1.0, objective(w).item()
+    for _ in range(max_iter):
+        u = v - step * grad(v)
+        w_next = torch.sign(u) * torch.clamp(u.abs() - step * l1, min=0.0)
+        value_next = objective(w_next).item()
+        if value_next > value and t > 1.0:
+            # momentum overshot: restart from the last iterate with a plain ISTA step (always accepted, monotone)
+            v, t = w.clone(), 1.0
+            continue
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        v = w_next + ((t - 1.0) / t_next) * (w_next - w)
+        converged = (w_next - w).abs().max().item() <= tol
+        w, t, value = w_next, t_next, value_next
+        if converged:
+            break
+    order = torch.argsort(w.abs(), descending=True, stable=True)
+    indices = order[: min(top_n, int((w != 0).sum()))]
+    return indices, w.to(out_dtype)
+
+
+def score_rubrics(client, items, rubrics, mode="pairwise", task="t2i", retries=2, cache=None, progress=None):
+    """Score every rubric on every labelled pair with the judge; returns (diffs (P, R), labels (P,)).
+
+    mode "pairwise": one order-swapped judgment per (pair, rubric) with that rubric alone as the judge's rubric;
+        diff = +1 if the first candidate wins in both orders, -1 if the second does, 0 if the orders disagree.
+    mode "pointwise": a 1-5 score per (candidate, rubric) with prompts/rubric_score.txt; diff = s_first - s_second.
+    A (pair, rubric) whose judgment failed is NaN, never a silent 0. labels[p] = 1.0 where the first candidate is
+    preferred. cache: a judge.ResponseCache (None: the client's own). progress: optional callable(done, total).
+    """
+    _check_task(task)
+    if mode not in ("pairwise", "pointwise"):
+        raise ValueError(f"mode must be 'pairwise' or 'pointwise', got {mode!r}")
+    for item in items:
+        _check_label(item)
+        if len(item.images) != 2:
+            raise ValueError(f"item at line {item.line}: rubric scoring needs pairs, got {len(item.images)} images")
+    labels = torch.tensor([1.0 if item.label_rank[0] < item.label_rank[1] else 0.0 for item in items])  # (P,)
+    diffs = torch.full((len(items), len(rubrics)), float("nan"), dtype=torch.float64)  # (P, R)
+    judges = [Judge(client, rubric, task=task, swap=True, cache=cache) for rubric in rubrics] if mode == "pairwise" \
+        else []
+
+    def run(p, r):
+        item = items[p]
+        if mode == "pairwise":
+            verdict = judges[r].compare(item.prompt, list(item.images), source_image=item.source_image)
+            if verdict.error is not None:
+                return float("nan")
+            return 0.0 if verdict.rank is None else (1.0 if verdict.rank[0] < verdict.rank[1] else -1.0)
+        scores = [_pointwise_score(client, item, c, rubrics[r], task, retries, cache) for c in range(2)]
+        return float("nan") if None in scores else scores[0] - scores[1]
+
+    cells = [(p, r) for p in range(len(items)) for r in range(len(rubrics))]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
+            futures = {pool.submit(run, p, r): (p, r) for p, r in cells}
+            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                diffs[futures[future]] = future.result()
+                if progress is not None:
+                    progress(done, len(cells))
+    finally:
+        for judge in judges:
+            judge.close()
+    return diffs, labels
+
+
+def _score(obj):
+    score = obj.get("score")
+    if isinstance(score, str) and score.strip().isdigit():
+        score = int(score)
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 1 <= score <= 5:
+        raise ValueError(f'"score" must be a number from 1 to 5, got {score!r}')
+    return float(score)
+
+
+def _pointwise_score(client, item, candidate, rubric, task, retries, cache):
+    """1-5 score of one candidate under one rubric, or None when the judge failed."""
+    parts = []
+    if task == "edit" and item.source_image is not None:
+        parts += [{"type": "text", "text": BASE_LABEL},
+                  {"type": "image_url", "image_url": {"url": client.encode(item.source_image)}}]
+    parts += [{"type": "text", "text": "Candidate image:"},
+              {"type": "image_url", "image_url": {"url": client.encode(item.images[candidate])}}]
+    text = load_template("rubric_score").format(
+        task=load_template(f"rubric_task_{task}"), rubric=rubric, input_label=INPUT_LABEL[task], prompt=item.prompt)
+    messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+    try:
+        return _ask_json(client, messages, SCORE_SCHEMA, _score, retries, cache,
+                         f"pointwise score of item at line {item.line}")
+    except JudgeError:
+        return None
+
+
+def weighted_accuracy(diffs, labels, weights):
+    """Accuracy of sign(diffs @ weights) against labels; a zero score (no preference) counts as half right."""
+    score = diffs.to(torch.float64) @ weights.to(torch.float64)  # (P,)
+    first = (labels > 0.5).to(torch.float64)  # (P,)
+    correct = torch.where(score == 0, torch.full_like(score, 0.5), ((score > 0).to(torch.float64) == first).double())
+    return correct.mean().item() if len(correct) else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files and CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_rubric_list(path):
+    """Candidate rubrics from a text file (one per non-empty line, enumeration stripped) or a sidecar JSON."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rubrics = json.loads(text)["rubrics"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: expected a JSON object with a 'rubrics' list ({exc})") from None
+    else:
+        rubrics = text.splitlines()
+    if not isinstance(rubrics, list) or not all(isinstance(r, str) for r in rubrics):
+        raise ValueError(f"{path}: 'rubrics' must be a list of strings")
+    cleaned = _dedupe(_ENUMERATION.sub("", r).strip() for r in rubrics)
+    if not cleaned:
+        raise ValueError(f"{path}: no rubrics found")
+    return cleaned
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _sidecar_path(out):
+    return out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
+
+
+def _prepare_outputs(data, outputs, force):
+    """Refuse to touch the user's data, and to overwrite existing outputs without --force."""
+    data = Path(data).resolve()
+    for path in outputs:
+        if Path(path).resolve() == data:
+            raise ValueError(f"output {path} is the input data file; choose another --out")
+    if not force:
+        existing = [str(p) for p in outputs if Path(p).exists()]
+        if existing:
+            raise ValueError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+    for path in outputs:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _public_url(url):
+    """The base URL without credentials or query (it goes into a sidecar)."""
+    match = re.match(r"^([a-z]+://)(?:[^@/]*@)?([^?#]*)", url, re.IGNORECASE)
+    return match.group(1) + match.group(2) if match else ""
+
+
+def _templates_used(names):
+    return {name: template_sha256(name) for name in names}
+
+
+def _task_of(task, items):
+    """The --task given, else "edit" when any item has a source image (as `judge.py eval` decides)."""
+    return task or ("edit" if any(item.source_image for item in items) else "t2i")
+
+
+def _client(args):
+    """The VLM client of a CLI run. The API key is judge.VLMClient's documented fallback, OPENAI_API_KEY."""
+    extra_body = json.loads(args.extra_body) if args.extra_body else None
+    if extra_body is not None and not isinstance(extra_body, dict):
+        raise ValueError("--extra_body must be a JSON object")
+    return VLMClient(args.base_url, args.model, timeout=args.timeout, max_retries=args.max_retries,
+                     max_concurrency=args.concurrency, max_side=args.max_side,
+                     image_format="JPEG" if args.jpeg else "PNG", extra_body=extra_body)
+
+
+def _rubric_sources(result):
+    """{verified rubric: [lines of the items whose verified rubrics contain it]}: which seed pairs back each one."""
+    sources = {_same_key(rubric): [] for rubric in result.rubrics}
+    for outcome in result.outcomes:
+        if outcome.verified:
+            for key in dict.fromkeys(_same_key(rubric) for rubric in outcome.rubrics):
+                sources[key].append(outcome.line)
+    return {rubric: sources[_same_key(rubric)] for rubric in result.rubrics}
+
+
+def cmd_induce(args):
+    data, out = Path(args.data), Path(args.out)
+    sidecar = _sidecar_path(out)
+    cache_path = Path(args.cache) if args.cache else out.with_name(out.name + ".cache.sqlite")
+    _prepare_outputs(data, [out, sidecar], args.force)
+    if cache_path.resolve() in (data.resolve(), out.resolve(), sidecar.resolve()):
+        raise ValueError(f"--cache {cache_path} is the data file or an output file")
+    items = load_pairs(data, task=args.task)
+    args.task = _task_of(args.task, items)
+    client = _client(args)
+    print(f"inducing rubrics from {len(items)} items of {data} with {args.model}: k={args.num_rubrics}, "
+          f"max_refine={args.max_refine}, categories={args.categories}, concurrency={args.concurrency}, "
+          f"cache={cache_path} (rerun with it to resume)", flush=True)
+
+    def progress(done, total, outcome):
+        if outcome.error:
+            status = f"judge error: {outcome.error}"
+        else:
+            status = f"{'verified' if outcome.verified else 'discarded'} after {outcome.attempts} verification(s)"
+        print(f"[{done}/{total}] item at line {outcome.line}: {status}", flush=True)
+
+    with client:
+        result = induce(client, items, num_rubrics=args.num_rubrics, max_refine=args.max_refine,
+                        categories=args.categories, task=args.task, cache_path=cache_path, progress=progress)
+    print(f"{result.n_verified} verified, {result.n_discarded} discarded, {result.n_errors} judge errors of "
+          f"{result.n_pairs} items; {len(result.rubrics)} distinct verified rubrics", flush=True)
+    if not result.rubrics:
+        print("error: no rubric passed verification; nothing written", file=sys.stderr)
+        return 1
+    with Judge(client, result.text, task=args.task, swap=False) as judge:
+        judge_templates = judge.templates()
+    templates = _templates_used(["rubric_generate", "rubric_refine", "rubric_reask", "rubric_structure",
+                                 f"rubric_task_{args.task}"])
+    out.write_text(result.text + "\n", encoding="utf-8")
+    sidecar.write_text(json.dumps({
+        "rubrics_file": out.name,
+        "task": args.task,
+        "judge_model": client.model,
+        "judge_base_url": _public_url(args.base_url),
+        "data": str(data),
+        "data_sha256": file_sha256(data),
+        "templates_sha256": {**templates, **judge_templates},
+        "num_rubrics": args.num_rubrics,
+        "max_refine": args.max_refine,
+        "categories": args.categories,
+        "structured": result.structured,
+        "n_pairs": result.n_pairs,
+        "n_verified": result.n_verified,
+        "n_discarded": result.n_discarded,
+        "n_errors": result.n_errors,
+        "rubrics": result.rubrics,
+        "rubric_sources": _rubric_sources(result),
+        "items": [dataclasses.asdict(outcome) for outcome in result.outcomes],
+    }, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out} and {sidecar}" + ("" if result.structured else " (structuring failed: a numbered list)"))
+    if result.n_errors:
+        print(f"warning: {result.n_errors} item(s) failed on judge errors; rerun the same command with --force "
+              f"(answered requests come from {cache_path})", file=sys.stderr)
+    return 0
+
+
+def cmd_select(args):
+    data, out = Path(args.data), Path(args.out)
+    sidecar = _sidecar_path(out)
+    _prepare_outputs(data, [out, sidecar], args.force)
+    if Path(args.rubrics).resolve() in (out.resolve(), sidecar.resolve()):
+        raise ValueError(f"--out {out} would overwrite the candidate rubrics {args.rubrics}")
+    if not 0.0 <= args.holdout < 1.0:
+        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
+    candidates = read_rubric_list(args.rubrics)
+    if not 1 <= args.top_n <= len(candidates):
+        raise ValueError(f"--top_n must be in 1..{len(candidates)} (the number of candidate rubrics)")
+    items = load_pairs(data, task=args.task)
+    args.task = _task_of(args.task, items)
+    if len(items) < 2:
+        raise ValueError(f"{data}: need at least 2 pairs, got {len(items)}")
+    client = _client(args)
+    cache = ResponseCache(args.cache) if args.cache else None
+    print(f"scoring {len(candidates)} rubrics on {len(items)} pairs ({args.mode}) with {args.model}", flush=True)
+    step = max(1, len(items) * len(candidates) // 10)
+
+    def progress(done, total):
+        if done % step == 0 or done == total:
+            print(f"[{done}/{total}] judgments", flush=True)
+
+    try:
+        with client:
+            diffs, labels = score_rubrics(client, items, candidates, mode=args.mode, task=args.task, cache=cache,
+                                          progress=progress)
+    finally:
+        if cache is not None:
+            cache.close()
+    ok = torch.isfinite(diffs).all(dim=1)  # (P,)
+    n_dropped = int((~ok).sum())
+    diffs, labels = diffs[ok], labels[ok]  # (P', R), (P',)
+    if len(labels) < 2:
+        raise ValueError(f"only {len(labels)} pairs were scored without judge errors; need at least 2")
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
+    n_hold = round(args.holdout * len(labels))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    evaluation = hold if n_hold else train
+    indices, weights = select_rubrics_l1(diffs[train], labels[train], args.top_n, l1=args.l1)
+    if len(indices) == 0:
+        raise ValueError(f"--l1 {args.l1} set every weight to zero; lower it")
+    selected = torch.zeros(len(candidates), dtype=torch.bool)
+    selected[indices] = True
+    accuracy = {}
+    for name, mask in (("selected", selected), ("unselected", ~selected), ("all", torch.ones_like(selected))):
+        columns = mask.nonzero().flatten()
+        if len(columns) == 0:
+            continue
+        if name == "unselected":
+            # the unselected rubrics get their own best weights (same penalty), so the comparison is fair to them
+            _, subset_weights = select_rubrics_l1(diffs[train][:, columns], labels[train], len(columns), l1=args.l1)
+        else:
+            subset_weights = weights[columns]
+        accuracy[name] = {
+            "n_rubrics": len(columns),
+            "weighted": weighted_accuracy(diffs[evaluation][:, columns], labels[evaluation], subset_weights),
+            "unweighted": weighted_accuracy(diffs[evaluation][:, columns], labels[evaluation],
+                                            torch.ones(len(columns))),
+        }
+    split = "held-out" if n_hold else "training (no --holdout)"
+    print(f"{split} accuracy on {len(evaluation)} pairs ({n_dropped} pairs dropped for judge errors):")
+    for name, row in accuracy.items():
+        print(f"  {name:<10} {row['n_rubrics']:>3} rubrics   weighted {row['weighted']:.3f}   "
+              f"unweighted {row['unweighted']:.3f}")
+    out.write_text(numbered([candidates[i] for i in indices.tolist()]) + "\n", encoding="utf-8")
+    if args.mode == "pairwise":
+        with Judge(client, "", task=args.task) as judge:
+            templates = judge.templates()
+    else:
+        templates = _templates_used(["rubric_score", "rubric_reask", f"rubric_task_{args.task}"])
+    sidecar.write_text(json.dumps({
+        "rubrics_file": out.name,
+        "task": args.task,
+        "mode": args.mode,
+        "judge_model": client.model,
+        "judge_base_url": _public_url(args.base_url),
+        "data": str(data),
+        "data_sha256": file_sha256(data),
+        "candidates": str(args.rubrics),
+        "candidates_sha256": file_sha256(args.rubrics),
+        "templates_sha256": templates,
+        "l1": args.l1,
+        "top_n": args.top_n,
+        "holdout": args.holdout,
+        "seed": args.seed,
+        "n_pairs": len(items),
+        "n_dropped": n_dropped,
+        "n_train": len(train),
+        "n_holdout": n_hold,
+        "selected": [{"index": i, "rubric": candidates[i], "weight": weights[i].item()} for i in indices.tolist()],
+        "weights": weights.tolist(),
+        "rubrics": candidates,
+        "accuracy_split": "holdout" if n_hold else "train",
+        "accuracy": accuracy,
+    }, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out} and {sidecar}")
+    return 0
+
+
+def cmd_prompt(args):
+    """Zero-shot rubrics for every prompt of a file, as the JSON {prompt: rubric text} `judge.py eval
+    --prompt_rubrics` reads."""
+    data, out = Path(args.data), Path(args.out)
+    _prepare_outputs(data, [out], args.force)
+    if data.suffix == ".txt":
+        prompts = [line.strip() for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        args.task = args.task or "t2i"
+    else:
+        items = load_pairs(data, task=args.task)
+        args.task = _task_of(args.task, items)
+        prompts = [item.prompt for item in items]
+    prompts = list(dict.fromkeys(prompts))
+    if not prompts:
+        raise ValueError(f"{data}: no prompts")
+    client = _client(args)
+    cache = ResponseCache(args.cache) if args.cache else None
+    texts, failures = {}, 0
+    try:
+        with client, concurrent.futures.ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
+            futures = {pool.submit(prompt_rubrics, client, prompt, args.num_rubrics, args.task, cache=cache): prompt
+                       for prompt in prompts}
+            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                try:
+                    texts[futures[future]] = numbered(future.result())
+                except JudgeError as exc:
+                    failures += 1
+                    print(f"[{done}/{len(prompts)}] failed: {exc}", flush=True)
+    finally:
+        if cache is not None:
+            cache.close()
+    out.write_text(json.dumps({p: texts[p] for p in prompts if p in texts}, indent=2, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    print(f"wrote rubrics for {len(texts)} of {len(prompts)} prompts to {out}")
+    return 1 if failures == len(prompts) else 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Auto-Rubric induction and rubric selection (arXiv 2605.08354). "
+                                     "The API key is read from OPENAI_API_KEY.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = (("induce", "generate, verify, refine and structure rubrics from labelled pairs"),
+                ("select", "l1-select the most discriminative of a set of candidate rubrics"),
+                ("prompt", "zero-shot rubrics per prompt, as JSON for `judge.py eval --prompt_rubrics`"))
+    for name, help_text in commands:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--data", required=True, help="labelled pairs (any format `judge.py eval` reads); for "
+                       "`prompt` also a .txt file with one prompt per line")
+        p.add_argument("--base_url", required=True, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+        p.add_argument("--model", required=True, help="model name as the server knows it")
+        p.add_argument("--out", required=True, help="file to write (induce/select: a .json sidecar goes next to it)")
+        p.add_argument("--task", choices=TASKS, default=None, help="default: edit when items have a source image")
+        p.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
+        p.add_argument("--timeout", type=float, default=60.0, help="read timeout per request, seconds")
+        p.add_argument("--max_retries", type=int, default=4, help="retries of connection errors, 408/409/429/5xx")
+        p.add_argument("--max_side", type=int, default=None, help="downscale images to this longest side")
+        p.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
+        p.add_argument("--extra_body", default=None, help="JSON object merged into each request")
+        p.add_argument("--force", action="store_true", help="overwrite existing output files")
+        if name in ("induce", "prompt"):
+            p.add_argument("--num_rubrics", type=int, default=5, help="K rubrics per item / prompt")
+        if name == "induce":
+            p.add_argument("--max_refine", type=int, default=3, help="refinement rounds before an item is discarded")
+            p.add_argument("--categories", type=int, default=5, help="themes in the structured rubric, at most")
+            p.add_argument("--cache", default=None, help="sqlite answer cache for resuming (default OUT.cache.sqlite)")
+        else:
+            p.add_argument("--cache", default=None, help="sqlite answer cache (resume)")
+        if name == "select":
+            p.add_argument("--rubrics", required=True, help="candidate rubrics: text (one per line) or sidecar JSON")
+            p.add_argument("--top_n", type=int, required=True, help="rubrics to keep, at most")
+            p.add_argument("--l1", type=float, default=0.01, help="l1 penalty of the logistic refiner")
+            p.add_argument("--holdout", type=float, default=0.3, help="fraction of pairs held out for accuracy")
+            p.add_argument("--mode", choices=("pairwise", "pointwise"), default="pairwise")
+            p.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    command = {"induce": cmd_induce, "select": cmd_select, "prompt": cmd_prompt}[args.command]
+    try:
+        return command(args)
+    except (ValueError, OSError, JudgeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command (with --force if outputs exist) to resume from the cache",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
