@@ -5,7 +5,8 @@ trainable peft LoRA, sampled with the flow-SDE of `arr_rpo.sde_step` so every tr
 the per-step quantities the PPO update needs recomputed with gradients, and the reference policy pi_ref obtained by
 disabling the adapters of the same transformer (no second copy of the weights).
 
-Run: `python -m pytest tests/test_policy_flux.py` (tiny random-weight models built in code, no download).
+Run: `python -m pytest tests/test_policy_flux.py tests/test_policy_qwen.py` (tiny random-weight models built in
+code, no download).
     policy = FluxPolicy.from_pretrained("black-forest-labs/FLUX.1-dev", device="cuda")
     traj = policy.rollout(["a red apple"] * 2, generator=torch.Generator("cuda").manual_seed(0))
     stats = policy.recompute(traj, k=0)            # log_prob (B,), mean, ref_mean (B, L, C), std ()
@@ -27,8 +28,19 @@ Deliberate deviations from the paper and the official code
        alpha != r; the official code saves a peft directory that diffusers cannot load at the right scale.
     5. Prompts are encoded one at a time and cached: fp32 outputs depend on batch composition at the 1e-7 level,
        and a cached embedding must not depend on which prompts happened to be encoded with it.
+    6. Qwen-Image-Edit: the (instruction, source image) pair is encoded as QwenImageEditPlusPipeline encodes it
+       (template, system-prompt tokens dropped) and padded only to the longest pair of the batch, with a mask;
+       the official trainer pads the text embeddings to 5000 tokens.
+    7. Qwen-Image-Edit: the source keeps its aspect ratio; the edit and the source latents are about
+       height x width pixels in multiples of 32 (the pipeline's rule); the official trainer squashes every source
+       to 512 x 512.
+    8. Qwen-Image-Edit: Qwen2.5-VL gets the processor's `mm_token_type_ids` (3-D M-RoPE positions of the image
+       tokens), which diffusers 0.42.1 drops (diffusers issue #14194).
+    9. Qwen-Image-Edit: optional true CFG with a negative prompt (off by default, as in the official recipe);
+       when on, both branches are inside the transition mean, so the log-probs are of the guided transition.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -38,9 +50,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, QwenImageEditPlusPipeline, QwenImageTransformer2DModel)
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
 from safetensors import safe_open
 
 import arr_rpo
@@ -107,6 +121,8 @@ class FlowLoraPolicy:
         self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, init_lora_weights=True,
                                       target_modules=list(targets))
         self.transformer.add_adapter(self.lora_config)  # lora_B = 0: the policy starts equal to the reference
+        for param in self.trainable_parameters():
+            param.data = param.data.float()  # fp32 master weights for AdamW even over a bf16 base; peft casts inputs
 
     @classmethod
     def _lora_targets(cls, lora_targets):
@@ -382,6 +398,301 @@ def build_tiny_flux(path, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     pipe.save_pretrained(tmp)
+    if path.exists():
+        path.rmdir()
+    os.replace(tmp, path)
+    return str(path)
+
+
+# ================================================================================================================
+# Qwen-Image-Edit-2509: instruction-guided editing
+# ================================================================================================================
+
+QWEN_WIDE_TARGETS = [  # flow_grpo's train_qwenimage_edit_plus.py list: every linear layer of both streams
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+    "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+    "txt_mlp.net.2"]
+QWEN_PICTURE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # the pipeline's per-image prefix
+QWEN_CONDITION_AREA = 384 * 384  # pixels of the source image shown to Qwen2.5-VL (the pipeline's CONDITION_IMAGE_SIZE)
+
+
+def _lenient_qwen_processor(image_processor, tokenizer):
+    """Qwen2VLProcessor without a video processor: transformers type-checks every attribute and, without
+    torchvision, cannot resolve the video-processor class even to check None, so the check is skipped for None."""
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = (
+        lambda self, name, arg: None if arg is None else check(self, name, arg))
+    try:
+        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def load_qwen_edit_processor(path):
+    """The pipeline's `processor/` (Qwen2VLProcessor), also on machines without torchvision.
+
+    transformers 5 builds the video processor when loading Qwen2VLProcessor and that needs torchvision; editing
+    never uses video, so the fallback rebuilds the processor from the PIL image processor and the tokenizer.
+    """
+    from transformers import AutoTokenizer, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    try:
+        return Qwen2VLProcessor.from_pretrained(path, subfolder="processor")
+    except (ImportError, AttributeError):  # "Qwen2VLVideoProcessor requires the Torchvision library"
+        return _lenient_qwen_processor(Qwen2VLImageProcessorPil.from_pretrained(path, subfolder="processor"),
+                                       AutoTokenizer.from_pretrained(path, subfolder="processor"))
+
+
+def edit_size(image_size, area):
+    """(width, height) of an edit of an image of `image_size` (w, h): the source's aspect ratio at about `area`
+    pixels, both multiples of 32, as diffusers' `calculate_dimensions` (at least 32 for extreme ratios)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+    width, height = calculate_dimensions(area, image_size[0] / image_size[1])
+    return max(32, int(width)), max(32, int(height))
+
+
+def image_digest(image):
+    """sha256 of a PIL image's mode, size and pixels: the cache key of an item's source image."""
+    digest = hashlib.sha256(f"{image.mode}:{image.size}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class QwenEditCondition:
+    text_embeds: torch.Tensor    # (B, T, D) Qwen2.5-VL states; (2B, T, D) with true CFG: B prompts then B negatives
+    text_mask: torch.Tensor      # (B, T) or (2B, T) long, 0 on padding
+    image_latents: torch.Tensor  # (B, Ls, C) packed, normalised VAE latents of the source images
+    img_shapes: list             # [[(1, h/2, w/2), (1, hs/2, ws/2)]] * B: target and source grids in packed tokens
+    true_cfg_scale: float        # > 1: guided velocity, both branches inside the transition mean
+
+
+class QwenEditPolicy(FlowLoraPolicy):
+    """Qwen-Image-Edit-2509 with a LoRA: cached Qwen2.5-VL encoding of (instruction, source image), cached source
+    latents, batched flow-SDE rollout of the edits, optional true CFG, diffusers LoRA files.
+
+    Transformer call (diffusers' convention for edit-plus): the noisy target tokens (B, L, C) are followed by the
+    source image's tokens (B, Ls, C) along the sequence; `img_shapes` lists both grids per sample; the output is
+    cut back to the first L tokens.
+    """
+    task = "edit"
+    pipeline_class = QwenImageEditPlusPipeline
+    lora_target_presets = {"attn": ATTN_TARGETS, "wide": QWEN_WIDE_TARGETS}
+
+    def __init__(self, pipe, lora_rank=32, lora_alpha=64, lora_targets=None, device="cpu", dtype=torch.float32,
+                 mixed_precision=None, condition_area=QWEN_CONDITION_AREA):
+        super().__init__(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision)
+        self.condition_area = condition_area
+        self._prompt_cache = {}  # (instruction, image digest) -> (T, D) on self.device
+        self._source_cache = {}  # (image digest, width, height) -> (1, Ls, C) float32 on self.device
+
+    @classmethod
+    def from_pretrained(cls, path, lora_rank=32, lora_alpha=64, lora_targets=None, device="cpu", dtype=torch.float32,
+                        mixed_precision=None, condition_area=QWEN_CONDITION_AREA):
+        """Load a diffusers Qwen-Image-Edit-2509 directory or hub id and add a LoRA (works without torchvision)."""
+        pipe = QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, processor=load_qwen_edit_processor(path))
+        return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, condition_area)
+
+    def encode_prompts(self, prompts, source_images):
+        """Qwen2.5-VL states of each (instruction, source image) pair under no_grad, encoded one pair at a time and
+        cached. Returns text_embeds (B, T, D) zero-padded to the longest pair and text_mask (B, T) long."""
+        source_images = [_rgb(image) for image in source_images]
+        keys = [(prompt, image_digest(image)) for prompt, image in zip(prompts, source_images)]
+        for key, prompt, image in zip(keys, prompts, source_images):
+            if key not in self._prompt_cache:
+                self._prompt_cache[key] = self._encode_pair(prompt, image)
+        states = [self._prompt_cache[key] for key in keys]  # B x (T_i, D)
+        length = max(s.shape[0] for s in states)
+        embeds = torch.stack([_pad_tokens(s[None], length)[0] for s in states])  # (B, T, D)
+        mask = torch.stack([(torch.arange(length, device=self.device) < s.shape[0]).long() for s in states])  # (B, T)
+        return embeds, mask
+
+    @torch.no_grad()
+    def _encode_pair(self, prompt, image):
+        """The pipeline's `_get_qwen_prompt_embeds` for one pair, plus `mm_token_type_ids` (3-D M-RoPE positions
+        of the image tokens; diffusers 0.42.1 drops it). Returns the last hidden states (T, D) minus the system
+        prompt's first `prompt_template_encode_start_idx` tokens."""
+        pipe, encoder = self.pipe, self.pipe.text_encoder
+        if encoder is None:
+            raise RuntimeError(f"instruction {prompt!r} with this source image is not cached and the text encoder "
+                               "was freed")
+        width, height = edit_size(image.size, self.condition_area)
+        shown = pipe.image_processor.resize(image, height, width)
+        text = pipe.prompt_template_encode.format(QWEN_PICTURE_PROMPT.format(1) + prompt)
+        inputs = pipe.processor(text=[text], images=[shown], padding=True, return_tensors="pt").to(encoder.device)
+        extra = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if "mm_token_type_ids" in inputs else {}
+        hidden = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                         output_hidden_states=True, **extra).hidden_states[-1]  # (1, T_all, D)
+        hidden = hidden[0][inputs["attention_mask"][0].bool()][pipe.prompt_template_encode_start_idx:]
+        return hidden.to(self.device, self.dtype)  # (T, D)
+
+    @torch.no_grad()
+    def source_latents(self, image, width, height):
+        """Packed, normalised VAE latents (1, Ls, C) of `image` resized to width x height; cached per item."""
+        image = _rgb(image)
+        key = (image_digest(image), width, height)
+        if key not in self._source_cache:
+            vae = self.pipe.vae
+            pixels = self.pipe.image_processor.preprocess(image, height, width).unsqueeze(2)  # (1, 3, 1, H, W)
+            z = self.pipe._encode_vae_image(pixels.to(vae.device, vae.dtype), generator=None)  # (1, 16, 1, h, w)
+            self._source_cache[key] = self.pipe._pack_latents(z, 1, z.shape[1], z.shape[3], z.shape[4]).to(
+                self.device, torch.float32)
+        return self._source_cache[key]
+
+    def move_text_encoders(self, device):
+        self.pipe.text_encoder.to(device)
+
+    def free_text_encoders(self):
+        self.pipe.text_encoder = None
+
+    def rollout(self, prompts, source_images, num_steps=10, eta=0.3, shift=3.0, sigmas=None, height=512,
+                width=512, guidance=None, generator=None, same_noise=True, true_cfg_scale=1.0, negative_prompt=" "):
+        """Sample B = len(prompts) edits of `source_images` with per-transition log-probs (no gradients).
+
+        The edit (and the source latents) take each source's aspect ratio at about height * width pixels, both
+        multiples of 32 (`edit_size`); all sources of one call must give the same size (the transformer's RoPE
+        takes one set of grids per batch). The initial noise is one randn of shape (B, 1, 16, H/8, W/8) from
+        `generator`, packed, as QwenImageEditPlusPipeline draws it; `same_noise` shares one draw of batch 1.
+        With true_cfg_scale > 1 the velocity is the pipeline's guided one (with its norm rescale) against
+        `negative_prompt`, and the log-probs are of that guided transition.
+        """
+        if guidance is not None:
+            raise ValueError("Qwen-Image-Edit-2509 has no guidance embedding: pass guidance=None (use "
+                             "true_cfg_scale with a negative_prompt for classifier-free guidance)")
+        if len(source_images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(source_images)} source images")
+        source_images = [_rgb(image) for image in source_images]
+        sizes = {edit_size(image.size, height * width) for image in source_images}
+        if len(sizes) != 1:
+            raise ValueError(f"the source images of one rollout give different edit sizes {sorted(sizes)}; "
+                             "roll out items of different aspect ratios in separate calls")
+        (out_width, out_height), = sizes
+        sigmas = arr_rpo.sigma_schedule(num_steps, shift) if sigmas is None else check_sigmas(sigmas)
+        batch = len(prompts)
+        text_embeds, text_mask = self.encode_prompts(prompts, source_images)
+        if true_cfg_scale > 1.0:
+            # one transformer call per step for both branches: prompt rows then negative rows, padded and masked
+            negative_embeds, negative_mask = self.encode_prompts([negative_prompt] * batch, source_images)
+            length = max(text_embeds.shape[1], negative_embeds.shape[1])
+            text_embeds = torch.cat([_pad_tokens(text_embeds, length),
+                                     _pad_tokens(negative_embeds, length)])  # (2B, T, D)
+            text_mask = torch.cat([_pad_tokens(text_mask, length), _pad_tokens(negative_mask, length)])  # (2B, T)
+        h, w = out_height // self.pipe.vae_scale_factor, out_width // self.pipe.vae_scale_factor
+        cond = QwenEditCondition(
+            text_embeds=text_embeds, text_mask=text_mask,
+            image_latents=torch.cat([self.source_latents(image, out_width, out_height) for image in source_images]),
+            img_shapes=[[(1, h // 2, w // 2), (1, h // 2, w // 2)]] * batch, true_cfg_scale=float(true_cfg_scale))
+        channels = self.pipe.transformer.config.in_channels // 4
+        draws = 1 if same_noise else batch
+        noise = randn_tensor((draws, 1, channels, h, w), generator=generator, device=self.device, dtype=torch.float32)
+        noise = self.pipe._pack_latents(noise, draws, channels, h, w).expand(batch, -1, -1)  # (B, L, 64)
+        latents, log_probs = self._denoise(noise, cond, sigmas.to(self.device), eta, generator)
+        return Trajectory(latents=latents, log_probs=log_probs, sigmas=sigmas.to(self.device), eta=eta, cond=cond,
+                          images=self.decode(latents[:, -1], out_height, out_width), height=out_height,
+                          width=out_width)
+
+    def velocity(self, cond, x, sigma):
+        batch, tokens = x.shape[:2]
+        guided = cond.true_cfg_scale > 1.0
+        hidden = torch.cat([x, cond.image_latents], dim=1)  # (B, L + Ls, C): source tokens after the target's
+        if guided:
+            hidden = torch.cat([hidden, hidden])  # (2B, L + Ls, C): prompt rows, then negative-prompt rows
+        timestep = torch.full((hidden.shape[0],), float(sigma), device=self.device, dtype=self.dtype)
+        with self._autocast():
+            out = self.transformer(hidden_states=hidden.to(self.dtype), timestep=timestep,
+                                   encoder_hidden_states=cond.text_embeds, encoder_hidden_states_mask=cond.text_mask,
+                                   img_shapes=cond.img_shapes * (2 if guided else 1), return_dict=False)[0]
+        v = out[:, :tokens].float()  # (B or 2B, L, 64): the source tokens' outputs are discarded
+        if not guided:
+            return v
+        v_cond, v_neg = v[:batch], v[batch:]
+        v_cfg = v_neg + cond.true_cfg_scale * (v_cond - v_neg)
+        # the pipeline rescales each token of the guided velocity to the conditional velocity's norm
+        return v_cfg * (v_cond.norm(dim=-1, keepdim=True) / v_cfg.norm(dim=-1, keepdim=True))
+
+    @torch.no_grad()
+    def decode(self, latents, height, width):
+        vae = self.pipe.vae
+        z = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)  # (B, 16, 1, H/8, W/8)
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
+        image = vae.decode((z * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]  # (B, 3, H, W)
+        return self.pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def _pad_tokens(tensor, length):
+    """Zero-pad dim 1 (tokens) of a (B, T, ...) tensor to `length`."""
+    return torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, length - tensor.shape[1]))
+
+
+def _rgb(image):
+    """A PIL image (or a path to one) as RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+_QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_qwen_edit(path, seed=0):
+    """Write a tiny random-weight Qwen-Image-Edit-2509-shaped diffusers directory to `path` (no download), return it.
+
+    Real classes: QwenImageTransformer2DModel (no guidance embedding, 2 blocks), AutoencoderKLQwenImage (z_dim 16,
+    factor 8, non-trivial latents_mean / latents_std), Qwen2_5_VLForConditionalGeneration with a vision tower and
+    a byte-level Qwen2Tokenizer built in code, and the processor written to `processor/` by hand (it cannot be
+    saved without torchvision; `load_qwen_edit_processor` reads it back). The image processor caps the VL input
+    at 56 x 56 pixels. The scheduler has no shift, so `QwenImageEditPlusPipeline(sigmas=...)` uses the sigmas
+    unchanged (the policies never use the scheduler). Refuses to overwrite a non-empty `path`; written atomically.
+    """
+    from tokenizers import AddedToken
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty; build_tiny_qwen_edit never overwrites a directory")
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}  # one token per byte
+    for token in _QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=1024, unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIAL_TOKENS])  # never split
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL_TOKENS}
+    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[round(-0.3 + 0.04 * i, 4) for i in range(16)],
+        latents_std=[round(0.7 + 0.05 * i, 4) for i in range(16)])
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=len(tok), rope_theta=1e6,
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"],
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                           fullatt_block_indexes=[1], window_size=112),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
+        text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    pipe.save_pretrained(tmp)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(tmp / "processor")
+    tok.save_pretrained(tmp / "processor")
+    index = json.loads((tmp / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]  # save_pretrained wrote [null, null]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     if path.exists():
         path.rmdir()
     os.replace(tmp, path)
