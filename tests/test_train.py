@@ -1,0 +1,368 @@
+"""train.py on CPU with the tiny random-weight FLUX: the demo, torchrun, resume, accumulation, masking, faults, config.
+
+Run: python -m pytest tests/test_train.py -q   (about 75 s on 2 cores; every run uses the 64 x 64 tiny FLUX)
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import arr_rpo
+import policy as policy_lib
+import train
+from fake_vlm import FakeVLM
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_KEYS = {"step", "loss", "reward_mean", "judge_failure_rate", "tie_rate", "first_position_win_rate", "approx_kl",
+              "clipfrac", "kl", "grad_norm", "lr", "step_time", "time_rollout", "time_judge_wait", "time_update",
+              "judge_latency_p50", "judge_latency_p95"}
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def demo_args(out, cache, *extra):
+    """The demo config, shortened: no eval unless asked, 2 eval prompts, 2 prompts per rank."""
+    return ["--output_dir", str(out), "--cache_dir", cache, "--eval_every", "0", "--eval_size", "2",
+            "--prompts_per_rank", "2", *extra]
+
+
+def records(out, key="loss"):
+    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if key in r]
+
+
+class ScriptedJudge(train.DemoJudge):
+    """The demo judge, but the n-th submitted pair gets `outcome(n)`: None (judge it), "fail" or "tie"."""
+
+    def __init__(self, outcome):
+        super().__init__(train.warmth, swap=False)
+        self.outcome, self.calls = outcome, 0
+
+    def submit(self, prompt, images, source_image=None):
+        n, self.calls = self.calls, self.calls + 1
+        kind = self.outcome(n)
+        if kind is None:
+            return super().submit(prompt, images, source_image)
+        verdict = train.judge_lib.Verdict(rank=None, reason=kind, consistent=kind != "tie",
+                                          error="scripted failure" if kind == "fail" else None)
+        return self._pool.submit(lambda: verdict)
+
+
+def prepared(out, cache, judge, *extra):
+    """A Run ready for train_step, in this process (world size 1)."""
+    cfg = train.make_config(demo_args(out, cache, *extra))
+    return train.prepare(cfg, train.init_distributed(cfg.device), judge)
+
+
+def window_gradients(run):
+    """Run one train_step and return the normalised LoRA gradients the optimizer stepped with."""
+    captured = []
+    hook = run.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: captured.append([p.grad.clone() for p in run.policy.trainable_parameters()]))
+    train.train_step(run)
+    hook.remove()
+    assert len(captured) == 1
+    return torch.cat([g.flatten() for g in captured[0]])
+
+
+# ----- the embedded default and its outputs -----------------------------------------------------------------------
+
+def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsys):
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "1")) == 0
+    steps, evals = records(tmp_path), records(tmp_path, "eval_win_rate")
+    assert [r["step"] for r in steps] == [1, 2] and TRAIN_KEYS <= set(steps[0])
+    assert all(r["reward_mean"] == pytest.approx(0.45) for r in steps)  # +1 / -0.1 per judged pair (paper)
+    assert all(r["grad_norm"] > 0 and r["skipped"] is None for r in steps)
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert evals[0]["eval_win_rate"] == 0.5 and evals[0]["eval_tie_rate"] == 1.0  # policy == reference at init
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"step-00000{i}.png" for i in range(3)]
+    ckpt = tmp_path / "checkpoints" / "step-000002"
+    assert {p.name for p in ckpt.iterdir()} == {"pytorch_lora_weights.safetensors", "trainer_state.pt", "config.json"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"].startswith(cache) and (Path(config["model"]) / "model_index.json").is_file()
+    assert (config["height"], config["num_steps"], config["lr"]) == (64, 4, 1e-2)  # the demo's overrides
+    out = capsys.readouterr().out
+    assert "eval win rate by step" in out and "step     2/2" in out
+
+
+def test_torchrun_two_ranks_gloo(tmp_path, cache):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "2", "--prompts_per_rank", "1")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = records(tmp_path)
+    assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 2 for r in steps)  # 2 ranks x 1 prompt
+    assert records(tmp_path, "eval_win_rate")[-1]["eval_n"] == 2
+    state = torch.load(tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["position"] == 4
+    assert len(state["lora_digests"]) == 2 and len(set(state["lora_digests"])) == 1  # same LoRA on both ranks
+    assert not torch.equal(state["rng"][0]["rollout"], state["rng"][1]["rollout"])  # different noise per rank
+
+
+def test_resume_gives_the_same_weights(tmp_path, cache):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(demo_args(straight, cache, "--max_steps", "4", "--save_every", "4")) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "2", "--save_every", "4")) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "4", "--save_every", "4", "--resume", "auto")) == 0
+    a = load_file(straight / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors")
+    b = load_file(split / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors")
+    initial = load_file(split / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # steps 3-4 did change the weights
+    assert [r["step"] for r in records(split)] == [1, 2, 3, 4]
+
+
+def test_fresh_start_refuses_a_folder_with_checkpoints(tmp_path, cache, capsys):
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", "1")) == 0
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", "2")) == 2
+    assert "--resume auto" in capsys.readouterr().err
+
+
+# ----- the update: accumulation, masking, one step per window -----------------------------------------------------
+
+def merged(t1, t2):
+    """Two FLUX trajectories as ONE batch of 4 (the test's reference for accumulation)."""
+    c1, c2 = t1.cond, t2.cond
+    cond = policy_lib.FluxCondition(prompt_embeds=torch.cat([c1.prompt_embeds, c2.prompt_embeds]),
+                                    pooled=torch.cat([c1.pooled, c2.pooled]), text_ids=c1.text_ids,
+                                    img_ids=c1.img_ids, guidance=torch.cat([c1.guidance, c2.guidance]))
+    return policy_lib.Trajectory(latents=torch.cat([t1.latents, t2.latents]),
+                                 log_probs=torch.cat([t1.log_probs, t2.log_probs]), sigmas=t1.sigmas,
+                                 images=t1.images + t2.images, eta=t1.eta, cond=cond, height=t1.height,
+                                 width=t1.width)
+
+
+def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
+    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth))
+    try:
+        cfg, params, rng = run.cfg, run.policy.trainable_parameters(), torch.Generator().manual_seed(0)
+        with torch.no_grad():  # away from the identity init, so the KL term and every LoRA matrix get gradients
+            for p in params:
+                p.normal_(0.0, 0.05, generator=rng)
+        trajs = [run.policy.rollout([p] * 2, **train.rollout_kwargs(cfg, cfg.eta), generator=rng)
+                 for p in ("a red apple", "a campfire")]
+        advs = [torch.tensor([1.0, -0.1]), torch.tensor([-0.1, 1.0])]
+        # reference: ONE batch of 4 samples; every (sample, transition) term divided by the number of terms
+        both, adv = merged(*trajs), torch.cat(advs)
+        num_transitions = both.log_probs.shape[1]
+        total = 0
+        for k in range(num_transitions):
+            s = run.policy.recompute(both, k)
+            total = total + (arr_rpo.ppo_clip_loss(s.log_prob, both.log_probs[:, k], adv, cfg.clip_range)
+                             + cfg.kl_beta * arr_rpo.gaussian_kl(s.mean, s.ref_mean, s.std)).sum()
+        (total / (4 * num_transitions)).backward()
+        reference = torch.cat([p.grad.flatten() for p in params])
+        run.optimizer.zero_grad(set_to_none=True)
+        # the window: the two prompts accumulated one after the other, then normalised once
+        sums = sum(train.accumulate(run.policy, t, a, cfg, rng) for t, a in zip(trajs, advs))
+        captured = []
+        run.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: captured.append(torch.cat([p.grad.flatten() for p in params])))
+        train.reduce_and_step(run, sums)
+        assert sums[train.SUMS.index("terms")] == 4 * num_transitions
+        assert reference.abs().max() > 0 and sums[train.SUMS.index("kl")] > 0
+        torch.testing.assert_close(captured[0], reference, rtol=1e-4, atol=1e-8)
+    finally:
+        run.judge.close()
+
+
+def test_masked_pair_contributes_exactly_nothing(tmp_path, cache):
+    def gradients(name, outcome, *extra):
+        run = prepared(tmp_path / name, cache, ScriptedJudge(outcome), *extra)
+        try:
+            return window_gradients(run)
+        finally:
+            run.judge.close()
+    # the same first pair in all three runs (same seed, same data order); the second pair is masked, kept, absent
+    masked = gradients("masked", lambda n: "tie" if n % 2 else None)
+    failed = gradients("failed", lambda n: "fail" if n % 2 else None)
+    kept = gradients("kept", lambda n: None)
+    alone = gradients("alone", lambda n: None, "--prompts_per_rank", "1")
+    torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-10)  # only the k order differs (float sums)
+    torch.testing.assert_close(failed, alone, rtol=1e-5, atol=1e-10)
+    assert (kept - alone).abs().max() > 100 * (masked - alone).abs().max()  # the second pair does matter
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the counting wrapper
+def test_optimizer_steps_exactly_once_per_window(tmp_path, cache):
+    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth), "--max_steps", "3", "--prompts_per_rank", "3")
+    calls, step = [], run.optimizer.step
+    run.optimizer.step = lambda *args, **kwargs: (calls.append(run.step), step(*args, **kwargs))[1]
+    try:
+        assert train.loop(run) == 0
+    finally:
+        run.judge.close()
+    assert calls == [0, 1, 2]  # one step per window of 3 prompts (6 samples); the official GA-in-samples never steps
+    state = torch.load(tmp_path / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=True)
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {3.0}
+    assert state["scheduler"]["last_epoch"] == 3 and state["position"] == 9
+
+
+# ----- faults ------------------------------------------------------------------------------------------------------
+
+def test_judge_failing_half_the_time_still_trains(tmp_path, cache):
+    cfg = train.make_config(demo_args(tmp_path, cache, "--max_steps", "3"))
+    assert train.train(cfg, judge=ScriptedJudge(lambda n: "fail" if n % 2 else None)) == 0
+    steps = records(tmp_path)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["judge_failure_rate"] == 0.5 and r["masked_pairs"] == 1 and r["pairs"] == 2
+        assert r["skipped"] is None and r["grad_norm"] > 0 and r["loss"] == pytest.approx(r["loss"])  # not NaN
+
+
+def test_judge_failing_too_often_saves_and_stops(tmp_path, cache, capsys):
+    cfg = train.make_config(demo_args(tmp_path, cache, "--max_steps", "10", "--failure_window", "2"))
+    with pytest.raises(train.RunStopped, match="failure rate 100% over the last 2 steps"):
+        train.train(cfg, judge=ScriptedJudge(lambda n: "fail"))
+    steps = records(tmp_path)
+    assert [r["skipped"] for r in steps] == ["no valid pairs"] * 2  # no gradient at all: the step is skipped
+    assert train.latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeypatch):
+    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth))
+    try:
+        before = [p.detach().clone() for p in run.policy.trainable_parameters()]
+        monkeypatch.setattr(train.arr_rpo, "ppo_clip_loss", lambda *a: torch.full_like(a[0], float("nan")))
+        record = train.train_step(run)
+        assert record["skipped"] == "nonfinite loss" and record["nonfinite_skips"] == 1 and record["grad_norm"] is None
+        assert all(torch.equal(a, b) for a, b in zip(before, run.policy.trainable_parameters()))
+        assert run.steps_taken == 0 and all(p.grad is None for p in run.policy.trainable_parameters())
+    finally:
+        run.judge.close()
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resumes(tmp_path, cache):
+    cmd = [sys.executable, "train.py", *demo_args(tmp_path, cache, "--max_steps", "1000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and records(tmp_path)):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ckpt = train.latest_checkpoint(tmp_path)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) == records(tmp_path)[-1]["step"]
+    assert "--resume auto" in out
+    stop = int(ckpt.name.split("-")[1]) + 1
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", str(stop), "--resume", "auto")) == 0
+    assert records(tmp_path)[-1]["step"] == stop
+
+
+# ----- bad input: a clear error before any model is loaded ---------------------------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(policy_lib.FluxPolicy, "from_pretrained", refuse)
+
+
+def bad_inputs(tmp):
+    (tmp / "empty.txt").write_text("\n  \n")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp / "ok.txt").write_text("a red apple\n")
+    ok = str(tmp / "ok.txt")
+    return {
+        "missing prompts": (["--model", "m", "--judge_url", "http://x/v1", "--rubrics", ok, "--prompts",
+                             str(tmp / "nope.txt")], "nope.txt"),
+        "empty prompts": (["--prompts", str(tmp / "empty.txt")], "empty.txt is empty"),
+        "non-utf8 prompts": (["--prompts", str(tmp / "latin1.txt")], "latin1.txt is not UTF-8"),
+        "unknown model type": (["--model_type", "sdxl"], "--model_type 'sdxl'"),
+        "missing rubrics": (["--judge_url", "http://x/v1", "--rubrics", str(tmp / "r.txt")], "r.txt"),
+        "judge without rubrics": (["--judge_url", "http://x/v1"], "--rubrics is required"),
+        "model without judge": (["--model", "m", "--prompts", ok], "--judge_url is required"),
+        "bad estimator": (["--kl_estimator", "k3"], "--kl_estimator"),
+        "missing checkpoint": (["--resume", str(tmp / "ckpt")], "ckpt"),
+    }
+
+
+BAD_CASES = ["missing prompts", "empty prompts", "non-utf8 prompts", "unknown model type", "missing rubrics",
+             "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_a_clear_error_before_model_load(case, tmp_path, cache, capsys, no_model_load):
+    argv, message = bad_inputs(tmp_path)[case]
+    assert train.main(["--output_dir", str(tmp_path / "out"), "--cache_dir", cache, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_edit_jsonl_errors_name_the_line(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": "make it blue"}\n'
+                                         '{"source_image": "missing.png", "instruction": "x"}\n')
+    with pytest.raises(train.ConfigError, match=r"edit.jsonl:2: cannot read source_image .*missing.png"):
+        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": "make it blue"}\n\n'
+                                         '{"source_image": "broken.png", "instruction": "x"}\n')
+    with pytest.raises(train.ConfigError, match=r"edit.jsonl:3: cannot read source_image"):
+        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    (tmp_path / "edit.jsonl").write_text('{"image": "a.png"}\n')
+    with pytest.raises(train.ConfigError, match=r"edit.jsonl:1: expected JSON with source_image and instruction"):
+        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": " make it blue "}\n')
+    [item] = train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    assert (item.prompt, Path(item.source_image), item.line) == ("make it blue", tmp_path / "a.png", 1)
+
+
+# ----- the real judge path, against the fake OpenAI-compatible server ---------------------------------------------
+
+def test_real_judge_path_against_fake_vlm(tmp_path, cache, monkeypatch, capsys):
+    (tmp_path / "rubrics.txt").write_text("1. The image that better matches the requested warm colours wins.\n")
+    monkeypatch.setenv("ARR_TEST_KEY", "sk-very-secret")
+    with FakeVLM() as fake:
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "2", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_TEST_KEY")
+        assert train.main(argv) == 0
+        assert len(fake.requests) == 2 + 2 * 2 * 2  # startup check + 2 steps x 2 pairs, both orders each
+    steps = records(tmp_path / "run")
+    assert all(r["judge_failure_rate"] == 0 and r["skipped"] is None for r in steps)
+    assert all(r["first_position_win_rate"] is not None for r in steps)
+    out = capsys.readouterr().out
+    saved = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*.json*"))
+    assert "sk-very-secret" not in out + saved and "ARR_TEST_KEY" in saved
+
+
+def test_judge_startup_check_names_url_and_model(tmp_path, cache, capsys, no_model_load):
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    with FakeVLM() as fake:
+        fake.script("401")
+        argv = demo_args(tmp_path / "run", cache, "--judge_url", fake.url, "--judge_model", "fake-vl",
+                         "--rubrics", str(tmp_path / "rubrics.txt"))
+        assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "judge check failed" in err and fake.url in err and "fake-vl" in err and "401" in err
+
+
+# ----- config ------------------------------------------------------------------------------------------------------
+
+def test_config_resolution_user_then_demo_then_recipe():
+    demo = train.make_config([])
+    assert (demo.model, demo.height, demo.num_steps, demo.eta, demo.lr, demo.lora_rank) == (None, 64, 4, 0.7, 1e-2, 8)
+    assert demo.judge_swap is True and train.make_config(["--no_judge_swap"]).judge_swap is False
+    flux = train.make_config(["--model", "black-forest-labs/FLUX.1-dev", "--lr", "1e-4"])
+    assert (flux.lr, flux.num_steps, flux.lora_rank, flux.lora_alpha, flux.kl_beta, flux.guidance, flux.height) == (
+        1e-4, 8, 16, 32, 0.01, 3.5, 512)
+    qwen = train.make_config(["--model", "Qwen/Qwen-Image-Edit-2509", "--model_type", "qwen_edit"])
+    assert (qwen.lr, qwen.num_steps, qwen.lora_rank, qwen.lora_alpha, qwen.kl_beta, qwen.guidance) == (
+        1e-5, 10, 32, 64, 0.02, None)
+    help_text = train.build_parser().format_help()
+    assert "--no_judge_swap" in help_text and "recipe: flux 5e-05, qwen_edit 1e-05" in help_text
+    with pytest.raises(SystemExit):
+        train.make_config(["--no_such_flag", "1"])
