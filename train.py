@@ -78,7 +78,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageStat
+from PIL import Image, ImageDraw, ImageFilter, ImageStat
 
 import arr_rpo
 import judge as judge_lib
@@ -301,6 +301,44 @@ DEMOS = {  # the qwen_edit demo registers here (model_type -> Demo)
 }
 
 
+def demo_sources():
+    """The editing demo's source images: three flat shapes on plain backgrounds, 64 x 64."""
+    shapes = [("ellipse", (200, 200, 200), (40, 60, 200), [12, 12, 44, 44]),
+              ("rectangle", (90, 140, 90), (230, 220, 40), [8, 30, 56, 50]),
+              ("polygon", (30, 30, 60), (240, 240, 240), [(32, 6), (58, 56), (6, 56)])]
+    images = []
+    for kind, background, colour, where in shapes:
+        image = Image.new("RGB", (64, 64), background)
+        getattr(ImageDraw.Draw(image), kind)(where, fill=colour)
+        images.append(image)
+    return images
+
+
+def redder_same_layout(image, source_image):
+    """The qwen_edit demo's rubric as a number: redness minus half the layout change against the source, where
+    layout change = 1 - correlation of the two grey-level edge maps (0 = same edges, 1 = unrelated)."""
+    def edges(im):
+        return torch.tensor(list(im.convert("L").filter(ImageFilter.FIND_EDGES).getdata()), dtype=torch.float32)
+    a, b = edges(image), edges(source_image.convert("RGB").resize(image.size))
+    flat = float(a.std()) < 1e-6 or float(b.std()) < 1e-6  # an edgeless image keeps no layout at all
+    layout_change = 1.0 if flat else 1.0 - float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    return warmth(image) / 255 - 0.5 * layout_change
+
+
+EDIT_DEMO_INSTRUCTIONS = ["make it redder while keeping the layout", "turn the shape red, keep everything else",
+                          "give the picture a red tint without moving anything"]
+DEMOS["qwen_edit"] = Demo(
+    overrides=dict(height=64, width=64, num_steps=4, eta=0.7, lora_rank=8, lora_alpha=8, lr=5e-3, kl_beta=0.01,
+                   prompts_per_rank=6, max_steps=100, save_every=50, eval_every=10, eval_size=12, num_threads=1),
+    # lr 5e-3 and 6 pairs per step (each source twice): with lr 2e-2 / 3 pairs the win rate reached 0.92 and then
+    # fell to 0.08; with these settings seeds 0 and 1 end at 0.83 and 1.00 (README has the curves)
+    items=lambda: ([Item(i, s) for i, s in zip(EDIT_DEMO_INSTRUCTIONS, demo_sources())],
+                   [Item(i, s) for i, s in zip(EDIT_DEMO_INSTRUCTIONS, demo_sources())] * 4),  # 4 noises each
+    score=redder_same_layout,
+    rubric="redder, same layout: the better edit is redder, mean(R - (G+B)/2), while keeping the source's edges "
+           "(half the edge-map decorrelation is subtracted); a computable stand-in for a VLM editing judge")
+
+
 class DemoJudge:
     """In-process stand-in for `judge.Judge` (compare / submit / close -> judge.Verdict) with a computable rubric.
 
@@ -485,11 +523,9 @@ def load_policy(cfg, cls, demo, d):
             if not (Path(cfg.model) / "model_index.json").is_file():
                 raise
     barrier(d)
-    targets = cfg.lora_targets
-    if targets is not None and targets not in getattr(cls, "lora_target_presets", {}):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # LoRA and AdamW stay fp32 either way
-    return cls.from_pretrained(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=targets,
+    return cls.from_pretrained(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                               lora_targets=cfg.lora_targets,
                                device=d.device, dtype=dtype, mixed_precision=dtype if dtype != torch.float32 else None)
 
 
@@ -711,8 +747,9 @@ def evaluate(run):
     cfg, d, start = run.cfg, run.d, time.perf_counter()
     mine = list(enumerate(run.eval_items))[d.rank::d.world_size]
     futures, columns = [], []
-    for at in range(0, len(mine), 2):  # batches of 2, the size the training rollouts use
-        chunk = mine[at:at + 2]
+    size = 1 if run.policy.task == "edit" else 2  # T2I: batches of 2 as in training; edits: sources' sizes differ
+    for at in range(0, len(mine), size):
+        chunk = mine[at:at + size]
         sources = [open_source(item) for _, item in chunk]
         extra = {} if sources[0] is None else {"source_images": sources}
         images = []

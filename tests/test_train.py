@@ -110,6 +110,33 @@ def test_torchrun_two_ranks_gloo(tmp_path, cache):
     assert not torch.equal(state["rng"][0]["rollout"], state["rng"][1]["rollout"])  # different noise per rank
 
 
+def test_qwen_edit_demo_two_steps(tmp_path, cache, capsys):
+    args = demo_args(tmp_path, cache, "--model_type", "qwen_edit", "--max_steps", "2", "--eval_every", "2",
+                     "--eval_size", "2")
+    assert train.main(args) == 0
+    steps, evals = records(tmp_path), records(tmp_path, "eval_win_rate")
+    assert [r["step"] for r in steps] == [1, 2] and TRAIN_KEYS <= set(steps[0])
+    assert all(r["grad_norm"] > 0 and r["judge_failure_rate"] == 0 for r in steps)
+    assert evals[0]["eval_win_rate"] == 0.5 and [r["step"] for r in evals] == [0, 2]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["model_type"], config["lora_rank"], config["guidance"]) == ("qwen_edit", 8, None)
+    lora = load_file(tmp_path / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
+    with train.Image.open(tmp_path / "samples" / "step-000002.png") as grid:
+        assert grid.size == (2 * 64, 3 * 64)  # source row, policy row, reference row
+
+
+def test_qwen_edit_torchrun_two_ranks_gloo(tmp_path, cache):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *demo_args(tmp_path, cache, "--model_type", "qwen_edit", "--max_steps", "2", "--prompts_per_rank", "1")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["pairs"] for r in records(tmp_path)] == [2, 2]  # 2 ranks x 1 edit item
+    state = torch.load(tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(set(state["lora_digests"])) == 1
+
+
 def test_resume_gives_the_same_weights(tmp_path, cache):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(demo_args(straight, cache, "--max_steps", "4", "--save_every", "4")) == 0
