@@ -6,6 +6,7 @@ from diffusers import FluxPipeline
 
 import arr_rpo
 import policy
+from image_checks import as_float, randomise_lora
 
 SIZE = 64
 PROMPTS = ["a red apple on a table", "a blue car"]
@@ -19,17 +20,6 @@ def tiny_flux_dir(tmp_path_factory):
 @pytest.fixture()
 def flux(tiny_flux_dir):
     return policy.FluxPolicy.from_pretrained(tiny_flux_dir, lora_rank=4, lora_alpha=8)
-
-
-def randomise_lora(pol, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pol.trainable_parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def as_float(image):
-    return np.asarray(image).astype(np.float32) / 255.0
 
 
 def pipeline_images(pipe, prompt, sigmas, seed):

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 import arr_rpo
 import policy
+from image_checks import as_float, randomise_lora
 
 SIZE = 64
 CONDITION_AREA = 56 * 56  # the VL encoder's view of the source; the tiny image processor caps it there anyway
@@ -50,17 +51,6 @@ def qwen_pipe(tiny_qwen_dir, monkeypatch):
                                                      processor=policy.load_qwen_edit_processor(tiny_qwen_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def randomise_lora(pol, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pol.trainable_parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def as_float(image):
-    return np.asarray(image).astype(np.float32) / 255.0
 
 
 def pipeline_edit(pipe, monkeypatch, source, sigmas, seed, area, true_cfg_scale=1.0):
