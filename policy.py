@@ -23,7 +23,8 @@ Deliberate deviations from the paper and the official code
     2. The initial noise is drawn exactly as diffusers' pipelines draw it, from an explicit generator, so an
        eta = 0 rollout reproduces `FluxPipeline` / `QwenImageEditPlusPipeline` (tested); the official code uses
        the global RNG and bf16 noise.
-    3. The transformer receives `timestep = sigma` exactly; the official code truncates int(sigma * 1000) / 1000.
+    3. The transformer receives `timestep = sigma` (exactly, in fp32); the official code truncates
+       int(sigma * 1000) / 1000.
     4. LoRA weights are saved in diffusers format with the adapter metadata, so `load_lora_weights` restores
        alpha != r; the official code saves a peft directory that diffusers cannot load at the right scale.
     5. Prompts are encoded one at a time and cached: fp32 outputs depend on batch composition at the 1e-7 level,
@@ -362,6 +363,7 @@ def _tiny_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=8, model_max_length=512)
 
 
+@torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state
 def build_tiny_flux(path, seed=0):
     """Write a tiny random-weight FLUX.1-dev-shaped diffusers directory to `path` (no download) and return it.
 
@@ -375,7 +377,7 @@ def build_tiny_flux(path, seed=0):
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; build_tiny_flux never overwrites a directory")
     tok, tok2 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
-    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG
+    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
@@ -640,6 +642,7 @@ _QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision
                         "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
+@torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state
 def build_tiny_qwen_edit(path, seed=0):
     """Write a tiny random-weight Qwen-Image-Edit-2509-shaped diffusers directory to `path` (no download), return it.
 
@@ -664,7 +667,7 @@ def build_tiny_qwen_edit(path, seed=0):
                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIAL_TOKENS])  # never split
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL_TOKENS}
-    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG
+    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))

@@ -8,7 +8,8 @@ adapters disabled) trains the LoRA. One optimizer step (a "window"):
     1. rollout  every rank rolls out prompts_per_rank prompts, 2 candidates each in one batch with the same initial
                 noise, and hands each pair to the judge without waiting for the answer;
     2. judge    verdicts are collected in order; a failed or order-inconsistent verdict masks its pair;
-    3. update   each kept pair is trained as soon as its verdict arrives (later pairs are still being judged): for
+    3. update   kept pairs are trained in submission order as their verdicts arrive (later pairs are still being
+                judged meanwhile; the fixed order keeps the float sums, hence resume, deterministic): for
                 its K - 1 stochastic transitions in random order, the policy's log-prob and mean are recomputed with
                 gradients and the reference mean with adapters disabled; loss = PPO clip + kl_beta * KL; backward;
     4. step     one all-reduce of the LoRA gradients, divided by the global number of (sample, transition) terms,
@@ -39,7 +40,7 @@ Deliberate deviations from the paper and the official code
     2. Judging overlaps computation: a pair is submitted when it is rolled out and trained when its verdict is in;
        the official code waits for every judgment with the GPU idle.
     3. A failed or order-inconsistent judgment masks its pair (counted as judge_failure_rate / tie_rate) instead of
-       crashing the job; the run saves a checkpoint and stops only when the failure rate over the last
+       crashing the job; the run saves a checkpoint and stops only when the rate of masked pairs over the last
        failure_window steps exceeds failure_stop_rate.
     4. The KL penalty is the exact KL of the two Gaussian transitions by default; the official on-policy k1
        estimate, whose expected gradient is zero, is kept as --kl_estimator k1.
@@ -53,6 +54,9 @@ Deliberate deviations from the paper and the official code
        normaliser is global, so a rank with masked pairs does not weigh its remaining pairs more.
     9. Gradients are normalised after the all-reduce (one vector holds the gradients and the global term count),
        which is what lets step 3 start before all verdicts of the window are in.
+   10. As in the official code, each rollout window feeds exactly one optimizer step, so the recomputed ratio is 1
+       and the PPO clip (hence clipfrac, approx_kl) never binds: the update is the policy gradient with the rewards
+       as advantages plus the KL penalty. The clip stays in the loss so that the objective is the paper's.
 """
 import argparse
 import collections
@@ -155,7 +159,8 @@ class Config:
     eval_every: int = opt(25, "eval win rate every this many steps (0: never)")
     resume: str | None = opt(None, "auto (newest complete checkpoint in output_dir) or a checkpoint folder")
     seed: int = opt(42, "seed; rank r samples with seed + r")
-    failure_stop_rate: float = opt(0.5, "save and stop once the judge failure rate over failure_window steps is above")
+    failure_stop_rate: float = opt(0.5, "save and stop once the masked-pair rate (judge failures + ties) over "
+                                        "failure_window steps is above this")
     failure_window: int = opt(5, "steps in the failure-rate window")
     log_with: str = opt("none", "also log to wandb or tensorboard (only if installed)")
     num_threads: int | None = opt(None, "torch CPU threads per process; unset: torch's default")
@@ -203,7 +208,10 @@ def make_config(argv=None):
     checks = {"prompts_per_rank": cfg.prompts_per_rank >= 1, "num_steps": cfg.num_steps >= 2,
               "train_fraction": 0 < cfg.train_fraction <= 1, "max_steps": cfg.max_steps >= 0,
               "save_every": cfg.save_every >= 1, "eval_every": cfg.eval_every >= 0,
-              "failure_window": cfg.failure_window >= 1, "failure_stop_rate": 0 <= cfg.failure_stop_rate <= 1}
+              "failure_window": cfg.failure_window >= 1, "failure_stop_rate": 0 <= cfg.failure_stop_rate <= 1,
+              # eta = 0 is a Dirac transition with no log-prob: every loss would be NaN and every step skipped
+              "eta": cfg.eta > 0, "clip_range": cfg.clip_range > 0, "kl_beta": cfg.kl_beta >= 0,
+              "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0}
     for name, ok in checks.items():
         if not ok:
             raise ConfigError(f"--{name} {getattr(cfg, name)} is out of range")
@@ -436,7 +444,7 @@ class Run:
     steps_taken: int = 0     # optimizer.step() calls, counted by a hook
     stop_requested: bool = False
     nonfinite_skips: int = 0
-    recent: collections.deque = None   # (judge failures, pairs) of the last failure_window steps
+    recent: collections.deque = None   # (masked pairs, pairs) of the last failure_window steps
     evals: list = field(default_factory=list)
 
 
@@ -605,16 +613,15 @@ def rollout_and_submit(run, items):
 
 
 def judge_outcome(verdict, cfg):
-    """Phase 2 for one pair: ("kept", advantages (2,)), or ("failed" | "tie", None) for a masked pair."""
+    """Phase 2 for one pair: ("kept", rewards [r_1, r_2]), or ("failed" | "tie", None) for a masked pair."""
     if verdict.error is not None:
         return "failed", None
     if verdict.rank is None:
         return "tie", None  # the two presentation orders disagreed, or the judge saw no difference
     try:
-        rewards = arr_rpo.rank_to_reward(verdict.rank, cfg.reward_win, cfg.reward_lose)
+        return "kept", arr_rpo.rank_to_reward(verdict.rank, cfg.reward_win, cfg.reward_lose)
     except ValueError:
         return "failed", None
-    return "kept", torch.tensor(rewards).clamp(-cfg.adv_clip, cfg.adv_clip)  # advantages = rewards (paper)
 
 
 SUMS = ("loss", "kl", "approx_kl", "clipfrac", "terms", "nonfinite")  # per-(sample, transition) sums
@@ -694,15 +701,16 @@ def train_step(run):
         t = time.perf_counter()
         verdict = future.result()
         local["time_judge_wait"] += time.perf_counter() - t
-        outcome, adv = judge_outcome(verdict, cfg)
+        outcome, rewards = judge_outcome(verdict, cfg)
         local["latency"].append(verdict.latency)
         local["first"] += verdict.first_position_wins
-        if adv is None:
+        if rewards is None:
             local[outcome] += 1
             continue
-        local["rewards"] += arr_rpo.rank_to_reward(verdict.rank, cfg.reward_win, cfg.reward_lose)
+        local["rewards"] += rewards
+        adv = torch.tensor(rewards, device=run.policy.device).clamp(-cfg.adv_clip, cfg.adv_clip)  # paper: A = r
         t = time.perf_counter()
-        sums += accumulate(run.policy, traj, adv.to(run.policy.device), cfg, run.rng)
+        sums += accumulate(run.policy, traj, adv, cfg, run.rng)
         local["time_update"] += time.perf_counter() - t
     # ---- 4. step: all-reduce, normalise, clip, AdamW
     t = time.perf_counter()
@@ -735,6 +743,7 @@ def summarize(run, parts, sums, grad_norm, skipped, lr, step_time):
             "judge_latency_p50": percentile(every["latency"], 0.5),
             "judge_latency_p95": percentile(every["latency"], 0.95),
             "pairs": total["pairs"], "judge_failures": total["failed"], "masked_pairs": total["failed"] + total["tie"],
+            "terms": int(terms),  # trained (sample, transition) terms over all ranks: the gradient's normaliser
             "skipped": skipped, "nonfinite_skips": run.nonfinite_skips, "stop_requested": any(p["stop"] for p in parts)}
 
 
@@ -747,9 +756,8 @@ def evaluate(run):
     cfg, d, start = run.cfg, run.d, time.perf_counter()
     mine = list(enumerate(run.eval_items))[d.rank::d.world_size]
     futures, columns = [], []
-    size = 1 if run.policy.task == "edit" else 2  # T2I: batches of 2 as in training; edits: sources' sizes differ
-    for at in range(0, len(mine), size):
-        chunk = mine[at:at + size]
+    for at in range(len(mine)):  # one prompt per rollout: its noise depends on its index, not on the world size
+        chunk = mine[at:at + 1]
         sources = [open_source(item) for _, item in chunk]
         extra = {} if sources[0] is None else {"source_images": sources}
         images = []
@@ -927,7 +935,8 @@ def loop(run):
     while run.step < cfg.max_steps:
         record = train_step(run)  # 1-4: rollout, judge, update, step
         log(run, record)  # 5: metrics line, progress line
-        run.recent.append((record["judge_failures"], record["pairs"]))
+        # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
+        run.recent.append((record["masked_pairs"], record["pairs"]))
         failed, pairs = map(sum, zip(*run.recent))
         failing = len(run.recent) == cfg.failure_window and failed > cfg.failure_stop_rate * pairs
         if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
@@ -936,8 +945,9 @@ def loop(run):
             path = save_checkpoint(run)
             print0(run.d, f"checkpoint: {path}")
         if failing:
-            raise RunStopped(f"judge failure rate {failed / pairs:.0%} over the last {cfg.failure_window} steps "
-                             f"exceeds --failure_stop_rate {cfg.failure_stop_rate}; checkpoint saved to {path}. "
+            raise RunStopped(f"{failed / pairs:.0%} of the pairs of the last {cfg.failure_window} steps were masked "
+                             "(judge failures and order-inconsistent ties), more than "
+                             f"--failure_stop_rate {cfg.failure_stop_rate}; checkpoint saved to {path}. "
                              f"Check the judge server, then continue with --resume auto --output_dir {run.out}")
         if record["stop_requested"]:
             print0(run.d, f"interrupted at step {run.step}; continue with --resume auto --output_dir {run.out}")

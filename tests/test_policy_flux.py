@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from safetensors.torch import load_file
 
 import arr_rpo
 import policy
@@ -32,6 +33,17 @@ def test_build_tiny_flux_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError):
         policy.build_tiny_flux(tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_build_tiny_flux_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    a = policy.build_tiny_flux(tmp_path / "a", seed=3)
+    assert torch.equal(torch.rand(3), expected)  # a cold cache must not change the LoRA init that follows it
+    b = policy.build_tiny_flux(tmp_path / "b", seed=3)
+    weights = [load_file(f"{d}/transformer/diffusion_pytorch_model.safetensors") for d in (a, b)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_eta0_rollout_equals_flux_pipeline(flux, tiny_flux_dir):

@@ -249,13 +249,29 @@ def test_judge_failing_half_the_time_still_trains(tmp_path, cache):
         assert r["skipped"] is None and r["grad_norm"] > 0 and r["loss"] == pytest.approx(r["loss"])  # not NaN
 
 
-def test_judge_failing_too_often_saves_and_stops(tmp_path, cache, capsys):
+@pytest.mark.parametrize("kind", ["fail", "tie"])  # a judge whose two orders always disagree trains nothing either
+def test_judge_masking_too_often_saves_and_stops(kind, tmp_path, cache, capsys):
     cfg = train.make_config(demo_args(tmp_path, cache, "--max_steps", "10", "--failure_window", "2"))
-    with pytest.raises(train.RunStopped, match="failure rate 100% over the last 2 steps"):
-        train.train(cfg, judge=ScriptedJudge(lambda n: "fail"))
+    with pytest.raises(train.RunStopped, match="100% of the pairs of the last 2 steps were masked"):
+        train.train(cfg, judge=ScriptedJudge(lambda n: kind))
     steps = records(tmp_path)
     assert [r["skipped"] for r in steps] == ["no valid pairs"] * 2  # no gradient at all: the step is skipped
     assert train.latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_k1_estimator_and_train_fraction(tmp_path, cache):
+    cfg = train.make_config(demo_args(tmp_path, cache, "--max_steps", "1", "--kl_estimator", "k1",
+                                      "--train_fraction", "0.5", "--kl_beta", "0.5"))
+    assert train.train(cfg, judge=train.DemoJudge(train.warmth)) == 0
+    (step,) = records(tmp_path)
+    # 2 prompts x 2 samples x round(0.5 * 3) = 2 of the K - 1 = 3 transitions; k1 is exactly 0 at the identity init
+    assert step["terms"] == 8 and step["kl"] == 0.0 and step["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("flag,value", [("eta", "0"), ("clip_range", "0"), ("kl_beta", "-1"), ("lr", "0")])
+def test_out_of_range_options_are_rejected(flag, value):
+    with pytest.raises(train.ConfigError, match=f"--{flag}"):
+        train.make_config([f"--{flag}", value])
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeypatch):
