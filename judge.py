@@ -315,6 +315,12 @@ def _retry_after(headers):
             return None
 
 
+def public_url(url):
+    """url without credentials (user:password@) or query string, for errors, logs and sidecars."""
+    match = re.match(r"^([a-z]+://)(?:[^@/]*@)?([^?#]*)", url, re.IGNORECASE)
+    return match.group(1) + match.group(2) if match else ""
+
+
 # --------------------------------------------------------------------------------------------------------- cache
 
 def request_key(model, messages, params):
@@ -387,8 +393,12 @@ class VLMClient:
         self._owns_cache = isinstance(cache, (str, os.PathLike))
         self.cache = ResponseCache(cache) if self._owns_cache else cache
         # documented fallback: the one environment read of the library
-        self._key = _Secret(os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key)
+        # stripped: a key read from a file keeps its newline, which requests rejects in an error quoting the header
+        self._key = _Secret((os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip())
         self._url = f"{self.base_url}/chat/completions"
+        # user:password@ and the query string of the URL are secrets too: requests' exceptions quote them
+        parts = re.match(r"^[a-z]+://(?:([^@/]*)@)?[^?#]*(?:\?([^#]*))?", self.base_url, re.IGNORECASE)
+        self._url_secrets = [part for part in parts.groups() if part]
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -397,7 +407,8 @@ class VLMClient:
         self._rng = random.Random(seed)  # jitter only
 
     def __repr__(self):
-        return f"VLMClient(base_url={self.base_url!r}, model={self.model!r}, max_concurrency={self.max_concurrency})"
+        return (f"VLMClient(base_url={public_url(self.base_url)!r}, model={self.model!r}, "
+                f"max_concurrency={self.max_concurrency})")
 
     __str__ = __repr__
 
@@ -436,10 +447,16 @@ class VLMClient:
 
     # -- internals
     def _redact(self, text):
-        return text.replace(self._key.value, "***") if self._key.value else text
+        secrets = list(self._url_secrets)
+        if self._key.value:
+            # exceptions often quote the header with repr(), which escapes characters the raw key holds
+            secrets += [self._key.value, repr(self._key.value)[1:-1]]
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _fail(self, detail):
-        return self._redact(f"{self._url} (model {self.model!r}): {detail}")
+        return self._redact(f"{public_url(self._url)} (model {self.model!r}): {detail}")
 
     def _session(self):
         session = getattr(self._local, "session", None)
@@ -471,14 +488,16 @@ class VLMClient:
         with self._lock:
             if self._format_level == level:
                 self._format_level = level + 1
-                log.warning("%s", self._redact(f"{self.base_url} rejected response_format {FORMAT_LEVELS[level]} "
-                                               f"({message}); using {FORMAT_LEVELS[level + 1]} from now on"))
+                log.warning("%s", self._redact(f"{public_url(self.base_url)} rejected response_format "
+                                               f"{FORMAT_LEVELS[level]} ({message}); "
+                                               f"using {FORMAT_LEVELS[level + 1]} from now on"))
 
     def _complete(self, messages, json_schema, want_json, max_tokens, cache):
         cache = self.cache if cache is None else cache
         key = None
         if cache is not None:
-            key = request_key(self.model, messages, {"temperature": self.temperature, "max_tokens": max_tokens,
+            key = request_key(self.model, messages, {"base_url": public_url(self.base_url),
+                                                     "temperature": self.temperature, "max_tokens": max_tokens,
                                                      "json_schema": json_schema, "want_json": want_json,
                                                      "extra_body": self.extra_body})
             hit = cache.get(key)
@@ -575,6 +594,7 @@ class Presentation:
     rank: list[int] | None           # the answer mapped back to the given candidate order; None when invalid
     reason: str = ""
     error: str | None = None
+    invalid: bool = False            # the error is the model's: no valid ranking after the re-asks
 
 
 def rank_schema(n):
@@ -635,7 +655,7 @@ class Judge:
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
         if self._owns_cache:
             self.cache.close()
 
@@ -725,7 +745,8 @@ class Judge:
             # a different request each time (so a cache replays it faithfully), kept short: last answer + complaint
             reask = {"role": "user", "content": self._reask_template.format(problem=problem, num_candidates=n)}
             messages = first + ([{"role": "assistant", "content": text}] if text else []) + [reask]
-        return Presentation(order, None, "", f"invalid reply after {1 + self.max_invalid} attempt(s): {problem}")
+        return Presentation(order, None, "", f"invalid reply after {1 + self.max_invalid} attempt(s): {problem}",
+                            invalid=True)
 
     def _combine(self, presentations):
         valid = [p for p in presentations if p.rank is not None]
@@ -939,8 +960,25 @@ def _mmrb2_pair(path, where, obj, task):
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 
-def _record(item, verdict, presentations):
-    return {"line": item.line, "prompt": item.prompt, "label_rank": item.label_rank, "rank": verdict.rank,
+def _digest(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def eval_settings(judge):
+    """What decides an evaluation's verdicts besides the item: stored in every record so a resume never mixes
+    runs. Rubric texts enter as sha256 prefixes; a callable per-prompt rubric by its qualified name."""
+    extra = judge.prompt_rubrics
+    if isinstance(extra, dict):
+        extra = _digest(json.dumps(extra, sort_keys=True, ensure_ascii=False))
+    elif extra is not None:
+        extra = f"{getattr(extra, '__module__', '')}.{getattr(extra, '__qualname__', type(extra).__name__)}"
+    return {"system_prompt": _digest(judge.system_prompt), "model": judge.client.model, "swap": judge.swap,
+            "task": judge.task, "max_invalid": judge.max_invalid, "prompt_rubrics": extra}
+
+
+def _record(item, verdict, presentations, settings):
+    return {"line": item.line, "prompt": item.prompt, "settings": settings, "label_rank": item.label_rank,
+            "rank": verdict.rank,
             "correct": verdict.rank == item.label_rank, "consistent": verdict.consistent, "error": verdict.error,
             "reason": verdict.reason, "first_position_wins": verdict.first_position_wins,
             "latency": round(verdict.latency, 4),
@@ -976,9 +1014,10 @@ def summarize(records):
             "failure_rate": rate(sum(r["error"] is not None for r in records), n)}
 
 
-def _read_results(out, items):
+def _read_results(out, items, settings):
     """Finished records of an earlier run, keyed by item line. Failed items are dropped so they are judged again;
-    a torn last line (a killed run) is dropped too, and the file is rewritten without it."""
+    a torn last line (a killed run) is dropped too, and the file is rewritten without it. A record made with other
+    settings (eval_settings) raises DataError."""
     by_line = {item.line: item for item in items}
     done, keep = {}, []
     for lineno, line in enumerate(Path(out).read_text(encoding="utf-8").splitlines(), 1):
@@ -990,6 +1029,11 @@ def _read_results(out, items):
         if item is None or record.get("prompt") != item.prompt:
             raise DataError(f"{out}: line {lineno}: this results file does not belong to the data file (item "
                             f"{record.get('line')} differs); use another --out")
+        if record.get("settings") != settings:
+            old = record.get("settings") or {}
+            changed = ", ".join(f"{name}: {old.get(name)!r} -> {value!r}" for name, value in settings.items()
+                                if old.get(name) != value)
+            raise DataError(f"{out} was produced with other settings ({changed}); use another --out")
         if record.get("error") is None:
             done[item.line] = record
             keep.append(line)
@@ -1002,7 +1046,8 @@ def _read_results(out, items):
 def evaluate(judge, items, out=None, progress=False):
     """Judge every item (concurrently, as many at once as the judge's pool would), append one JSON line per item to
     `out` as it finishes, skip items already finished in `out`, and return summarize() over all items."""
-    done = _read_results(out, items) if out is not None and Path(out).exists() else {}
+    settings = eval_settings(judge)
+    done = _read_results(out, items, settings) if out is not None and Path(out).exists() else {}
     todo = [item for item in items if item.line not in done]
     pool = ThreadPoolExecutor(judge._max_workers, thread_name_prefix="eval")
     futures = {pool.submit(judge.compare_detailed, item.prompt, item.images, item.source_image): item
@@ -1012,7 +1057,7 @@ def evaluate(judge, items, out=None, progress=False):
     try:
         for k, future in enumerate(as_completed(futures), 1):
             item = futures[future]
-            record = _record(item, *future.result())
+            record = _record(item, *future.result(), settings)
             done[item.line] = record
             failed += record["error"] is not None
             if sink is not None:
@@ -1025,7 +1070,7 @@ def evaluate(judge, items, out=None, progress=False):
                       f"{failed} failed, {rate:.1f} items/s", end="" if tty and k < len(todo) else "\n",
                       file=sys.stderr, flush=True)
     finally:
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: stop judging what has not started
         if sink is not None:
             sink.close()
     return summarize([done[item.line] for item in items])

@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 
 from judge import (Judge, JudgeError, ReplyError, ResponseCache, VLMClient, extract_json, load_pairs, load_template,
-                   template_sha256)
+                   public_url, template_sha256)
 
 TASKS = ("t2i", "edit")
 # What the text input of an item is called in our prompts, and the judge's labels for the images.
@@ -138,8 +138,9 @@ def _dedupe(rubrics):
     return unique
 
 
-def _rubric_list(k):
-    """Parser of a {"rubrics": [...]} reply: strings, enumeration stripped, non-empty, deduplicated, at most k."""
+def _rubric_list(k, exact=False):
+    """Parser of a {"rubrics": [...]} reply: strings, enumeration stripped, non-empty, deduplicated, at most k
+    (exactly k distinct ones when `exact`: fewer is an unusable reply, re-asked)."""
     def parse(obj):
         raw = obj.get("rubrics")
         if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
@@ -147,6 +148,8 @@ def _rubric_list(k):
         rubrics = _dedupe(_ENUMERATION.sub("", r).strip() for r in raw)
         if not rubrics:
             raise ValueError('"rubrics" is empty')
+        if exact and len(rubrics) < k:
+            raise ValueError(f'"rubrics" must hold {k} distinct rubrics, got {len(rubrics)}')
         return rubrics[:k]
     return parse
 
@@ -189,8 +192,8 @@ def _check_label(item):
 def generate(client, item, k=5, task="t2i", retries=2, cache=None):
     """M_gen: ask for exactly `k` rubrics that explain the labelled ranking of `item` (the label is shown).
 
-    cache: a judge.ResponseCache (None: the client's own). Returns 1..k cleaned rubric strings (fewer only when
-    the model repeats itself); raises JudgeError.
+    cache: a judge.ResponseCache (None: the client's own). Returns exactly k cleaned, distinct rubric strings (a
+    reply with fewer is re-asked); raises JudgeError, or ReplyError when no reply holds k.
     """
     _check_task(task)
     _check_label(item)
@@ -198,7 +201,7 @@ def generate(client, item, k=5, task="t2i", retries=2, cache=None):
         task=load_template(f"rubric_task_{task}"), n=len(item.images), ranking=_ranking_text(item.label_rank, task),
         k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
     messages = [{"role": "user", "content": _candidate_parts(client, item, task) + [{"type": "text", "text": text}]}]
-    return _ask_json(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k), retries, cache,
+    return _ask_json(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k, exact=True), retries, cache,
                      f"rubric generation for item at line {item.line}")
 
 
@@ -206,43 +209,53 @@ def verify(client, item, rubrics, task="t2i", cache=None):
     """M_verify: judge `item` with only `rubrics`, without its label, in the original and the reversed order.
 
     Returns (passed, ranks): ranks[0] is the verdict on the original order, ranks[1] the verdict on the reversed
-    order mapped back to the original numbering; passed iff both equal item.label_rank. The requests are exactly
-    those of `judge.Judge(client, numbered(rubrics), task, swap=False)`: nothing in them depends on the label.
-    Raises JudgeError when the judge fails (transport, or no valid ranking after its re-asks), so that callers can
-    tell a failure from a disagreement.
+    order mapped back to the original numbering, None where the judge gave no valid ranking after its re-asks (a
+    failed verification: the rubrics did not get the judge to rank); passed iff both equal item.label_rank. The
+    requests are exactly those of `judge.Judge(client, numbered(rubrics), task, swap=False)`: nothing in them
+    depends on the label. Raises JudgeError when the judge fails otherwise (transport), so that callers can tell a
+    failure from a disagreement.
     """
     _check_task(task)
     _check_label(item)
     with Judge(client, numbered(rubrics), task=task, swap=False, cache=cache) as judge:
         ranks = []
         for images in (list(item.images), list(item.images)[::-1]):
-            verdict = judge.compare(item.prompt, images, source_image=item.source_image)
-            if verdict.error is not None or verdict.rank is None:
+            verdict, presentations = judge.compare_detailed(item.prompt, images, source_image=item.source_image)
+            if presentations and all(p.invalid for p in presentations):
+                ranks.append(None)
+            elif verdict.error is not None or verdict.rank is None:
                 raise JudgeError(f"verification of item at line {item.line} failed: {verdict.error or 'no rank'}")
-            ranks.append(list(verdict.rank))
-    ranks[1] = ranks[1][::-1]  # candidate i was shown at position N-1-i
+            else:
+                ranks.append(list(verdict.rank))
+    if ranks[1] is not None:
+        ranks[1] = ranks[1][::-1]  # candidate i was shown at position N-1-i
     return all(rank == list(item.label_rank) for rank in ranks), ranks
 
 
 def describe_failure(item, ranks, task="t2i"):
-    """Feedback for M_refine: the expected ranking and the judge's ranking in both presentation orders."""
+    """Feedback for M_refine: the expected ranking and the judge's ranking in both presentation orders ("no valid
+    ranking" where the judge gave none)."""
+    def text(rank):
+        return "no valid ranking" if rank is None else _ranking_text(rank, task)
+
     return "\n".join([
         f"Expected: {_ranking_text(item.label_rank, task)}",
-        f"Judge with the candidates in the order shown: {_ranking_text(ranks[0], task)}",
-        f"Judge with the candidates in reversed order (numbered as shown above): {_ranking_text(ranks[1], task)}",
+        f"Judge with the candidates in the order shown: {text(ranks[0])}",
+        f"Judge with the candidates in reversed order (numbered as shown above): {text(ranks[1])}",
     ])
 
 
 def refine(client, item, rubrics, feedback, k=5, task="t2i", retries=2, cache=None):
     """M_refine: ask for `k` improved rubrics given the failed ones and the verification feedback (which holds the
-    label). Returns 1..k cleaned rubric strings; raises JudgeError."""
+    label). Returns exactly k cleaned, distinct rubric strings (a reply with fewer is re-asked); raises JudgeError,
+    or ReplyError when no reply holds k."""
     _check_task(task)
     _check_label(item)
     text = load_template("rubric_refine").format(
         task=load_template(f"rubric_task_{task}"), n=len(item.images), ranking=_ranking_text(item.label_rank, task),
         rubrics=numbered(rubrics), feedback=feedback, k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
     messages = [{"role": "user", "content": _candidate_parts(client, item, task) + [{"type": "text", "text": text}]}]
-    return _ask_json(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k), retries, cache,
+    return _ask_json(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k, exact=True), retries, cache,
                      f"rubric refinement for item at line {item.line}")
 
 
@@ -541,10 +554,15 @@ def score_rubrics(client, items, rubrics, mode="pairwise", task="t2i", retries=2
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
             futures = {pool.submit(run, p, r): (p, r) for p, r in cells}
-            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                diffs[futures[future]] = future.result()
-                if progress is not None:
-                    progress(done, len(cells))
+            try:
+                for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                    diffs[futures[future]] = future.result()
+                    if progress is not None:
+                        progress(done, len(cells))
+            except BaseException:
+                # interrupted: start no new cell; the running ones finish, so their answers land in the cache
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     finally:
         for judge in judges:
             judge.close()
@@ -631,12 +649,6 @@ def _prepare_outputs(data, outputs, force):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _public_url(url):
-    """The base URL without credentials or query (it goes into a sidecar)."""
-    match = re.match(r"^([a-z]+://)(?:[^@/]*@)?([^?#]*)", url, re.IGNORECASE)
-    return match.group(1) + match.group(2) if match else ""
-
-
 def _templates_used(names):
     return {name: template_sha256(name) for name in names}
 
@@ -704,7 +716,7 @@ def cmd_induce(args):
         "rubrics_file": out.name,
         "task": args.task,
         "judge_model": client.model,
-        "judge_base_url": _public_url(args.base_url),
+        "judge_base_url": public_url(args.base_url),
         "data": str(data),
         "data_sha256": file_sha256(data),
         "templates_sha256": {**templates, **judge_templates},
@@ -804,7 +816,7 @@ def cmd_select(args):
         "task": args.task,
         "mode": args.mode,
         "judge_model": client.model,
-        "judge_base_url": _public_url(args.base_url),
+        "judge_base_url": public_url(args.base_url),
         "data": str(data),
         "data_sha256": file_sha256(data),
         "candidates": str(args.rubrics),
@@ -850,12 +862,16 @@ def cmd_prompt(args):
         with client, concurrent.futures.ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
             futures = {pool.submit(prompt_rubrics, client, prompt, args.num_rubrics, args.task, cache=cache): prompt
                        for prompt in prompts}
-            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                try:
-                    texts[futures[future]] = numbered(future.result())
-                except JudgeError as exc:
-                    failures += 1
-                    print(f"[{done}/{len(prompts)}] failed: {exc}", flush=True)
+            try:
+                for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                    try:
+                        texts[futures[future]] = numbered(future.result())
+                    except JudgeError as exc:
+                        failures += 1
+                        print(f"[{done}/{len(prompts)}] failed: {exc}", flush=True)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # interrupted: start no new prompt
+                raise
     finally:
         if cache is not None:
             cache.close()

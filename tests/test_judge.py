@@ -326,6 +326,27 @@ def test_api_key_never_reaches_logs_errors_repr_or_cache(fake, tmp_path, caplog)
         assert KEY not in text
 
 
+def test_api_key_with_trailing_newline_is_stripped_and_never_leaks(fake):
+    key = "sk-SECRET-123\n"  # a key read from a file keeps its newline
+    client = make_client(fake, api_key=key)
+    verdict = Judge(client, RUBRIC, swap=False).compare("red", [solid(BLUE), solid(RED)])
+    assert verdict.rank == [2, 1] and verdict.error is None
+    assert fake.headers[0]["Authorization"] == "Bearer sk-SECRET-123"
+    inner = make_client(fake, api_key="sk-IN\tSIDE")  # what requests quotes with repr() is redacted as well
+    assert "sk-IN" not in inner._redact(f"Invalid header value {'Bearer sk-IN' + chr(9) + 'SIDE'!r}")
+
+
+def test_credentials_in_base_url_never_reach_errors(fake):
+    url = fake.url.replace("http://", "http://user:tok-SECRET-42@") + "?key=q-SECRET-7"
+    client = VLMClient(url, "fake-model", api_key=KEY, max_retries=0)
+    fake.script("401")
+    with pytest.raises(JudgeError) as info:
+        client.chat([{"role": "user", "content": "hello"}])
+    text = str(info.value) + repr(client)
+    assert "HTTP 401" in text and "127.0.0.1" in text
+    assert "tok-SECRET-42" not in text and "q-SECRET-7" not in text
+
+
 # ----------------------------------------------------------------------------------------------- order swap
 
 def test_swap_agreement_gives_the_verdict(fake):
@@ -384,6 +405,35 @@ def test_cache_resumes_without_asking_again(fake, tmp_path):
     with make_judge(fake, cache=cache_path) as second:  # a new process would look like this
         after = [second.compare(prompt, images).rank for prompt, images in pairs]
     assert after == before == [[2, 1], [1, 2]] and len(fake.requests) == asked
+
+
+def test_cache_keys_depend_on_the_server(fake, tmp_path):
+    cache_path = tmp_path / "answers.sqlite"
+    with make_judge(fake, swap=False, cache=cache_path) as first:
+        assert first.compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
+    with FakeVLM() as other, make_judge(other, swap=False, cache=cache_path) as second:
+        assert second.compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
+        assert len(other.requests) == 1  # same model name, another server: its own answer, not the cached one
+    assert len(fake.requests) == 1
+
+
+def test_interrupted_evaluation_stops_judging(tmp_path):
+    items = [judge.PairItem(f"red {i}", [solid(BLUE), solid(RED)], [2, 1], line=i + 1) for i in range(40)]
+
+    class Interrupted(Judge):
+        calls = 0
+
+        def compare_detailed(self, prompt, images, source_image=None):
+            type(self).calls += 1
+            if type(self).calls == 3:
+                raise KeyboardInterrupt  # Ctrl-C reaches the main thread through this item's future
+            return super().compare_detailed(prompt, images, source_image)
+
+    with FakeVLM(latency=0.05) as fake:
+        with Interrupted(make_client(fake, max_concurrency=2), RUBRIC, swap=False) as interrupted:
+            with pytest.raises(KeyboardInterrupt):
+                judge.evaluate(interrupted, items, out=tmp_path / "results.jsonl")
+        assert len(fake.requests) < 10
 
 
 # --------------------------------------------------------------------------------------------------- loaders
@@ -545,6 +595,21 @@ def test_cli_eval_end_to_end_with_resume(fake, dataset, tmp_path):
     assert json.loads(resumed.stdout.strip().splitlines()[-1]) == summary
     assert len(fake.requests) == 12  # only the 2 missing items, both orders
     assert len([json.loads(line) for line in out.read_text().splitlines()]) == 4
+
+
+def test_cli_eval_refuses_to_resume_with_other_settings(fake, dataset, tmp_path):
+    data, rubrics = dataset
+    out = tmp_path / "results.jsonl"
+    assert run_cli(*eval_args(fake, data, rubrics, "--out", out)).returncode == 0
+    asked = len(fake.requests)
+    other = tmp_path / "other_rubrics.txt"
+    other.write_text(RUBRIC + "\n- Tip2: prefer sharp images.")
+    result = run_cli(*eval_args(fake, data, other, "--out", out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{out} was produced with other settings (system_prompt:" in result.stderr
+    assert "use another --out" in result.stderr and len(fake.requests) == asked
+    again = run_cli(*eval_args(fake, data, rubrics, "--out", out))  # the same settings resume: nothing asked
+    assert again.returncode == 0 and len(fake.requests) == asked
 
 
 def test_cli_measures_position_bias(dataset, tmp_path):

@@ -17,7 +17,7 @@ from PIL import Image
 
 import rubrics
 from fake_vlm import FakeVLM, candidate_images, redness
-from judge import Judge, PairItem, ResponseCache, VLMClient, load_pairs
+from judge import Judge, JudgeError, PairItem, ResponseCache, VLMClient, load_pairs
 
 RED, BLUE, GREEN = (230, 20, 20), (20, 20, 230), (20, 200, 20)
 
@@ -217,6 +217,29 @@ def test_induce_bounds_concurrency_by_the_client(tmp_path, monkeypatch):
     assert peak[0] == 2 and result.n_verified == 6  # items in progress, not only requests, are bounded
 
 
+def test_verify_without_a_valid_ranking_fails_instead_of_raising(tmp_path):
+    red, blue = _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
+    item = PairItem("red", [red, blue], [1, 2], None, 1)
+    with FakeVLM() as fake:
+        fake.script(*["invalid_rank"] * 3)  # the first order: the ask and both re-asks of the judge
+        passed, ranks = rubrics.verify(_client(fake), item, ["red wins"])
+        assert len(fake.requests) == 4
+        fake.script("401")  # transport failures still raise
+        with pytest.raises(JudgeError):
+            rubrics.verify(_client(fake), item, ["red wins"])
+    assert passed is False and ranks == [None, [1, 2]]
+    assert "order shown: no valid ranking" in rubrics.describe_failure(item, ranks)
+
+
+def test_generate_with_fewer_than_k_rubrics_is_reasked(tmp_path):
+    red, blue = _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
+    item = PairItem("red", [red, blue], [1, 2], None, 1)
+    replies = iter([["a", "b"], ["a", "b", "c", "d", "e"]])
+    with FakeVLM(handler=lambda body: json.dumps({"rubrics": next(replies), "reason": "scripted"})) as fake:
+        assert rubrics.generate(_client(fake), item, k=5) == ["a", "b", "c", "d", "e"]
+        assert len(fake.requests) == 2 and "5 distinct rubrics, got 2" in _text(fake.requests[1])
+
+
 def test_induce_counts_judge_failures_and_goes_on(tmp_path):
     red, blue = _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
     items = [PairItem("keep red", [red, blue], [1, 2], None, 1),
@@ -235,9 +258,10 @@ def test_induce_counts_judge_failures_and_goes_on(tmp_path):
     with FakeVLM(handler=handler) as fake:
         result = rubrics.induce(_client(fake), items, num_rubrics=2, max_refine=1)
         generator_asks = [b for b in fake.requests if "silent generator" in _text(b)]
-    assert (result.n_verified, result.n_discarded, result.n_errors) == (1, 0, 2)
+    assert (result.n_verified, result.n_discarded, result.n_errors) == (1, 1, 1)
     errors = {o.line: o.error for o in result.outcomes}
-    assert errors[1] is None and "line 2" in errors[2] and "line 3" in errors[3]
+    assert errors[1] is None and "line 2" in errors[2]
+    assert errors[3] is None and result.outcomes[2].ranks == [None, None]  # no valid ranking: failed, not an error
     assert len(generator_asks) == 3  # one ask + 2 re-asks, each a different request carrying the complaint
     assert generator_asks[1]["messages"][-2]["role"] == "assistant"
     assert "could not be used" in generator_asks[1]["messages"][-1]["content"]
@@ -259,20 +283,22 @@ def test_induce_resumes_without_resending_answered_requests(pair_items, tmp_path
             return scripted(body)
         return handler
 
-    with FakeVLM(handler=failing_after(9)) as fake:
+    # one server for every run (answers are cached per base_url); its handler is swapped to "restart" it
+    current = {"handler": failing_after(9)}
+    with FakeVLM(handler=lambda body: current["handler"](body)) as fake:
         first = rubrics.induce(_client(fake, max_retries=0, max_concurrency=2), pair_items, num_rubrics=3,
                                max_refine=2, cache_path=cache_path)
-    assert state["broken"] and first.n_errors > 0 and len(answered) == 9
-    with FakeVLM(handler=scripted) as fake:
+        assert state["broken"] and first.n_errors > 0 and len(answered) == 9
+        current["handler"], n_first = scripted, len(fake.requests)
         second = rubrics.induce(_client(fake), pair_items, num_rubrics=3, max_refine=2, cache_path=cache_path)
-        resent = [body for body in fake.requests if json.dumps(body, sort_keys=True) in answered]
-        n_second = len(fake.requests)
-    assert resent == []
-    assert (second.n_verified, second.n_discarded, second.n_errors) == (2, 2, 0)
-    assert n_second + len(answered) == 2 * 3 + 2 * 9 + 1  # together exactly one uninterrupted run
-    with FakeVLM(handler=scripted) as fake:  # a third run is answered entirely from the cache
+        resent = [body for body in fake.requests[n_first:] if json.dumps(body, sort_keys=True) in answered]
+        n_second = len(fake.requests) - n_first
+        assert resent == []
+        assert (second.n_verified, second.n_discarded, second.n_errors) == (2, 2, 0)
+        assert n_second + len(answered) == 2 * 3 + 2 * 9 + 1  # together exactly one uninterrupted run
+        n_before_third = len(fake.requests)  # a third run is answered entirely from the cache
         third = rubrics.induce(_client(fake), pair_items, num_rubrics=3, max_refine=2, cache_path=cache_path)
-        assert fake.requests == []
+        assert len(fake.requests) == n_before_third
     assert third.text == second.text and third.rubrics == second.rubrics
 
 
@@ -346,13 +372,12 @@ def test_prompt_rubrics_are_generated_from_text_only_and_cached_per_prompt(tmp_p
         assert len(fake.requests) == 2
         assert all(p["type"] == "text" for body in fake.requests for m in body["messages"]
                    for p in (m["content"] if isinstance(m["content"], list) else []))
-    assert first == again == ["a red cube is shown", "a red cube is sharp"]  # enumeration stripped, deduplicated
-    assert other[0] == "a blue cone is shown"
-    with FakeVLM(handler=_prompt_handler) as fake:  # a new process with the same cache file asks nothing
-        cache = ResponseCache(cache_path)
+        cache = ResponseCache(cache_path)  # a new process with the same cache file asks nothing
         assert rubrics.prompt_rubrics(_client(fake), "a red cube", k=5, cache=cache) == first
         cache.close()
-        assert fake.requests == []
+        assert len(fake.requests) == 2
+    assert first == again == ["a red cube is shown", "a red cube is sharp"]  # enumeration stripped, deduplicated
+    assert other[0] == "a blue cone is shown"
 
 
 def test_prompt_rubric_provider_feeds_the_judge_once_per_prompt(tmp_path):
