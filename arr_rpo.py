@@ -66,11 +66,23 @@ def bradley_terry_prob(r_a, r_b):
     return torch.sigmoid(torch.as_tensor(r_a) - torch.as_tensor(r_b))
 
 
+def is_ranking(rank):
+    """A valid judgment (§3.2): a list or tuple of N >= 2 integers that is a permutation of 1..N (1 = best).
+
+    Ties ([1, 1]), zeros, bools, floats and single places are not rankings. The judge, the data loaders and the
+    reward all use this one test, so what is masked in training is exactly what is rejected everywhere else.
+    """
+    return (isinstance(rank, (list, tuple)) and len(rank) >= 2
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in rank)
+            and sorted(rank) == list(range(1, len(rank) + 1)))
+
+
 def win_rate_to_reward(win_rates, win=1.0, lose=-0.1):
     """A win rate w in [0, 1] on the paper's reward scale (§3.2, r_w / r_l): r = w * r_w + (1 - w) * r_l.
 
-    w = 1 (beat every other candidate) gives exactly r_w, w = 0 exactly r_l. For a strict ranking of N candidates the candidate
-    at place p beats N - p of the N - 1 others, so `rank_to_reward` is this map at w = (N - p) / (N - 1) (`places_to_win_rates`).
+    w = 1 (beat every other candidate) gives exactly r_w, w = 0 exactly r_l. For a strict ranking of N candidates
+    the candidate at place p beats N - p of the N - 1 others, so `rank_to_reward` is this map at
+    w = (N - p) / (N - 1) (`places_to_win_rates`).
     win_rates: a list of floats; returns a list of floats.
     """
     return [win * w + lose * (1.0 - w) for w in win_rates]
@@ -81,18 +93,12 @@ def rank_to_reward(rank, win=1.0, lose=-0.1):
 
     rank: the judge's ranking, rank[i] is the place of candidate i (1 = best). Two candidates give (win, lose) or
     (lose, win); N > 2 candidates get rewards linear in the rank from `win` (rank 1) to `lose` (rank N).
-    Raises ValueError unless rank is a permutation of 1..N with N >= 2: a tie, a zero or an empty ranking is a
-    failed judgment, which the caller masks, never a reward.
+    Raises ValueError unless `is_ranking(rank)`: a tie, a zero or an empty ranking is a failed judgment, which the
+    caller masks, never a reward.
     """
-    values = list(rank) if isinstance(rank, (list, tuple)) else None
-    if values is None or len(values) < 2:
-        raise ValueError(f"rank must be a list of at least 2 places, got {rank!r}")
-    if any(isinstance(r, bool) or not isinstance(r, int) for r in values):
-        raise ValueError(f"rank must hold integers, got {rank!r}")
-    n = len(values)
-    if sorted(values) != list(range(1, n + 1)):
-        raise ValueError(f"rank must be a permutation of 1..{n} (no ties, no zeros), got {rank!r}")
-    return win_rate_to_reward(places_to_win_rates(values), win, lose)
+    if not is_ranking(rank):
+        raise ValueError(f"rank must be a permutation of 1..N with N >= 2 (no ties, no zeros), got {rank!r}")
+    return win_rate_to_reward(places_to_win_rates(rank), win, lose)
 
 
 def mean_rank_places(rankings):
@@ -112,7 +118,7 @@ def mean_rank_places(rankings):
         raise ValueError("mean_rank_places needs at least one ranking")
     n = len(rankings[0])
     for rank in rankings:
-        if len(rank) != n or sorted(rank) != list(range(1, n + 1)):
+        if len(rank) != n or not is_ranking(rank):
             raise ValueError(f"every ranking must be a permutation of 1..{n}, got {rank!r}")
     mean = [sum(rank[i] for rank in rankings) / len(rankings) for i in range(n)]  # (N,)
     if len(set(mean)) == 1:

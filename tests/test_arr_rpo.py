@@ -1,4 +1,4 @@
-"""arr_rpo.py against closed forms, torch.distributions, the statistics module and diffusers' FlowMatchEulerDiscreteScheduler."""
+"""arr_rpo.py against closed forms, torch.distributions, the statistics module and diffusers' Euler scheduler."""
 import math
 import statistics
 
