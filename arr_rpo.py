@@ -147,8 +147,10 @@ def tournament_win_rates(outcomes, n):
 
     outcomes: {(i, j): s} for candidate indices i < j, s = 1.0 if i beat j, 0.0 if j beat i, 0.5 for a tie
     (the two presentation orders disagreed), None for a failed judgment (left out: never a silent score).
-    Win rate of i = (wins + ties / 2) / (judged pairs involving i). Returns a list of N floats, or None when some
-    candidate has no judged pair (the group is masked).
+    Win rate of i = (wins + ties / 2) / (judged pairs involving i). Returns a list of N floats, or None (the group
+    is masked) when some candidate has no judged pair, or when every candidate has the same win rate: the judge
+    expressed no preference, and for N = 2 that is a pair whose two orders disagreed, which the paper's rule masks
+    rather than rewarding both candidates equally.
     """
     wins, judged = [0.0] * n, [0] * n
     for (i, j), s in outcomes.items():
@@ -164,7 +166,8 @@ def tournament_win_rates(outcomes, n):
         judged[j] += 1
     if min(judged) == 0:
         return None
-    return [w / m for w, m in zip(wins, judged)]
+    rates = [w / m for w, m in zip(wins, judged)]
+    return None if len(set(rates)) == 1 else rates
 
 
 def advantages(rewards, kind="paper", eps=1e-4):

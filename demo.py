@@ -129,14 +129,16 @@ class DemoJudge:
         time.sleep(self.latency)
         scores = [self.score(image, source_image) for image in images]
         n = len(scores)
-        if len(set(scores)) < n:
-            return Verdict(rank=None, reason=f"tie: scores {scores}", consistent=False, error=None,
-                           first_position_wins=[], latency=time.perf_counter() - start)
-        order = sorted(range(n), key=lambda i: -scores[i])
         orders = [list(range(n)), list(range(n))[::-1]] if self.swap else [list(range(n))]
-        return Verdict(rank=[order.index(i) + 1 for i in range(n)], reason=f"scores {scores}",
-                       consistent=True, error=None, first_position_wins=[o[0] == order[0] for o in orders],
-                       latency=time.perf_counter() - start)
+        seen = dict(error=None, calls=len(orders), scores=scores)
+        if len(set(scores)) < n:
+            return Verdict(rank=None, reason=f"tie: scores {scores}", consistent=False, first_position_wins=[],
+                           latency=time.perf_counter() - start, **seen)
+        order = sorted(range(n), key=lambda i: -scores[i])
+        rank = [order.index(i) + 1 for i in range(n)]
+        return Verdict(rank=rank, reason=f"scores {scores}", consistent=True,
+                       first_position_wins=[o[0] == order[0] for o in orders], latency=time.perf_counter() - start,
+                       ranks=[rank] * len(orders), **seen)
 
     def submit(self, prompt, images, source_image=None):
         return self._pool.submit(self.compare, prompt, images, source_image)

@@ -5,6 +5,8 @@ edited results of one source image (editing). Smaller rank = better; [1, 2] mean
     Judge.compare(prompt, images, source_image=None) -> Verdict      never raises, never makes up a rank: a failed
         judgment has rank None and an error; an order-inconsistent one has rank None and consistent False
     Judge.submit(...) -> Future[Verdict]                             so training overlaps judging with rollouts
+    submit_group(judge, prompt, images, mode) -> .result() -> GroupVerdict   N candidates of one prompt: a win
+        rate per candidate from one listwise judgment (mean rank over the orders) or from every pair
     evaluate(judge, items) -> summary                                accuracy and position bias (paper Table 5)
 The HTTP transport is vlm_client.py; the data loaders are data.py (both re-exported here: `judge.VLMClient`,
 `judge.load_pairs`).
@@ -31,6 +33,10 @@ Deliberate deviations from the paper and the official code
     the decisive differences before committing to an order.
  5. The evaluation reports accuracy_first / accuracy_second / position_gap, tie_rate and failure_rate besides
     accuracy (which, as in the official CLI, counts ties and failures as wrong over all n items).
+ 6. Groups of N > 2 candidates (beyond the paper, which judges pairs): `listwise` combines the orders by mean rank
+    (arr_rpo.mean_rank_places), so one swapped neighbour pair does not mask the group; `pairs` judges every pair
+    and scores the tournament win rate with ties as half (Pref-GRPO, arXiv 2508.20751). For N = 2 both reduce to
+    the paper's pair verdict: agreement gives the winner, disagreement masks the pair.
 """
 import argparse
 import dataclasses
@@ -47,7 +53,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from arr_rpo import is_ranking
+from arr_rpo import is_ranking, mean_rank_places, places_to_win_rates, tournament_win_rates
 # re-exported: `judge.VLMClient`, `judge.load_pairs` and the error types are the stable API
 from data import DataError, PairItem, load_pairs  # noqa: F401
 from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, encode_image, extract_json,  # noqa: F401
@@ -96,6 +102,9 @@ class Verdict:
     error: str | None = None         # set when judging failed (-> rank None)
     first_position_wins: list[bool] = field(default_factory=list)  # per valid presentation: did the first win?
     latency: float = 0.0             # seconds spent in compare()
+    ranks: list[list[int]] = field(default_factory=list)  # per valid presentation: its rank in the given order
+    calls: int = 0                   # presentations asked (one request each; re-asks of invalid replies not counted)
+    scores: list[float] | None = None  # per candidate, when the judge computes numbers (the demo judge)
 
 
 @dataclass
@@ -199,7 +208,9 @@ class Judge:
             source_url = self.client.encode(source_image) if source_image is not None else None
             extra = self._prompt_rubric(prompt)
             orders = [list(range(n))] + ([list(range(n))[::-1]] if self.swap else [])
+            calls = 0
             for k, order in enumerate(orders):
+                calls += 1
                 try:
                     presentations.append(self._present(prompt, urls, source_url, order, extra))
                 except JudgeError as exc:  # the client already retried; the server is down or refusing us
@@ -208,6 +219,7 @@ class Judge:
                                       for o in orders[k + 1:]]
                     break
             verdict = self._combine(presentations)
+            verdict.calls = calls
         except Exception as exc:  # compare() must never take the training loop down
             verdict = Verdict(rank=None, error=f"{type(exc).__name__}: {exc}")
         verdict.latency = time.monotonic() - started
@@ -246,16 +258,64 @@ class Judge:
 
     def _combine(self, presentations):
         valid = [p for p in presentations if p.rank is not None]
-        first_wins = [p.rank[p.order[0]] == 1 for p in valid]
+        seen = dict(first_position_wins=[p.rank[p.order[0]] == 1 for p in valid], ranks=[p.rank for p in valid])
         errors = [p.error for p in presentations if p.error]
         if errors:
-            return Verdict(rank=None, reason=" | ".join(p.reason for p in valid), error="; ".join(errors),
-                           first_position_wins=first_wins)
+            return Verdict(rank=None, reason=" | ".join(p.reason for p in valid), error="; ".join(errors), **seen)
         if all(p.rank == valid[0].rank for p in valid):
-            return Verdict(rank=valid[0].rank, reason=valid[0].reason, first_position_wins=first_wins)
+            return Verdict(rank=valid[0].rank, reason=valid[0].reason, **seen)
         reasons = " | ".join(f"order {p.order}: rank {p.rank}: {p.reason}" for p in valid)
-        return Verdict(rank=None, reason=f"order-inconsistent: {reasons}", consistent=False,
-                       first_position_wins=first_wins)
+        return Verdict(rank=None, reason=f"order-inconsistent: {reasons}", consistent=False, **seen)
+
+
+# ------------------------------------------------------------------------------------- groups of N candidates
+
+GROUP_JUDGING = ("listwise", "pairs")
+
+
+@dataclass
+class GroupVerdict:
+    """The judgment of one prompt's N candidates. win_rates None = masked: `error` says why when a request failed,
+    otherwise the judge expressed no preference (every candidate equal)."""
+    win_rates: list[float] | None    # per candidate in the order given: the share of the others it beat
+    error: str | None = None
+    verdicts: list = field(default_factory=list)  # the Verdicts behind it: one (listwise) or one per pair
+
+    @property
+    def calls(self):
+        return sum(v.calls for v in self.verdicts)
+
+
+class GroupJudgment:
+    """A group being judged (returned by submit_group); result() waits for every request and combines them."""
+
+    def __init__(self, mode, n, futures):
+        self.mode, self.n, self.futures = mode, n, futures  # {(i, j) or None: Future[Verdict]}
+
+    def result(self):
+        verdicts = {key: future.result() for key, future in self.futures.items()}
+        errors = [v.error for v in verdicts.values() if v.error]
+        if self.mode == "listwise":
+            (v,) = verdicts.values()
+            ranks = v.ranks or ([v.rank] if v.rank else [])  # a judge that reports only its final rank
+            places = mean_rank_places(ranks) if ranks and not v.error else None
+            rates = None if places is None else places_to_win_rates(places)
+        else:  # a pair the judge saw both ways differently is a half win each; a failed pair is left out
+            rates = tournament_win_rates({key: None if v.error else 0.5 if v.rank is None else float(v.rank[0] == 1)
+                                          for key, v in verdicts.items()}, self.n)
+        return GroupVerdict(rates, "; ".join(errors) if rates is None and errors else None, list(verdicts.values()))
+
+
+def submit_group(judge, prompt, images, mode="listwise", source_image=None):
+    """Judge the N candidates of one prompt with anything that has `submit` (Judge, demo.DemoJudge): `listwise` is
+    one judgment of all N (both orders with swap, combined by mean rank; N = 2 is the paper's pair verdict),
+    `pairs` judges all N (N - 1) / 2 pairs. Returns a GroupJudgment; .result() -> GroupVerdict."""
+    if mode not in GROUP_JUDGING:
+        raise ValueError(f"group judging must be one of {GROUP_JUDGING}, got {mode!r}")
+    n = len(images)
+    keys = [None] if mode == "listwise" else [(i, j) for i in range(n) for j in range(i + 1, n)]
+    return GroupJudgment(mode, n, {key: judge.submit(prompt, images if key is None else [images[k] for k in key],
+                                                     source_image=source_image) for key in keys})
 
 
 # ---------------------------------------------------------------------------------------------------------- data

@@ -16,6 +16,7 @@ Deliberate deviations from the official code
     3. No DDP wrapper: the LoRA gradients are all-reduced once per optimizer step by train.reduce_and_step.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -38,7 +39,7 @@ from PIL import Image
 
 from data import load_prompts, read_text
 from demo import DemoJudge
-from judge import Judge, VLMClient
+from judge import GROUP_JUDGING, Judge, VLMClient
 
 
 class ConfigError(Exception):
@@ -57,7 +58,8 @@ def opt(default, help):
 
 
 CHOICES = {"kl_estimator": ("exact", "k1"), "dtype": (None, "float32", "bfloat16"),
-           "log_with": ("none", "wandb", "tensorboard")}
+           "log_with": ("none", "wandb", "tensorboard"), "group_judging": GROUP_JUDGING,
+           "advantage": ("paper", "centered", "group_norm")}
 
 
 def build_parser(config_cls, recipes, description):
@@ -98,7 +100,11 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
               "failure_window": cfg.failure_window >= 1, "failure_stop_rate": 0 <= cfg.failure_stop_rate <= 1,
               # eta = 0 is a Dirac transition with no log-prob: every loss would be NaN and every step skipped
               "eta": cfg.eta > 0, "clip_range": cfg.clip_range > 0, "kl_beta": cfg.kl_beta >= 0,
-              "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0}
+              "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0, "num_candidates": cfg.num_candidates >= 2,
+              "minibatches": cfg.minibatches >= 1, "inner_epochs": cfg.inner_epochs >= 1,
+              "ema_decay": 0 <= cfg.ema_decay < 1, "eval_size": cfg.eval_size >= 1,
+              "eval_num_steps": cfg.eval_num_steps is None or cfg.eval_num_steps >= 2,
+              "eval_shift": cfg.eval_shift is None or cfg.eval_shift > 0}
     for name, ok in checks.items():
         if not ok:
             raise ConfigError(f"--{name} {getattr(cfg, name)} is out of range")
@@ -109,8 +115,18 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
 
 # ---- Inputs, checked before any model is loaded -----------------------------------------------------------------
 
-def load_inputs(cfg, demo, task):
-    """Every input, checked before any model is loaded. Returns (train items, eval items, rubric text or None)."""
+def load_inputs(cfg, demo, task, d):
+    """Every input, checked before any model is loaded. Returns (train items, eval items, rubric text or None, eval
+    rubric text or None). Without --eval_prompts (and outside the demo) a seeded quarter of the prompts, at most
+    eval_size, is held out of training for evaluation; with fewer than 4 prompts the training prompts are used."""
+    if cfg.minibatches > cfg.prompts_per_rank * d.world_size:
+        raise ConfigError(f"--minibatches {cfg.minibatches} is more than the {cfg.prompts_per_rank * d.world_size} "
+                          "prompts of a window (prompts_per_rank x ranks): a minibatch would never hold a group")
+    if cfg.eval_judge_url is None and (cfg.eval_rubrics or cfg.eval_judge_model):
+        raise ConfigError("--eval_rubrics and --eval_judge_model need --eval_judge_url (the eval judge's server)")
+    if cfg.eval_judge_url is not None and not (cfg.eval_rubrics or cfg.rubrics):
+        raise ConfigError("--eval_rubrics is required with --eval_judge_url when training uses the demo judge")
+    eval_rubric = read_text(cfg.eval_rubrics, "eval_rubrics") if cfg.eval_rubrics else None
     if demo is None and cfg.judge_url is None:
         raise ConfigError("--judge_url is required with --model (the in-process demo judge only runs the demo)")
     if cfg.judge_url is not None and cfg.rubrics is None:
@@ -126,9 +142,15 @@ def load_inputs(cfg, demo, task):
         raise ConfigError(f"--prompts: {cfg.prompts} has no prompts")
     if cfg.eval_prompts:
         eval_items = load_prompts(cfg.eval_prompts, task, "eval_prompts")
-    else:
-        eval_items = demo_eval if demo and not cfg.prompts else items
-    return items, eval_items[:cfg.eval_size], rubric
+    elif demo and not cfg.prompts:
+        eval_items = demo_eval
+    elif len(items) < 4:
+        eval_items = items
+    else:  # never trained on: an honest estimate of the win rate on prompts like these
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held = min(cfg.eval_size, len(items) // 4)
+        eval_items, items = [items[i] for i in order[:held]], [items[i] for i in sorted(order[held:])]
+    return items, eval_items[:cfg.eval_size], rubric, eval_rubric or rubric
 
 
 def resolve_output(cfg, d):
@@ -148,14 +170,37 @@ def resolve_output(cfg, d):
     return out, (latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume and Path(cfg.resume))
 
 
-def make_judge(cfg, demo, rubric, task):
-    """The VLM judge at judge_url (rubric-conditioned), or the demo's in-process stand-in. Returns (judge, words)."""
-    if cfg.judge_url is None:
+def make_judge(cfg, demo, rubric, task, url=None, model=None):
+    """The VLM judge at `url` (default judge_url; rubric-conditioned), or the demo's in-process stand-in.
+    Returns (judge, words)."""
+    url, model = url or cfg.judge_url, model or cfg.judge_model
+    if url is None:
         return (DemoJudge(demo.score, swap=cfg.judge_swap, max_workers=cfg.judge_concurrency),
                 f"in-process demo judge ({demo.rubric.split(':')[0]})")
-    client = VLMClient(cfg.judge_url, cfg.judge_model, api_key=os.environ.get(cfg.judge_api_key_env),
-                                 max_concurrency=cfg.judge_concurrency)
-    return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{cfg.judge_url} model {cfg.judge_model}"
+    client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env), max_concurrency=cfg.judge_concurrency)
+    return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{url} model {model}"
+
+
+def make_judges(cfg, demo, rubric, eval_rubric, task, d, judge=None):
+    """(training judge, independent eval judge or None), each asked once about a known pair before anything else
+    loads. `judge` replaces the configured training judge (tests, benchmarks)."""
+    judge, where = (judge, "the given judge") if judge is not None else make_judge(cfg, demo, rubric, task)
+    eval_judge = None
+    try:
+        check_judge(judge, task, where, d)
+        if cfg.eval_judge_url:
+            eval_judge, where = make_judge(cfg, demo, eval_rubric, task, cfg.eval_judge_url, cfg.eval_judge_model)
+            check_judge(eval_judge, task, f"the eval judge {where}", d)
+    except BaseException:
+        close_judges(judge, eval_judge)
+        raise
+    return judge, eval_judge
+
+
+def close_judges(*judges):
+    for judge in judges:
+        if judge is not None:
+            judge.close()
 
 
 def check_judge(judge, task, where, d):
@@ -184,6 +229,32 @@ def next_window(run):
 @functools.lru_cache(maxsize=4)
 def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def minibatches(run, epoch):
+    """This rank's window indices per minibatch. The window's P x W prompts are split by GLOBAL index (rank r's j-th
+    prompt is j W + r) into M chunks: contiguous in epoch 0, so the first minibatch trains while later groups are
+    still judged; a permutation shared by all ranks in later epochs. Every rank steps M times per epoch in
+    lockstep whatever its masks; a minibatch without a kept group on any rank skips its step ("no valid pairs")."""
+    cfg, world = run.cfg, run.d.world_size
+    total, m = cfg.prompts_per_rank * world, cfg.minibatches
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(
+        (cfg.seed * 1_000_003 + run.step) * 1_009 + epoch)).tolist() if epoch else list(range(total))
+    return [sorted(g // world for g in order[i * total // m:(i + 1) * total // m] if g % world == run.d.rank)
+            for i in range(m)]
+
+
+def sampler(cfg, evaluation=False):
+    """The training sampler (flow-SDE, eta), or the eval sampler: the ODE (eta = 0) with the eval_* overrides."""
+    def pick(name):
+        value = getattr(cfg, f"eval_{name}") if evaluation else None
+        return getattr(cfg, name) if value is None else value
+    return dict(num_steps=pick("num_steps"), eta=0.0 if evaluation else cfg.eta, shift=pick("shift"),
+                height=cfg.height, width=cfg.width, guidance=pick("guidance"))
+
+
+def warmup_factor(warmup_steps, step):
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 # ---- torch.distributed (nanoGPT style: torchrun's environment, or a single process) --------------------------------
@@ -252,6 +323,8 @@ class Run:
     stop_requested: bool = False
     nonfinite_skips: int = 0
     evals: list = field(default_factory=list)
+    eval_judge: object = None  # an independent judge for evaluation, or None (the training judge)
+    ema: list | None = None    # EMA copies of the LoRA parameters (ema_decay > 0), fp32
 
 
 def percentile(values, q):
@@ -259,18 +332,33 @@ def percentile(values, q):
     return values[max(0, math.ceil(q * len(values)) - 1)] if values else None
 
 
-def summarize(run, parts, sums, grad_norm, skipped, lr, step_time):
-    """One step's metrics (README table), the same on every rank: `parts` are every rank's local counts and
+def tally(local, group, outcome, rewards):
+    """Count one judged group (judge.GroupVerdict) into this rank's step counters."""
+    for v in group.verdicts:
+        local["latency"].append(v.latency)
+        local["first"] += v.first_position_wins
+        local["scores"] += v.scores or []
+    local["calls"] += group.calls
+    if rewards is None:
+        local[outcome] += 1
+    else:
+        local["rewards"] += rewards
+
+
+def summarize(run, parts, sums, grad_norm, skipped, lr, step_time, optimizer_steps):
+    """One window's metrics (README table), the same on every rank: `parts` are every rank's local counts and
     timings, `sums` the all-reduced per-(sample, transition) sums {name: float} of train.reduce_and_step."""
-    total = {k: sum(p[k] for p in parts) for k in ("pairs", "failed", "tie")}
-    every = {k: [v for p in parts for v in p[k]] for k in ("rewards", "first", "latency")}
+    total = {k: sum(p[k] for p in parts) for k in ("pairs", "failed", "tie", "calls")}
+    every = {k: [v for p in parts for v in p[k]] for k in ("rewards", "first", "latency", "scores")}
+    scores = {"judge_score_mean": sum(every["scores"]) / len(every["scores"])} if every["scores"] else {}
     terms = sums["terms"]
     per_term = {k: sums[k] / terms if terms else None for k in ("loss", "kl", "approx_kl", "clipfrac")}
-    return {"step": run.step, **per_term,
+    return {"step": run.step, **per_term, **scores,
             "reward_mean": sum(every["rewards"]) / len(every["rewards"]) if every["rewards"] else None,
             "judge_failure_rate": total["failed"] / total["pairs"], "tie_rate": total["tie"] / total["pairs"],
             "first_position_win_rate": sum(every["first"]) / len(every["first"]) if every["first"] else None,
-            "grad_norm": grad_norm, "lr": lr, "step_time": step_time,
+            "grad_norm": grad_norm, "optimizer_steps": optimizer_steps, "judge_calls": total["calls"] / total["pairs"],
+            "lr": lr, "step_time": step_time,
             **{k: max(p[k] for p in parts) for k in ("time_rollout", "time_judge_wait", "time_update")},
             "judge_latency_p50": percentile(every["latency"], 0.5),
             "judge_latency_p95": percentile(every["latency"], 0.95),
@@ -331,10 +419,13 @@ def log(run, record):
     print(f"{kind} {record['step']:>5}/{run.cfg.max_steps} {shown}{skipped}", flush=True)
 
 
-CONSOLE = {"eval_win_rate": ".3f", "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "loss": "+.4f",
-           "kl": ".2e", "clipfrac": ".2f", "grad_norm": ".3f", "judge_failure_rate": ".2f", "tie_rate": ".2f",
-           "first_position_win_rate": ".2f", "judge_latency_p50": ".2f", "step_time": ".2f", "time_rollout": ".2f",
-           "time_judge_wait": ".2f", "time_update": ".2f"}  # the progress line: metric name -> format
+CONSOLE = {"eval_win_rate": ".3f", "eval_win_rate_lo": ".3f", "eval_win_rate_hi": ".3f", "eval_n": "d",
+           "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "judge_score_mean": ".2f", "kl": ".2e",
+           "approx_kl": ".1e", "clipfrac": ".2f", "grad_norm": ".2e", "optimizer_steps": "d",
+           "judge_failure_rate": ".2f", "tie_rate": ".2f", "first_position_win_rate": ".2f", "judge_calls": ".1f",
+           "judge_latency_p50": ".2f", "step_time": ".2f", "time_judge_wait": ".2f"}
+# the progress line (metric name -> format): what moves while the policy learns. The loss is left out: at ratio 1
+# it is minus the mean advantage (-0.45 with the paper's rewards), the same at every step.
 
 
 # ---- Checkpoints -------------------------------------------------------------------------------------------------
@@ -367,6 +458,9 @@ def save_checkpoint(run):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         run.policy.save_lora(tmp)
+        if run.ema is not None:  # beside the live LoRA, in the same diffusers format
+            with ema_weights(run):
+                run.policy.save_lora(tmp / "ema")
         torch.save({"step": run.step, "position": run.position, "world_size": run.d.world_size, "rng": states,
                     "lora_digests": digests,
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
@@ -384,6 +478,10 @@ def load_checkpoint(run, path):
     if state["world_size"] != run.d.world_size:
         raise ConfigError(f"--resume {path}: written by {state['world_size']} ranks, this run has "
                           f"{run.d.world_size}; every rank's RNG state is restored, so the counts must match")
+    if run.ema is not None:  # the EMA passes through the policy's LoRA slots; without ema/ it starts from the LoRA
+        run.policy.load_lora(path / "ema" if (path / "ema").is_dir() else path)
+        for e, p in zip(run.ema, run.policy.trainable_parameters()):
+            e.copy_(p.detach())
     run.policy.load_lora(path)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -395,6 +493,25 @@ def load_checkpoint(run, path):
         torch.cuda.set_rng_state(mine["cuda"])
     run.step, run.position = state["step"], state["position"]
     print0(run.d, f"resumed from {path} at step {run.step}")
+
+
+@contextlib.contextmanager
+def ema_weights(run):
+    """Inside, the policy's LoRA holds its EMA (when ema_decay > 0; otherwise nothing changes); restored bitwise."""
+    if run.ema is None:
+        yield
+        return
+    params = run.policy.trainable_parameters()
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, run.ema):
+            p.copy_(e)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, live):
+                p.copy_(saved)
 
 
 def install_stop_handler(run):
@@ -417,7 +534,7 @@ def restore_signal_handlers(previous):
 
 
 def close_run(run):
-    """Stop the judge's threads and flush the tracker."""
-    run.judge.close()
+    """Stop the judges' threads and flush the tracker."""
+    close_judges(run.judge, run.eval_judge)
     if run.tracker is not None:
         (run.tracker.finish if run.cfg.log_with == "wandb" else run.tracker.close)()

@@ -4,18 +4,19 @@ Implements §3.3 of "Auto-Rubric as Reward: From Implicit Preferences to Explici
 (arXiv 2605.08354). A LoRA policy over a flow-matching model (FLUX.1-dev, or Qwen-Image-Edit-2509) samples two
 candidates per prompt with the flow-SDE; a frozen VLM judge conditioned on a rubric ranks them; the ranking becomes
 the rewards +1.0 / -0.1; a PPO-clipped update with a KL penalty to the reference (the same transformer with its
-adapters disabled) trains the LoRA. One optimizer step (`train_step`) runs these phases:
-    1. rollout     every rank rolls out prompts_per_rank prompts, 2 candidates each in one batch with the same
-                   initial noise, and hands each pair to the judge without waiting for the answer;
-    2. judge       verdicts are collected in order; a failed or order-inconsistent verdict masks its pair;
-    3. advantages  A = r (the paper's), clamped to +-adv_clip;
-    4. update      each kept pair is trained as its verdict arrives (later pairs are still being judged): for its
+adapters disabled) trains the LoRA. One rollout window (`train_step`) runs these phases:
+    1. rollout     every rank rolls out prompts_per_rank prompts, N = num_candidates (2) candidates each in one
+                   batch with the same initial noise, and hands each group to the judge without waiting;
+    2. judge       verdicts are collected in order: a win rate w per candidate (a pair: 1 / 0), reward
+                   r = w r_w + (1 - w) r_l (+1.0 / -0.1); a failed or order-inconsistent verdict masks its group;
+    3. advantages  A = r (the paper's; or centred, or group z-scores), clamped to +-adv_clip;
+    4. update      each kept group is trained as its verdict arrives (later ones are still being judged): for its
                    K - 1 stochastic transitions, the log-prob and mean are recomputed with gradients, the reference
                    mean with adapters disabled; loss = PPO clip + kl_beta * KL; backward;
     5. step        one all-reduce of the LoRA gradients, divided by the global number of (sample, transition)
-                   terms, grad-norm clip, AdamW, LR schedule.
-The loop logs metrics (and every eval_every steps the win rate against the reference) and checkpoints. Equations:
-arr_rpo.py; models: policy.py; judge: judge.py; plumbing (CLI, checks, distributed, checkpoints, logs): runtime.py.
+                   terms, grad-norm clip, AdamW, LR schedule, LoRA EMA; M x E times per window (default once).
+The loop logs metrics, evaluates against the reference and checkpoints. Equations: arr_rpo.py; models: policy.py;
+judge: judge.py; plumbing (CLI, checks, distributed, checkpoints, logs): runtime.py; the demo: demo.py.
 
 Run
     python train.py                        # the CPU demo (~2 min on 2 cores): tiny random-weight FLUX, demo judge
@@ -31,22 +32,23 @@ key is read from the variable named by --judge_api_key_env, never logged or save
 Deliberate deviations from the paper and the official code
     1. Gradient accumulation counts prompts (prompts_per_rank per rank per step). The official trainers count the
        samples of one 2-sample call, so with their shipped GA of 8 / 4 the optimizer never steps.
-    2. Judging overlaps computation (phase 4 starts while later pairs are judged); the official code waits for
+    2. Judging overlaps computation (phase 4 starts while later groups are judged); the official code waits for
        every judgment with the GPU idle.
     3. A failed or order-inconsistent judgment masks its pair (judge_failure_rate / tie_rate) instead of crashing
        the job; the run saves and stops only when the masked rate over failure_window steps passes
        failure_stop_rate.
     4. The KL penalty is the exact KL of the two Gaussian transitions by default; the official on-policy k1
        estimate, whose expected gradient is zero, is kept as --kl_estimator k1.
-    5. Rewards stay the paper's +1.0 / -0.1, so reward_mean over judged pairs is 0.45 by construction: progress
-       shows in eval_win_rate against the frozen reference.
-    6. The judge sees both candidate orders by default (--judge_swap); evaluation alternates the policy's position.
-    7. No DDP wrapper: one explicit all-reduce per step with a global normaliser, so a rank with masked pairs does
+    5. The judge sees both candidate orders by default (--judge_swap); evaluation alternates the policy's position,
+       on held-out prompts, with a Wilson 95% interval, optionally by an independent judge and sampler.
+    6. No DDP wrapper: one explicit all-reduce per step with a global normaliser, so a rank with masked pairs does
        not weigh its remaining pairs more; gradients are normalised after it, which lets phase 4 start early.
-    8. As in the official code, each rollout window feeds one optimizer step, so the recomputed ratio is 1 and the
-       PPO clip (clipfrac, approx_kl) never binds; the clip stays in the loss so the objective is the paper's.
+    7. As in the official code, by default each rollout window feeds one optimizer step, so the recomputed ratio is
+       1 and the PPO clip (clipfrac, approx_kl) never binds; the clip stays in the loss so the objective is the
+       paper's. With M x E > 1 (Flow-GRPO, DanceGRPO) the ratio departs from 1 (see --clip_range for its scale).
+    8. Options beyond the paper, off by default: N > 2 candidates judged listwise or pairwise (Pref-GRPO), group-
+       centred or normalised advantages (Flow-GRPO, DanceGRPO), a LoRA EMA for evaluation (Flow-GRPO).
 """
-import contextlib
 import dataclasses
 import functools
 import json
@@ -61,6 +63,7 @@ import torch
 import torch.distributed as dist
 
 import arr_rpo
+import judge as judge_lib
 import policy as policy_lib
 import runtime
 from data import DataError, open_source
@@ -81,9 +84,9 @@ class Config:
     # data
     prompts: str | None = opt(None, "training prompts: a text file, one per line (flux), or JSONL lines "
                                     "{source_image, instruction} with paths relative to the file (qwen_edit)")
-    eval_prompts: str | None = opt(None, "held-out eval prompts, same format; unset: the demo's or the training ones")
-    eval_size: int = opt(16, "at most this many eval prompts")
-    prompts_per_rank: int | None = opt(None, "prompts per rank per optimizer step (2 candidates each)")
+    eval_prompts: str | None = opt(None, "eval prompts, same format; unset: held out from the prompts (README)")
+    eval_size: int = opt(64, "at most this many eval prompts")
+    prompts_per_rank: int | None = opt(None, "prompts per rank per rollout window (num_candidates each)")
     # rollout
     num_steps: int | None = opt(None, "K sampling steps; the K - 1 stochastic transitions are trained")
     eta: float = opt(0.3, "flow-SDE noise scale (0 is the deterministic ODE)")
@@ -91,6 +94,11 @@ class Config:
     height: int = opt(512, "image height in pixels")
     width: int = opt(512, "image width in pixels")
     guidance: float | None = opt(None, "FLUX.1-dev distilled guidance scale (qwen_edit: none)")
+    num_candidates: int = opt(2, "N candidates per prompt, rolled out in one batch (the paper: 2)")
+    same_noise: bool = opt(True, "the N candidates of a prompt start from the same initial noise (the paper's)")
+    eval_num_steps: int | None = opt(None, "eval sampler K (eta = 0); unset: num_steps")
+    eval_shift: float | None = opt(None, "eval sampler shift; unset: shift")
+    eval_guidance: float | None = opt(None, "eval sampler guidance; unset: guidance")
     # judge
     judge_url: str | None = opt(None, "OpenAI-compatible base URL of the VLM judge; unset: the demo judge (demo only)")
     judge_model: str = opt("Qwen/Qwen3-VL-8B-Instruct", "model name served at judge_url")
@@ -98,8 +106,15 @@ class Config:
     rubrics: str | None = opt(None, "rubric text file conditioning the judge (required with judge_url)")
     judge_swap: bool = opt(True, "judge both candidate orders; disagreement is a tie and masks the pair")
     judge_concurrency: int = opt(8, "judge requests in flight per rank")
+    group_judging: str = opt("listwise", "listwise (all N at once, mean rank over orders) or pairs (Pref-GRPO)")
+    eval_judge_url: str | None = opt(None, "an independent judge for evaluation (same key variable); unset: judge_url")
+    eval_judge_model: str | None = opt(None, "model name at eval_judge_url; unset: judge_model")
+    eval_rubrics: str | None = opt(None, "rubric file of the eval judge; unset: rubrics")
     # ppo
-    clip_range: float = opt(0.2, "PPO clip range epsilon (on per-element-mean log-probs)")
+    clip_range: float = opt(0.2, "PPO clip epsilon of per-element-mean log-probs (see README: 1e-4 with M x E > 1)")
+    advantage: str = opt("paper", "paper (A = r), centered (r - group mean) or group_norm (group z-score: Flow-GRPO)")
+    minibatches: int = opt(1, "M optimizer steps per window over its prompts split by global index")
+    inner_epochs: int = opt(1, "E passes over the window (M x E optimizer steps per window; old log-probs = rollout)")
     adv_clip: float = opt(5.0, "advantages are clamped to [-adv_clip, adv_clip]")
     kl_beta: float | None = opt(None, "weight of the KL penalty to the reference (0 disables the reference pass)")
     kl_estimator: str = opt("exact", "exact (Gaussian KL of the transition means) or k1 (the official estimate)")
@@ -116,6 +131,7 @@ class Config:
     weight_decay: float = opt(1e-4, "AdamW weight decay")
     lr_warmup_steps: int = opt(0, "linear LR warmup steps, then constant")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this")
+    ema_decay: float = opt(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off; Flow-GRPO)")
     # run
     output_dir: str | None = opt(None, "where metrics, samples and checkpoints go; unset: runs/MODEL_TYPE-TIME")
     max_steps: int = opt(300, "optimizer steps")
@@ -132,8 +148,7 @@ class Config:
 RECIPES = {  # the official recipe for the fields left unset; prompts_per_rank = the official GA's intent
     "flux": dict(lr=5e-5, num_steps=8, lora_rank=16, lora_alpha=32, kl_beta=0.01, guidance=3.5, prompts_per_rank=4),
     "qwen_edit": dict(lr=1e-5, num_steps=10, lora_rank=32, lora_alpha=64, kl_beta=0.02, guidance=None,
-                      prompts_per_rank=2),
-}
+                      prompts_per_rank=2)}
 POLICIES = {"flux": policy_lib.FluxPolicy, "qwen_edit": policy_lib.QwenEditPolicy}
 
 
@@ -144,38 +159,30 @@ def make_config(argv=None):
 
 # ---- The phases of one optimizer step -----------------------------------------------------------------------------
 
-def rollout_kwargs(cfg, eta):
-    return dict(num_steps=cfg.num_steps, eta=eta, shift=cfg.shift, height=cfg.height, width=cfg.width,
-                guidance=cfg.guidance)
-
-
 def rollout_and_submit(run, items):
-    """Phase 1: two candidates per prompt in one batch (same initial noise); each pair goes to the judge at once."""
-    pending = []
+    """Phase 1: N candidates per prompt in one batch (same initial noise by default); each group goes to the judge
+    at once (judge.submit_group: one listwise judgment, or every pair)."""
+    cfg, pending = run.cfg, []
     for item in items:
         source = open_source(item)
-        extra = {} if source is None else {"source_images": [source, source]}
-        traj = run.policy.rollout([item.prompt] * 2, **extra, **rollout_kwargs(run.cfg, run.cfg.eta),
-                                  generator=run.rng, same_noise=True)
-        pending.append((traj, run.judge.submit(item.prompt, traj.images, source_image=source)))
+        extra = {} if source is None else {"source_images": [source] * cfg.num_candidates}
+        traj = run.policy.rollout([item.prompt] * cfg.num_candidates, **extra, **runtime.sampler(cfg),
+                                  generator=run.rng, same_noise=cfg.same_noise)
+        pending.append((traj, judge_lib.submit_group(run.judge, item.prompt, traj.images, cfg.group_judging, source)))
     return pending
 
 
-def judge_outcome(verdict, cfg):
-    """Phase 2 for one pair: ("kept", rewards [r_1, r_2]), or ("failed" | "tie", None) for a masked pair."""
-    if verdict.error is not None:
-        return "failed", None
-    if verdict.rank is None:
-        return "tie", None  # the two presentation orders disagreed, or the judge saw no difference
-    try:
-        return "kept", arr_rpo.rank_to_reward(verdict.rank, cfg.reward_win, cfg.reward_lose)
-    except ValueError:
-        return "failed", None
+def judge_outcome(group, cfg):
+    """Phase 2 for one group: ("kept", rewards r_i = w_i r_w + (1 - w_i) r_l from the win rates w_i; a pair gives
+    exactly +1.0 / -0.1), or ("failed" | "tie", None) for a masked group (a failed request; no preference)."""
+    if group.win_rates is None:
+        return ("failed" if group.error else "tie"), None
+    return "kept", arr_rpo.win_rate_to_reward(group.win_rates, cfg.reward_win, cfg.reward_lose)
 
 
 def advantages(rewards, cfg, device):
-    """Phase 3: A = r, the paper's advantage (§3.3: the judge's reward used as it is), clamped. (2,)"""
-    return torch.tensor(rewards, device=device).clamp(-cfg.adv_clip, cfg.adv_clip)
+    """Phase 3: arr_rpo.advantages of one group (paper: A = r, §3.3; centered; group_norm), clamped. (N,)"""
+    return arr_rpo.advantages([rewards], cfg.advantage)[0].to(device).clamp(-cfg.adv_clip, cfg.adv_clip)
 
 
 SUMS = ("loss", "kl", "approx_kl", "clipfrac", "terms", "nonfinite")  # per-(sample, transition) sums
@@ -191,19 +198,19 @@ def kl_term(stats, x_next, estimator):
 
 
 def backward_pair_loss(policy, traj, adv, cfg, rng):
-    """Phase 4 for one kept pair: compute its RPO loss and back-propagate it UNnormalised; returns its SUMS (CPU).
+    """Phase 4 for one kept group (a pair when N = 2): its RPO loss, back-propagated UNnormalised; returns its SUMS.
 
-    loss = sum over its trained transitions k and its 2 samples of [PPO clipped term + kl_beta * KL]. The gradient is
-    divided by the global number of terms after the all-reduce (reduce_and_step).
-    """
+    loss = sum over its trained transitions k and its N samples of [PPO clipped term + kl_beta * KL], divided by
+    the global number of terms after the all-reduce (reduce_and_step). old = the rollout's log-probs, so after the
+    window's first optimizer step (M x E > 1) the ratio departs from 1 and the clip can bind."""
     num_transitions = traj.log_probs.shape[1]  # K - 1
     trained = max(1, round(cfg.train_fraction * num_transitions))
     sums = torch.zeros(len(SUMS), device=adv.device)
     for k in torch.randperm(num_transitions, generator=rng)[:trained].tolist():
         stats = policy.recompute(traj, k, reference=cfg.kl_beta > 0)
-        old = traj.log_probs[:, k]  # (2,) recorded at rollout time
-        kl = kl_term(stats, traj.latents[:, k + 1], cfg.kl_estimator)  # (2,)
-        loss = arr_rpo.ppo_clip_loss(stats.log_prob, old, adv, cfg.clip_range) + cfg.kl_beta * kl  # (2,)
+        old = traj.log_probs[:, k]  # (N,) recorded at rollout time
+        kl = kl_term(stats, traj.latents[:, k + 1], cfg.kl_estimator)  # (N,)
+        loss = arr_rpo.ppo_clip_loss(stats.log_prob, old, adv, cfg.clip_range) + cfg.kl_beta * kl  # (N,)
         loss.sum().backward()
         parts = (loss.sum(), kl.sum(), arr_rpo.approx_kl(stats.log_prob, old).sum(),
                  arr_rpo.clip_fraction(stats.log_prob, old, cfg.clip_range) * len(loss), len(loss),
@@ -213,13 +220,9 @@ def backward_pair_loss(policy, traj, adv, cfg, rng):
 
 
 def reduce_and_step(run, sums):
-    """Phase 5: one all-reduce of the LoRA gradients (with the sums), global normalisation, clip, AdamW, schedule.
-
-    Returns (global sums, grad_norm or None, reason the step was skipped or None).
-    """
+    """Phase 5: one all-reduce of the LoRA gradients (with the sums), global normalisation, clip, AdamW, schedule,
+    LoRA EMA (ema_decay > 0). Returns (global sums, grad_norm or None, reason the step was skipped or None)."""
     params = run.policy.trainable_parameters()
-    # No DDP wrapper: masked pairs skip backward and the reference pass disables the adapters, so the ranks' graphs
-    # differ; for LoRA-sized gradients one flat all-reduce per optimizer step is simpler and is the only sync.
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten().float() for g in grads] + [sums.to(grads[0].device)])
     runtime.all_reduce_sum(flat, run.d)
@@ -236,51 +239,61 @@ def reduce_and_step(run, sums):
     if skipped is None:
         run.optimizer.step()
         run.scheduler.step()
+        if run.ema is not None:
+            arr_rpo.ema_update(run.ema, params, run.cfg.ema_decay)
     run.optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm, skipped
 
 
 def train_step(run):
-    """One optimizer step (phases 1-5); returns its metrics, aggregated over all ranks (the same on every rank)."""
+    """One rollout window (phases 1-5; 4-5 once per minibatch and epoch); returns its metrics, aggregated over all
+    ranks (the same on every rank)."""
     cfg, d = run.cfg, run.d
     start, steps_before, lr = time.perf_counter(), run.steps_taken, run.optimizer.param_groups[0]["lr"]
-    pending = rollout_and_submit(run, runtime.next_window(run))  # 1. rollout: every pair goes to the judge at once
-    local = dict(pairs=len(pending), failed=0, tie=0, rewards=[], first=[], latency=[],
+    pending = rollout_and_submit(run, runtime.next_window(run))  # 1. rollout: every group goes to the judge at once
+    local = dict(pairs=len(pending), failed=0, tie=0, rewards=[], first=[], latency=[], calls=0, scores=[],
                  time_rollout=time.perf_counter() - start, time_judge_wait=0.0, time_update=0.0)
-    sums = torch.zeros(len(SUMS))
-    for traj, future in pending:  # a kept pair trains while later pairs are still being judged
-        t = time.perf_counter()
-        verdict = future.result()  # 2. judge
-        local["time_judge_wait"] += time.perf_counter() - t
-        outcome, rewards = judge_outcome(verdict, cfg)
-        local["latency"].append(verdict.latency)
-        local["first"] += verdict.first_position_wins
-        if rewards is None:
-            local[outcome] += 1
-            continue
-        local["rewards"] += rewards
-        adv = advantages(rewards, cfg, run.policy.device)  # 3. advantages
-        t = time.perf_counter()
-        sums += backward_pair_loss(run.policy, traj, adv, cfg, run.rng)  # 4. update
-        local["time_update"] += time.perf_counter() - t
-    t = time.perf_counter()
-    sums, grad_norm, skipped = reduce_and_step(run, sums)  # 5. step
-    local["time_update"] += time.perf_counter() - t
-    assert run.steps_taken - steps_before == (0 if skipped else 1), "the optimizer must step once per window"
+    kept, total, norms, skips = {}, torch.zeros(len(SUMS)), [], []
+    for epoch in range(cfg.inner_epochs):
+        for batch in runtime.minibatches(run, epoch):
+            sums = torch.zeros(len(SUMS))
+            for j in batch:  # epoch 0: a kept group trains while later groups are still being judged
+                if epoch == 0:
+                    t = time.perf_counter()
+                    group = pending[j][1].result()  # 2. judge
+                    local["time_judge_wait"] += time.perf_counter() - t
+                    outcome, rewards = judge_outcome(group, cfg)
+                    runtime.tally(local, group, outcome, rewards)
+                    if rewards is None:
+                        continue
+                    kept[j] = advantages(rewards, cfg, run.policy.device)  # 3. advantages
+                if j in kept:
+                    t = time.perf_counter()
+                    sums += backward_pair_loss(run.policy, pending[j][0], kept[j], cfg, run.rng)  # 4. update
+                    local["time_update"] += time.perf_counter() - t
+            t = time.perf_counter()
+            sums, grad_norm, skipped = reduce_and_step(run, sums)  # 5. step
+            local["time_update"] += time.perf_counter() - t
+            total += sums
+            norms += [] if grad_norm is None else [grad_norm]
+            skips.append(skipped)
+            run.nonfinite_skips += skipped is not None and skipped.startswith("nonfinite")
+    taken = sum(s is None for s in skips)
+    assert run.steps_taken - steps_before == taken, "the optimizer must step once per minibatch and epoch"
     run.step += 1
-    run.nonfinite_skips += skipped is not None and skipped.startswith("nonfinite")
     parts = runtime.all_gather({**local, "stop": run.stop_requested}, d)  # a Ctrl-C on any rank stops every rank
-    return runtime.summarize(run, parts, dict(zip(SUMS, sums.tolist())), grad_norm, skipped, lr,
-                             time.perf_counter() - start)
+    return runtime.summarize(run, parts, dict(zip(SUMS, total.tolist())), sum(norms) / len(norms) if norms else None,
+                             None if taken else skips[0], lr, time.perf_counter() - start, taken)
 
 
 # ---- Evaluation: policy vs reference, judged by the same judge -----------------------------------------------------
 
 def evaluate(run):
-    """Win rate of the policy over the reference (adapters disabled) on the eval prompts: eta = 0, the same noise
-    for both, the policy's image first for even prompts and second for odd ones. A tie counts half, so
-    eval_win_rate = (wins + ties / 2) / judged and identical models score 0.5. Rank 0 saves the sample grid; the
-    (step, win rate) also goes to run.evals for the curve printed at the end."""
+    """Win rate of the policy (its EMA with ema_decay > 0) over the reference (adapters disabled) on the held-out
+    eval prompts: the eval sampler (eta = 0), the same noise for both, the policy's image first for even prompts
+    and second for odd ones, judged by the eval judge (default: the training one). A tie counts half, so
+    eval_win_rate = (wins + ties / 2) / judged and identical models score 0.5; eval_win_rate_lo / _hi is its
+    Wilson 95% interval. Rank 0 saves the sample grid; run.evals gets (step, win rate) for the final curve."""
     cfg, d, start = run.cfg, run.d, time.perf_counter()
     mine = list(enumerate(run.eval_items))[d.rank::d.world_size]
     futures, columns = [], []
@@ -288,14 +301,14 @@ def evaluate(run):
         source = open_source(item)
         extra = {} if source is None else {"source_images": [source]}
         images = []
-        for context in (contextlib.nullcontext(), run.policy.adapters_disabled()):
+        for context in (runtime.ema_weights(run), run.policy.adapters_disabled()):
             with context:  # a fresh generator per prompt: both models start from the same noise at every eval
                 generator = torch.Generator().manual_seed(cfg.seed + 1_000_000 + i)
-                images += run.policy.rollout([item.prompt], **extra, **rollout_kwargs(cfg, 0.0), generator=generator,
-                                             same_noise=False).images
+                images += run.policy.rollout([item.prompt], **extra, **runtime.sampler(cfg, evaluation=True),
+                                             generator=generator, same_noise=False).images
         mine_image, ref_image = images
         pair = [mine_image, ref_image] if i % 2 == 0 else [ref_image, mine_image]
-        futures.append((i % 2, run.judge.submit(item.prompt, pair, source_image=source)))
+        futures.append((i % 2, (run.eval_judge or run.judge).submit(item.prompt, pair, source_image=source)))
         columns.append((source, mine_image, ref_image))
     counts = torch.zeros(4)  # wins, ties, failures, judged + failed
     for policy_at, future in futures:
@@ -305,9 +318,11 @@ def evaluate(run):
     wins, ties, failed, n = runtime.all_reduce_sum(counts.to(d.device), d).tolist()
     columns = [c for part in runtime.all_gather(columns, d) for c in part]
     judged = n - failed
+    lo, hi = arr_rpo.wilson_interval(wins + ties / 2, judged) if judged else (None, None)
     record = {"step": run.step, "eval_win_rate": (wins + ties / 2) / judged if judged else None,
-              "eval_tie_rate": ties / judged if judged else None, "eval_failure_rate": failed / n if n else None,
-              "eval_n": int(n), "eval_time": time.perf_counter() - start}
+              "eval_win_rate_lo": lo, "eval_win_rate_hi": hi, "eval_tie_rate": ties / judged if judged else None,
+              "eval_failure_rate": failed / n if n else None, "eval_n": int(n),
+              "eval_time": time.perf_counter() - start}
     if d.rank == 0 and columns:
         rows = [[c[1] for c in columns], [c[2] for c in columns]]
         runtime.save_grid(([[c[0] for c in columns]] if columns[0][0] is not None else []) + rows,
@@ -325,13 +340,12 @@ def prepare(cfg, d, judge=None):
     demo, cls = (DEMOS[cfg.model_type] if cfg.model is None else None), POLICIES[cfg.model_type]
     cfg = dataclasses.replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
                               dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
-    items, eval_items, rubric = runtime.load_inputs(cfg, demo, cls.task)
+    items, eval_items, rubric, eval_rubric = runtime.load_inputs(cfg, demo, cls.task, d)
     out, resume = runtime.resolve_output(cfg, d)
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     runtime.print0(d, "config: " + json.dumps(dataclasses.asdict(cfg), indent=1))
-    judge, where = (judge, "the given judge") if judge is not None else runtime.make_judge(cfg, demo, rubric, cls.task)
+    judge, eval_judge = runtime.make_judges(cfg, demo, rubric, eval_rubric, cls.task, d, judge)
     try:
-        runtime.check_judge(judge, cls.task, where, d)
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once
             build_tiny_model(cfg.model_type, cfg.model)
         runtime.barrier(d)
@@ -345,24 +359,22 @@ def prepare(cfg, d, judge=None):
             if d.world_size > 1:
                 dist.broadcast(p.data, src=0)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, cfg.lr_warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(runtime.warmup_factor,
+                                                                                   cfg.lr_warmup_steps))
         random.seed(cfg.seed + d.rank)
         torch.manual_seed(cfg.seed + d.rank)
         run = runtime.Run(cfg, d, policy, judge, optimizer, scheduler, items, eval_items,
-                          rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out)
+                          rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out, eval_judge=eval_judge,
+                          ema=[p.detach().clone() for p in params] if cfg.ema_decay > 0 else None)
         optimizer.register_step_post_hook(lambda *_: setattr(run, "steps_taken", run.steps_taken + 1))
         if resume is not None:
             runtime.load_checkpoint(run, Path(resume))
         if d.rank == 0:
             runtime.start_logs(run)
     except BaseException:
-        judge.close()
+        runtime.close_judges(judge, eval_judge)
         raise
     return run
-
-
-def warmup_factor(warmup_steps, step):
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def loop(run):

@@ -70,6 +70,9 @@ def test_tournament_win_rates_by_hand():
     assert arr_rpo.tournament_win_rates({(0, 1): 1.0, (0, 2): None, (1, 2): 0.5}, 3) == [1.0, 0.25, 0.5]
     # candidate 2 has no judged pair: the group is masked
     assert arr_rpo.tournament_win_rates({(0, 1): 0.0, (0, 2): None, (1, 2): None}, 3) is None
+    # no preference at all (a pair seen both ways differently; a cycle): masked, not an equal reward for everyone
+    assert arr_rpo.tournament_win_rates({(0, 1): 0.5}, 2) is None
+    assert arr_rpo.tournament_win_rates({(0, 1): 1.0, (1, 2): 1.0, (0, 2): 0.0}, 3) is None
     with pytest.raises(ValueError):
         arr_rpo.tournament_win_rates({(1, 0): 1.0}, 2)
     with pytest.raises(ValueError):

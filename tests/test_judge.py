@@ -364,6 +364,51 @@ def test_swap_disagreement_is_a_tie_not_an_error():
     assert [p.rank for p in presentations] == [[1, 2], [2, 1]]  # both mapped back to the given order
 
 
+# ------------------------------------------------------------------------------- groups of N candidates
+
+def test_listwise_group_keeps_a_one_swap_disagreement_by_mean_rank():
+    answers = iter([[1, 2, 3, 4], [3, 4, 2, 1]])  # the reversed order swaps the two last candidates back
+
+    def handler(body):
+        return json.dumps({"reason": "by redness, mostly", "rank": next(answers)})
+    with FakeVLM(handler=handler) as fake:
+        judge_ = make_judge(fake, client_options={"max_concurrency": 1})
+        group = judge.submit_group(judge_, "red", [solid(RED), solid(PINK), solid(GREY), solid(BLUE)]).result()
+        judge_.close()
+    (verdict,) = group.verdicts
+    assert verdict.rank is None and not verdict.consistent  # the strict rule would mask the whole group
+    assert verdict.ranks == [[1, 2, 3, 4], [1, 2, 4, 3]] and group.calls == 2 and group.error is None
+    assert group.win_rates == [1.0, 2 / 3, 1 / 6, 1 / 6]  # mean places 1, 2, 3.5, 3.5
+
+
+def test_listwise_group_of_a_position_biased_judge_is_masked():
+    with FakeVLM(handler=lambda body: json.dumps({"reason": "the first", "rank": [1, 2, 3]})) as fake:
+        judge_ = make_judge(fake)
+        group = judge.submit_group(judge_, "red", [solid(RED), solid(PINK), solid(BLUE)]).result()
+        judge_.close()
+    assert group.win_rates is None and group.error is None  # every mean place is 2: no preference, a masked tie
+
+
+def test_pairs_group_is_a_tournament_with_every_pair_judged_both_ways(fake):
+    judge_ = make_judge(fake)
+    group = judge.submit_group(judge_, "red", [solid(PINK), solid(BLUE), solid(RED)], mode="pairs").result()
+    judge_.close()
+    assert group.win_rates == [0.5, 0.0, 1.0] and group.error is None
+    assert group.calls == 6 and len(fake.requests) == 6  # 3 pairs x 2 orders
+    shown_pairs = {tuple(p[1] for p in shown(body) if p[0] == "image") for body in fake.requests}
+    assert shown_pairs == {(PINK, BLUE), (BLUE, PINK), (PINK, RED), (RED, PINK), (BLUE, RED), (RED, BLUE)}
+
+
+def test_group_whose_requests_fail_is_masked_with_the_error(fake):
+    fake.script("401")
+    judge_ = make_judge(fake)
+    group = judge.submit_group(judge_, "red", [solid(PINK), solid(BLUE)], mode="pairs").result()
+    judge_.close()
+    assert group.win_rates is None and "401" in group.error
+    with pytest.raises(ValueError, match="group judging"):
+        judge.submit_group(judge_, "red", [solid(PINK), solid(BLUE)], mode="triples")
+
+
 # -------------------------------------------------------------------------------------- robustness of compare
 
 def test_compare_never_raises_on_bad_input(fake, tmp_path):

@@ -101,14 +101,18 @@ def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsy
     assert "eval win rate by step" in out and "step     2/2" in out
 
 
-def test_torchrun_two_ranks_gloo(tmp_path, cache):
+def test_torchrun_two_ranks_gloo_with_groups_of_4_and_2_minibatches(tmp_path, cache):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "2", "--prompts_per_rank", "1")]
+           *demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "2", "--prompts_per_rank", "1",
+                      "--num_candidates", "4", "--minibatches", "2", "--advantage", "group_norm")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     steps = records(tmp_path)
     assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 2 for r in steps)  # 2 ranks x 1 prompt
+    # minibatch 1 holds rank 0's group, minibatch 2 rank 1's: each rank steps twice, once with no group of its own
+    assert all(r["optimizer_steps"] == 2 and r["terms"] == 2 * 4 * 3 and r["judge_calls"] == 2 for r in steps)
+    assert all(r["reward_mean"] == pytest.approx(0.45) for r in steps)  # ranks 1..4 -> 1.0, 0.63, 0.27, -0.1
     assert records(tmp_path, "eval_win_rate")[-1]["eval_n"] == 2
     state = torch.load(tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["position"] == 4
@@ -184,7 +188,7 @@ def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
         with torch.no_grad():  # away from the identity init, so the KL term and every LoRA matrix get gradients
             for p in params:
                 p.normal_(0.0, 0.05, generator=rng)
-        trajs = [run.policy.rollout([p] * 2, **train.rollout_kwargs(cfg, cfg.eta), generator=rng)
+        trajs = [run.policy.rollout([p] * 2, **runtime.sampler(cfg), generator=rng)
                  for p in ("a red apple", "a campfire")]
         advs = [torch.tensor([1.0, -0.1]), torch.tensor([-0.1, 1.0])]
         # reference: ONE batch of 4 samples; every (sample, transition) term divided by the number of terms
@@ -243,6 +247,129 @@ def test_optimizer_steps_exactly_once_per_window(tmp_path, cache):
     assert state["scheduler"]["last_epoch"] == 3 and state["position"] == 9
 
 
+# ----- groups, minibatches, EMA (beyond the paper) ----------------------------------------------------------------
+
+def test_second_minibatch_is_off_policy_and_a_tiny_clip_zeroes_the_clipped_terms(tmp_path, cache, monkeypatch):
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--minibatches", "2", "--clip_range", "1e-7",
+                   "--kl_beta", "0", "--advantage", "centered")
+    eps, params, expected, captured = run.cfg.clip_range, run.policy.trainable_parameters(), [], []
+    original = train.backward_pair_loss
+
+    def with_reference(policy, traj, adv, cfg, rng):  # the PPO-clip gradient by its closed form: only the terms
+        total = 0.0                                     # whose ratio is inside the clip, or moved against A, count
+        for k in range(traj.log_probs.shape[1]):
+            ratio = torch.exp(policy.recompute(traj, k, reference=False).log_prob - traj.log_probs[:, k])
+            clipped = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))
+            expected.append(clipped)
+            total = total + (-adv * ratio)[~clipped].sum()
+        grads = torch.autograd.grad(total, params, allow_unused=True) if torch.is_tensor(total) else None
+        captured.append(None if grads is None else [torch.zeros_like(p) if g is None else g for g, p in
+                                                    zip(grads, params)])
+        return original(policy, traj, adv, cfg, rng)
+    monkeypatch.setattr(train, "backward_pair_loss", with_reference)
+    steps = []
+    run.optimizer.register_step_pre_hook(lambda opt, a, k: steps.append([p.grad.clone() for p in params]))
+    try:
+        record = train.train_step(run)
+    finally:
+        run.judge.close()
+    assert record["optimizer_steps"] == 2 and len(steps) == 2 and len(captured) == 2
+    first, second = torch.cat(expected[:3]), torch.cat(expected[3:])
+    assert not first.any()  # the first minibatch is on-policy: ratio 1, nothing clipped
+    assert second.any() and not second.all()  # after one step the tiny clip binds for some terms, not all
+    assert record["clipfrac"] > 0 and record["approx_kl"] > 0
+    terms = 2 * 3  # N x (K - 1) of the second minibatch's one group
+    for got, ref in zip(steps[1], captured[1]):
+        torch.testing.assert_close(got, ref / terms, rtol=1e-4, atol=1e-12)
+
+
+def test_masked_groups_contribute_nothing_with_minibatches_and_epochs(tmp_path, cache):
+    def step_gradients(name, outcome, *extra):
+        run = prepared(tmp_path / name, cache, ScriptedJudge(outcome), "--inner_epochs", "2", *extra)
+        steps = []
+        run.optimizer.register_step_pre_hook(lambda opt, a, k: steps.append(
+            torch.cat([p.grad.flatten() for p in run.policy.trainable_parameters()])))
+        try:
+            return steps, train.train_step(run)
+        finally:
+            run.judge.close()
+    # the first prompt is the same in both runs; with M = 2 the second prompt is masked, so its minibatch skips
+    masked, record = step_gradients("masked", lambda n: "fail" if n % 2 else None, "--minibatches", "2")
+    alone, alone_record = step_gradients("alone", lambda n: None, "--prompts_per_rank", "1")
+    assert record["optimizer_steps"] == alone_record["optimizer_steps"] == len(masked) == len(alone) == 2
+    assert record["masked_pairs"] == 1 and record["terms"] == alone_record["terms"]  # the masked group adds none
+    torch.testing.assert_close(masked[0], alone[0], rtol=1e-5, atol=1e-10)  # only the k order differs (float sums)
+    torch.testing.assert_close(masked[1], alone[1], rtol=1e-3, atol=1e-9)  # ... and Adam's first step amplifies it
+
+
+def test_ema_is_the_closed_form_of_the_live_weights(tmp_path, cache):
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--ema_decay", "0.5", "--prompts_per_rank", "1")
+    params = run.policy.trainable_parameters()
+    seen = [[p.detach().clone() for p in params]]
+    run.optimizer.register_step_post_hook(lambda *_: seen.append([p.detach().clone() for p in params]))
+    try:
+        train.train_step(run)
+        train.train_step(run)
+        for ema, t0, t1, t2 in zip(run.ema, *seen):
+            torch.testing.assert_close(ema, 0.25 * t0 + 0.25 * t1 + 0.5 * t2)
+        with runtime.ema_weights(run):  # evaluation sees the EMA, and the live weights come back bitwise
+            assert all(torch.equal(p, e) for p, e in zip(params, run.ema))
+        assert all(torch.equal(p, t) for p, t in zip(params, seen[-1]))
+    finally:
+        run.judge.close()
+
+
+def test_resume_is_bitwise_with_minibatches_epochs_and_ema(tmp_path, cache):
+    extra = ("--minibatches", "2", "--inner_epochs", "2", "--ema_decay", "0.9", "--clip_range", "1e-4",
+             "--save_every", "4")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(demo_args(straight, cache, "--max_steps", "4", *extra)) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "2", *extra)) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "4", "--resume", "auto", *extra)) == 0
+    for sub in ("", "ema"):
+        a, b = (load_file(run / "checkpoints" / "step-000004" / sub / "pytorch_lora_weights.safetensors")
+                for run in (straight, split))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    live, ema = (load_file(straight / "checkpoints" / "step-000004" / sub / "pytorch_lora_weights.safetensors")
+                 for sub in ("", "ema"))
+    assert any(not torch.equal(live[k], ema[k]) for k in live)  # the EMA lags the live LoRA
+    assert all(r["optimizer_steps"] == 4 for r in records(straight))
+
+
+def test_evaluation_uses_the_eval_sampler_and_reports_a_wilson_interval(tmp_path, cache, monkeypatch):
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--eval_num_steps", "3", "--eval_shift", "1.5")
+    calls, rollout = [], run.policy.rollout
+    monkeypatch.setattr(run.policy, "rollout", lambda *a, **k: (calls.append(k), rollout(*a, **k))[1])
+    try:
+        record = train.evaluate(run)
+    finally:
+        run.judge.close()
+    assert [(c["num_steps"], c["shift"], c["eta"]) for c in calls] == [(3, 1.5, 0.0)] * 4  # 2 prompts x 2 models
+    assert record["eval_win_rate"] == 0.5 and record["eval_n"] == 2  # identical models: two ties
+    assert (record["eval_win_rate_lo"], record["eval_win_rate_hi"]) == pytest.approx(arr_rpo.wilson_interval(1, 2))
+
+
+def test_held_out_eval_prompts_are_never_trained_on(tmp_path):
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(12)))
+    (tmp_path / "r.txt").write_text("1. Redder is better.\n")
+    cfg = train.make_config(["--model", "m", "--judge_url", "http://x/v1", "--rubrics", str(tmp_path / "r.txt"),
+                             "--prompts", str(tmp_path / "p.txt")])
+    items, eval_items, rubric, eval_rubric = runtime.load_inputs(cfg, None, "t2i", runtime.init_distributed("cpu"))
+    assert len(eval_items) == 3 and len(items) == 9 and rubric == eval_rubric
+    assert {i.prompt for i in items} | {i.prompt for i in eval_items} == {f"prompt {i}" for i in range(12)}
+    assert [i.prompt for i in items] == sorted((i.prompt for i in items), key=lambda t: int(t.split()[1]))
+
+
+def test_independent_eval_judge_is_asked_for_evaluation_only(tmp_path, cache):
+    (tmp_path / "rubrics.txt").write_text("1. The warmer image wins.\n")
+    with FakeVLM() as fake:
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "1", "--eval_every", "1", "--eval_judge_url",
+                         fake.url, "--eval_rubrics", str(tmp_path / "rubrics.txt"))
+        assert train.main(argv) == 0
+        assert len(fake.requests) == 2 + 2 * 2 * 2  # its startup check + 2 evals x 2 prompts x 2 orders
+    assert [r["eval_n"] for r in records(tmp_path / "run", "eval_win_rate")] == [2, 2]
+
+
 # ----- faults ------------------------------------------------------------------------------------------------------
 
 def test_judge_failing_half_the_time_still_trains(tmp_path, cache):
@@ -274,7 +401,10 @@ def test_k1_estimator_and_train_fraction(tmp_path, cache):
     assert step["terms"] == 8 and step["kl"] == 0.0 and step["grad_norm"] > 0
 
 
-@pytest.mark.parametrize("flag,value", [("eta", "0"), ("clip_range", "0"), ("kl_beta", "-1"), ("lr", "0")])
+@pytest.mark.parametrize("flag,value", [("eta", "0"), ("clip_range", "0"), ("kl_beta", "-1"), ("lr", "0"),
+                                        ("num_candidates", "1"), ("minibatches", "0"), ("inner_epochs", "0"),
+                                        ("ema_decay", "1"), ("ema_decay", "-0.1"), ("advantage", "zscore"),
+                                        ("group_judging", "triples")])
 def test_out_of_range_options_are_rejected(flag, value):
     with pytest.raises(train.ConfigError, match=f"--{flag}"):
         train.make_config([f"--{flag}", value])
@@ -335,11 +465,14 @@ def bad_inputs(tmp):
         "model without judge": (["--model", "m", "--prompts", ok], "--judge_url is required"),
         "bad estimator": (["--kl_estimator", "k3"], "--kl_estimator"),
         "missing checkpoint": (["--resume", str(tmp / "ckpt")], "ckpt"),
+        "minibatches over prompts": (["--prompts_per_rank", "2", "--minibatches", "3"], "--minibatches 3"),
+        "eval rubrics without eval judge": (["--eval_rubrics", ok], "need --eval_judge_url"),
     }
 
 
 BAD_CASES = ["missing prompts", "empty prompts", "non-utf8 prompts", "unknown model type", "missing rubrics",
-             "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint"]
+             "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint",
+             "minibatches over prompts", "eval rubrics without eval judge"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
