@@ -1,6 +1,7 @@
 """Benchmarks for arr-rpo that print ratios measured in one run (never timed tests).
 
 Run: python bench.py rollout | judge | step | all
+     python bench.py groups [--seeds 3] [--max_steps 30] [--eval_size 32]   # the README's table, ~1 h on 2 cores
 """
 import argparse
 import sys
@@ -127,15 +128,14 @@ def bench_step(args):
     per_rank = 4
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         cfg = train.make_config(["--output_dir", f"{tmp}/out", "--cache_dir", f"{tmp}/cache", "--eval_every", "0",
-                                 "--prompts_per_rank", str(per_rank), "--no_judge_swap"])
+                                 "--prompts_per_rank", str(per_rank), "--no_judge_swap", "--num_candidates", "2"])
         d = runtime.init_distributed(cfg.device)
         runs = {"instant": train.prepare(cfg, d, demo.DemoJudge(demo.warmth, swap=False))}
         generator = torch.Generator().manual_seed(0)
         rollout_times = []
         for _ in range(args.repeats + 1):
             start = time.perf_counter()
-            runs["instant"].policy.rollout(["a red apple"] * 2, **train.rollout_kwargs(cfg, cfg.eta),
-                                           generator=generator)
+            runs["instant"].policy.rollout(["a red apple"] * 2, **runtime.sampler(cfg), generator=generator)
             rollout_times.append(time.perf_counter() - start)
         latency = statistics.median(rollout_times[1:])
         runs["slow"] = train.prepare(cfg, d, demo.DemoJudge(demo.warmth, swap=False, latency=latency))
@@ -155,15 +155,97 @@ def bench_step(args):
           f"{serial:.2f}")
 
 
-BENCHES = {"rollout": bench_rollout, "judge": bench_judge, "step": bench_step}
+def bench_groups(args):
+    """Optimizer windows (and training judge calls) until the demo's eval win rate first reaches 0.9, and where the
+    run stands after --max_steps windows (win rate; mean absolute difference of the policy and reference rows of the
+    sample grid, in grey levels), for advantage paper / centered / group_norm x N = 2, 4 candidates x M x E = 1, 2
+    (M = 2 minibatches, clip_range --clip_range), over --seeds seeds: median [min, max]. Everything else is the
+    demo's (tiny FLUX, lr 3e-2, no KL, 4 prompts per window, listwise judging with swap: 2 judge calls per prompt);
+    the win rate is measured on --eval_size held-out prompts after every window until it reaches 0.9, then at the
+    end. A run that never reaches 0.9 counts as max_steps + 1 (shown as ">"). Prints a Markdown table, then one JSON
+    line with every run."""
+    import contextlib
+    import io
+    import json
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from PIL import Image, ImageChops, ImageStat
+
+    import runtime
+    import train
+
+    def grid_difference(path):  # rows: policy above reference; every cell the size of the first one
+        with Image.open(path) as grid:
+            half = grid.height // 2
+            top, bottom = grid.crop((0, 0, grid.width, half)), grid.crop((0, half, grid.width, 2 * half))
+            return statistics.mean(ImageStat.Stat(ImageChops.difference(top, bottom)).mean)
+
+    def one_run(out, adv, n, me, seed):
+        argv = ["--output_dir", out, "--advantage", adv, "--num_candidates", str(n), "--minibatches", str(me),
+                "--seed", str(seed), "--eval_every", "0", "--eval_size", str(args.eval_size),
+                "--max_steps", str(args.max_steps), *(["--clip_range", str(args.clip_range)] if me > 1 else []),
+                *(["--cache_dir", args.cache_dir] if args.cache_dir else [])]
+        with contextlib.redirect_stdout(io.StringIO()):
+            run = train.prepare(train.make_config(argv), runtime.init_distributed("cpu"))
+        start, calls, clipfrac, reached = time.perf_counter(), 0.0, [], None
+        try:
+            while run.step < args.max_steps:
+                record = train.train_step(run)
+                clipfrac.append(record["clipfrac"] or 0.0)
+                if reached is None:
+                    calls += record["judge_calls"] * record["pairs"]
+                    if train.evaluate(run)["eval_win_rate"] >= 0.9:
+                        reached = run.step
+            final = train.evaluate(run)["eval_win_rate"]
+        finally:
+            runtime.close_run(run)
+        return dict(steps=reached or args.max_steps + 1, calls=calls, final_win_rate=final,
+                    grid_difference=grid_difference(Path(out) / "samples" / f"step-{run.step:06d}.png"),
+                    clipfrac=statistics.mean(clipfrac), seconds=time.perf_counter() - start)
+
+    def spread(values, censored=None, spec="g"):
+        show = (lambda v: f">{args.max_steps}" if v == censored else format(v, spec))
+        return f"{show(statistics.median(values))} [{show(min(values))}, {show(max(values))}]"
+
+    runs = []
+    print(f"| advantage | N | M x E | windows to 0.9 | judge calls to 0.9 | win rate at {args.max_steps} | "
+          f"grid difference at {args.max_steps} | clipfrac | seconds per run |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for adv in ("paper", "centered", "group_norm"):
+            for n in (2, 4):
+                for me in (1, 2):
+                    mine = [dict(advantage=adv, N=n, ME=me, seed=seed,
+                                 **one_run(f"{tmp}/{adv}-{n}-{me}-{seed}", adv, n, me, seed))
+                            for seed in range(args.seeds)]
+                    runs += mine
+                    print(f"| {adv} | {n} | {me} | {spread([r['steps'] for r in mine], args.max_steps + 1)} | "
+                          f"{spread([r['calls'] for r in mine])} | "
+                          f"{spread([r['final_win_rate'] for r in mine], spec='.2f')} | "
+                          f"{spread([r['grid_difference'] for r in mine], spec='.1f')} | "
+                          f"{statistics.mean(r['clipfrac'] for r in mine):.2f} | "
+                          f"{statistics.median(r['seconds'] for r in mine):.0f} |", flush=True)
+    print(json.dumps(runs))
+
+
+BENCHES = {"rollout": bench_rollout, "judge": bench_judge, "step": bench_step, "groups": bench_groups}
+QUICK = ("rollout", "judge", "step")  # what `all` runs; `groups` takes about an hour on 2 cores
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=[*BENCHES, "all"])
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
+    parser.add_argument("--seeds", type=int, default=3, help="groups: seeds per setting")
+    parser.add_argument("--max_steps", type=int, default=30, help="groups: windows per run (the demo's 30)")
+    parser.add_argument("--eval_size", type=int, default=32, help="groups: held-out prompts per evaluation")
+    parser.add_argument("--clip_range", type=float, default=1e-3, help="groups: clip_range when M x E = 2")
+    parser.add_argument("--cache_dir", default=None, help="groups: where the tiny model is built (default: train's)")
     args = parser.parse_args(argv)
-    for name in BENCHES if args.name == "all" else [args.name]:
+    for name in QUICK if args.name == "all" else [args.name]:
         BENCHES[name](args)
     return 0
 

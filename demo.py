@@ -14,8 +14,8 @@ Deliberate deviations from the paper
     1. The demo judge is not a VLM: it ranks by a pixel statistic ("warmer wins", or "redder, same layout" for
        editing). The tiny model's text encoders barely tell prompts apart, so a prompt-conditioned rubric would not
        show learning in minutes on a CPU; the RPO machinery (rollout, masking, update, eval) is the real one.
-    2. The demo settings (64 x 64, K = 4, eta 0.7, LoRA r 8, lr 1e-2) are chosen to learn quickly on a CPU, not
-       the paper's recipe.
+    2. The demo settings (64 x 64, K = 4, eta 0.7, LoRA r 8; flux: 4 candidates, group-normalised advantages,
+       no KL penalty, lr 3e-2) are chosen to learn visibly in minutes on a CPU, not the paper's recipe.
 """
 import hashlib
 import json
@@ -58,14 +58,19 @@ FLUX_DEMO_PROMPTS = ["a red sunset over the sea", "a campfire at night", "a red 
                      "ripe strawberries in a bowl", "a red sports car on a road", "lava flowing down a volcano",
                      "a field of red poppies", "a bowl of hot chili soup", "a red brick house",
                      "autumn maple leaves", "a glowing orange lantern", "a red apple on a table"]
-FLUX_DEMO_EVAL = ["a red rose in a vase", "embers in a fireplace", "a red kite in the sky", "tomatoes on a vine",
-                  "a desert at sunset", "a red umbrella in the rain", "a bowl of cherries", "a fire truck"]
+FLUX_DEMO_EVAL = [f"{subject} {where}" for subject in  # 64 held-out prompts: Wilson 95% interval +-0.12 at 0.5
+                  ("a red rose", "embers", "a red kite", "tomatoes", "a desert", "a red umbrella", "cherries",
+                   "a fire truck")
+                  for where in ("at dawn", "at sunset", "in the rain", "on a table", "in a field", "by the sea",
+                                "under a lamp", "in the snow")]
 FLUX_DEMO = Demo(
-    overrides=dict(height=64, width=64, num_steps=4, eta=0.7, lora_rank=8, lora_alpha=8, lr=1e-2,
-                   prompts_per_rank=8, max_steps=30, save_every=15, eval_every=5, eval_size=8,
+    overrides=dict(height=64, width=64, num_steps=4, eta=0.7, lora_rank=8, lora_alpha=8, lr=3e-2, kl_beta=0.0,
+                   num_candidates=4, advantage="group_norm", prompts_per_rank=4, max_steps=30, save_every=15,
+                   eval_every=10, eval_size=64,
                    num_threads=1),  # tiny ops gain nothing from intra-op threads, which spin on a busy CPU
-    # 8 pairs per step: with +1 / -0.1 rewards most of a pair's gradient is noise (both samples are reinforced);
-    # with 3 pairs per step some seeds drifted the wrong way for 20 steps before learning
+    # why (README "The demo"): with the paper's pair, +1 / -0.1 rewards, kl_beta 0.01 and lr 1e-2 the win rate
+    # reached 1.0 but the grid moved 3.8 grey levels; 4 candidates with group-relative advantages give a cleaner
+    # gradient, the KL penalty held the policy near the reference, and lr 3e-2 moves it visibly in 30 steps
     items=lambda: ([Item(p) for p in FLUX_DEMO_PROMPTS], [Item(p) for p in FLUX_DEMO_EVAL]),
     score=warmth,
     rubric="warm palette: every prompt asks for a red or warm scene, so the better image is the redder one, "

@@ -2,7 +2,9 @@
 
 - the command line generated from train.Config, and the checks of every option and input before any model loads;
 - torch.distributed set up from torchrun's environment (nanoGPT style) and the few collectives the loop uses;
-- the run's state (`Run`), checkpoints with every rank's RNG and the data position, resume;
+- the data position: each rank's prompts of a window (`next_window`), its minibatches by global index
+  (`minibatches`), the training and eval samplers (`sampler`), held-out eval prompts;
+- the run's state (`Run`), checkpoints with every rank's RNG, the data position and the LoRA EMA, resume;
 - metrics.jsonl, the console line, optional wandb / TensorBoard, sample grids;
 - Ctrl-C / SIGTERM handling: finish the step, save, exit.
 Read train.py first; this module only serves it.
@@ -14,6 +16,7 @@ Deliberate deviations from the official code
        --resume_from_checkpoint is ignored. Checkpoints are written to a temporary folder and renamed (atomic).
     2. Bad options and inputs are errors before any model loads (exit code 2), naming the option and the file.
     3. No DDP wrapper: the LoRA gradients are all-reduced once per optimizer step by train.reduce_and_step.
+    4. Without --eval_prompts, evaluation prompts are held out of training (the official code has no evaluation).
 """
 import argparse
 import contextlib
@@ -412,8 +415,11 @@ def log(run, record):
     elif run.cfg.log_with == "tensorboard":
         for k, v in numbers.items():
             run.tracker.add_scalar(k, v, record["step"])
+    cfg = run.cfg  # not shown: the KL without a reference pass, and what only moves with M x E > 1
+    hidden = ({"kl"} if cfg.kl_beta == 0 else set()) | (
+        {"approx_kl", "clipfrac", "optimizer_steps"} if cfg.minibatches * cfg.inner_epochs == 1 else set())
     shown = " ".join(f"{k} {'-' if record[k] is None else format(record[k], spec)}"
-                     for k, spec in CONSOLE.items() if k in record)
+                     for k, spec in CONSOLE.items() if k in record and k not in hidden)
     kind = "eval" if "eval_win_rate" in record else "step"
     skipped = f" SKIPPED: {record['skipped']}" if record.get("skipped") else ""
     print(f"{kind} {record['step']:>5}/{run.cfg.max_steps} {shown}{skipped}", flush=True)

@@ -323,12 +323,16 @@ def evaluate(run):
               "eval_win_rate_lo": lo, "eval_win_rate_hi": hi, "eval_tie_rate": ties / judged if judged else None,
               "eval_failure_rate": failed / n if n else None, "eval_n": int(n),
               "eval_time": time.perf_counter() - start}
-    if d.rank == 0 and columns:
+    if d.rank == 0 and columns:  # the first GRID_COLUMNS prompts: a grid of 64 images of 512 px is unviewable
+        columns = columns[:GRID_COLUMNS]
         rows = [[c[1] for c in columns], [c[2] for c in columns]]
         runtime.save_grid(([[c[0] for c in columns]] if columns[0][0] is not None else []) + rows,
                           run.out / "samples" / f"step-{run.step:06d}.png")
     run.evals.append((record["step"], record["eval_win_rate"]))
     return record
+
+
+GRID_COLUMNS = 16
 
 
 # ---- Setup, loop and main ----------------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ def cache(tmp_path_factory):
 
 
 def demo_args(out, cache, *extra):
-    """The demo config, shortened: no eval unless asked, 2 eval prompts, 2 prompts per rank."""
+    """The demo config, shortened: no eval unless asked, 2 eval prompts, 2 prompts per rank, 2 candidates each
+    (the demo's 4 run in the demo test and under torchrun)."""
     return ["--output_dir", str(out), "--cache_dir", cache, "--eval_every", "0", "--eval_size", "2",
-            "--prompts_per_rank", "2", *extra]
+            "--prompts_per_rank", "2", "--num_candidates", "2", *extra]
 
 
 def records(out, key="loss"):
@@ -84,7 +85,7 @@ def window_gradients(run):
 # ----- the embedded default and its outputs -----------------------------------------------------------------------
 
 def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsys):
-    assert train.main(demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "1")) == 0
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "1", "--num_candidates", "4")) == 0
     steps, evals = records(tmp_path), records(tmp_path, "eval_win_rate")
     assert [r["step"] for r in steps] == [1, 2] and TRAIN_KEYS <= set(steps[0])
     assert all(r["reward_mean"] == pytest.approx(0.45) for r in steps)  # +1 / -0.1 per judged pair (paper)
@@ -96,7 +97,7 @@ def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsy
     assert {p.name for p in ckpt.iterdir()} == {"pytorch_lora_weights.safetensors", "trainer_state.pt", "config.json"}
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"].startswith(cache) and (Path(config["model"]) / "model_index.json").is_file()
-    assert (config["height"], config["num_steps"], config["lr"]) == (64, 4, 1e-2)  # the demo's overrides
+    assert (config["height"], config["num_steps"], config["lr"], config["num_candidates"]) == (64, 4, 3e-2, 4)
     out = capsys.readouterr().out
     assert "eval win rate by step" in out and "step     2/2" in out
 
@@ -182,7 +183,7 @@ def merged(t1, t2):
 
 
 def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
-    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth))
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--kl_beta", "0.01")
     try:
         cfg, params, rng = run.cfg, run.policy.trainable_parameters(), torch.Generator().manual_seed(0)
         with torch.no_grad():  # away from the identity init, so the KL term and every LoRA matrix get gradients
@@ -278,7 +279,7 @@ def test_second_minibatch_is_off_policy_and_a_tiny_clip_zeroes_the_clipped_terms
     assert not first.any()  # the first minibatch is on-policy: ratio 1, nothing clipped
     assert second.any() and not second.all()  # after one step the tiny clip binds for some terms, not all
     assert record["clipfrac"] > 0 and record["approx_kl"] > 0
-    terms = 2 * 3  # N x (K - 1) of the second minibatch's one group
+    terms = run.cfg.num_candidates * 3  # N x (K - 1) of the second minibatch's one group
     for got, ref in zip(steps[1], captured[1]):
         torch.testing.assert_close(got, ref / terms, rtol=1e-4, atol=1e-12)
 
@@ -397,8 +398,8 @@ def test_k1_estimator_and_train_fraction(tmp_path, cache):
                                       "--train_fraction", "0.5", "--kl_beta", "0.5"))
     assert train.train(cfg, judge=demo.DemoJudge(demo.warmth)) == 0
     (step,) = records(tmp_path)
-    # 2 prompts x 2 samples x round(0.5 * 3) = 2 of the K - 1 = 3 transitions; k1 is exactly 0 at the identity init
-    assert step["terms"] == 8 and step["kl"] == 0.0 and step["grad_norm"] > 0
+    # 2 prompts x N samples x round(0.5 * 3) = 2 of the K - 1 = 3 transitions; k1 is exactly 0 at the identity init
+    assert step["terms"] == 2 * cfg.num_candidates * 2 and step["kl"] == 0.0 and step["grad_norm"] > 0
 
 
 @pytest.mark.parametrize("flag,value", [("eta", "0"), ("clip_range", "0"), ("kl_beta", "-1"), ("lr", "0"),
@@ -414,7 +415,7 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeyp
     run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth))
     try:
         before = [p.detach().clone() for p in run.policy.trainable_parameters()]
-        monkeypatch.setattr(train.arr_rpo, "ppo_clip_loss", lambda *a: torch.full_like(a[0], float("nan")))
+        monkeypatch.setattr(train.arr_rpo, "ppo_clip_loss", lambda *a: a[0] * float("nan"))
         record = train.train_step(run)
         assert record["skipped"] == "nonfinite loss" and record["nonfinite_skips"] == 1 and record["grad_norm"] is None
         assert all(torch.equal(a, b) for a, b in zip(before, run.policy.trainable_parameters()))
@@ -536,7 +537,11 @@ def test_judge_startup_check_names_url_and_model(tmp_path, cache, capsys, no_mod
 
 def test_config_resolution_user_then_demo_then_recipe():
     demo = train.make_config([])
-    assert (demo.model, demo.height, demo.num_steps, demo.eta, demo.lr, demo.lora_rank) == (None, 64, 4, 0.7, 1e-2, 8)
+    assert (demo.model, demo.height, demo.num_steps, demo.eta, demo.lr, demo.lora_rank) == (None, 64, 4, 0.7, 3e-2, 8)
+    assert (demo.num_candidates, demo.advantage, demo.kl_beta, demo.eval_size) == (4, "group_norm", 0.0, 64)
+    paper = train.make_config(["--model", "black-forest-labs/FLUX.1-dev"])  # beyond-the-paper options are off
+    assert (paper.num_candidates, paper.advantage, paper.minibatches, paper.inner_epochs, paper.ema_decay,
+            paper.group_judging, paper.same_noise) == (2, "paper", 1, 1, 0.0, "listwise", True)
     assert demo.judge_swap is True and train.make_config(["--no_judge_swap"]).judge_swap is False
     flux = train.make_config(["--model", "black-forest-labs/FLUX.1-dev", "--lr", "1e-4"])
     assert (flux.lr, flux.num_steps, flux.lora_rank, flux.lora_alpha, flux.kl_beta, flux.guidance, flux.height) == (
