@@ -12,11 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import arr_rpo
+import data
+import demo
+import judge
 import policy as policy_lib
+import runtime
 import train
+from data import DataError
 from fake_vlm import FakeVLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +47,11 @@ def records(out, key="loss"):
     return [r for r in lines if key in r]
 
 
-class ScriptedJudge(train.DemoJudge):
+class ScriptedJudge(demo.DemoJudge):
     """The demo judge, but the n-th submitted pair gets `outcome(n)`: None (judge it), "fail" or "tie"."""
 
     def __init__(self, outcome):
-        super().__init__(train.warmth, swap=False)
+        super().__init__(demo.warmth, swap=False)
         self.outcome, self.calls = outcome, 0
 
     def submit(self, prompt, images, source_image=None):
@@ -53,7 +59,7 @@ class ScriptedJudge(train.DemoJudge):
         kind = self.outcome(n)
         if kind is None:
             return super().submit(prompt, images, source_image)
-        verdict = train.judge_lib.Verdict(rank=None, reason=kind, consistent=kind != "tie",
+        verdict = judge.Verdict(rank=None, reason=kind, consistent=kind != "tie",
                                           error="scripted failure" if kind == "fail" else None)
         return self._pool.submit(lambda: verdict)
 
@@ -61,7 +67,7 @@ class ScriptedJudge(train.DemoJudge):
 def prepared(out, cache, judge, *extra):
     """A Run ready for train_step, in this process (world size 1)."""
     cfg = train.make_config(demo_args(out, cache, *extra))
-    return train.prepare(cfg, train.init_distributed(cfg.device), judge)
+    return train.prepare(cfg, runtime.init_distributed(cfg.device), judge)
 
 
 def window_gradients(run):
@@ -122,7 +128,7 @@ def test_qwen_edit_demo_two_steps(tmp_path, cache, capsys):
     assert (config["model_type"], config["lora_rank"], config["guidance"]) == ("qwen_edit", 8, None)
     lora = load_file(tmp_path / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
-    with train.Image.open(tmp_path / "samples" / "step-000002.png") as grid:
+    with Image.open(tmp_path / "samples" / "step-000002.png") as grid:
         assert grid.size == (2 * 64, 3 * 64)  # source row, policy row, reference row
 
 
@@ -172,7 +178,7 @@ def merged(t1, t2):
 
 
 def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth))
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth))
     try:
         cfg, params, rng = run.cfg, run.policy.trainable_parameters(), torch.Generator().manual_seed(0)
         with torch.no_grad():  # away from the identity init, so the KL term and every LoRA matrix get gradients
@@ -193,7 +199,7 @@ def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
         reference = torch.cat([p.grad.flatten() for p in params])
         run.optimizer.zero_grad(set_to_none=True)
         # the window: the two prompts accumulated one after the other, then normalised once
-        sums = sum(train.accumulate(run.policy, t, a, cfg, rng) for t, a in zip(trajs, advs))
+        sums = sum(train.backward_pair_loss(run.policy, t, a, cfg, rng) for t, a in zip(trajs, advs))
         captured = []
         run.optimizer.register_step_pre_hook(
             lambda opt, args, kwargs: captured.append(torch.cat([p.grad.flatten() for p in params])))
@@ -224,7 +230,7 @@ def test_masked_pair_contributes_exactly_nothing(tmp_path, cache):
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the counting wrapper
 def test_optimizer_steps_exactly_once_per_window(tmp_path, cache):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth), "--max_steps", "3", "--prompts_per_rank", "3")
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--max_steps", "3", "--prompts_per_rank", "3")
     calls, step = [], run.optimizer.step
     run.optimizer.step = lambda *args, **kwargs: (calls.append(run.step), step(*args, **kwargs))[1]
     try:
@@ -256,13 +262,13 @@ def test_judge_masking_too_often_saves_and_stops(kind, tmp_path, cache, capsys):
         train.train(cfg, judge=ScriptedJudge(lambda n: kind))
     steps = records(tmp_path)
     assert [r["skipped"] for r in steps] == ["no valid pairs"] * 2  # no gradient at all: the step is skipped
-    assert train.latest_checkpoint(tmp_path).name == "step-000002"
+    assert runtime.latest_checkpoint(tmp_path).name == "step-000002"
 
 
 def test_k1_estimator_and_train_fraction(tmp_path, cache):
     cfg = train.make_config(demo_args(tmp_path, cache, "--max_steps", "1", "--kl_estimator", "k1",
                                       "--train_fraction", "0.5", "--kl_beta", "0.5"))
-    assert train.train(cfg, judge=train.DemoJudge(train.warmth)) == 0
+    assert train.train(cfg, judge=demo.DemoJudge(demo.warmth)) == 0
     (step,) = records(tmp_path)
     # 2 prompts x 2 samples x round(0.5 * 3) = 2 of the K - 1 = 3 transitions; k1 is exactly 0 at the identity init
     assert step["terms"] == 8 and step["kl"] == 0.0 and step["grad_norm"] > 0
@@ -275,7 +281,7 @@ def test_out_of_range_options_are_rejected(flag, value):
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeypatch):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth))
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth))
     try:
         before = [p.detach().clone() for p in run.policy.trainable_parameters()]
         monkeypatch.setattr(train.arr_rpo, "ppo_clip_loss", lambda *a: torch.full_like(a[0], float("nan")))
@@ -296,7 +302,7 @@ def test_ctrl_c_saves_a_checkpoint_then_resumes(tmp_path, cache):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    ckpt = train.latest_checkpoint(tmp_path)
+    ckpt = runtime.latest_checkpoint(tmp_path)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) == records(tmp_path)[-1]["step"]
     assert "--resume auto" in out
     stop = int(ckpt.name.split("-")[1]) + 1
@@ -350,17 +356,17 @@ def test_edit_jsonl_errors_name_the_line(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": "make it blue"}\n'
                                          '{"source_image": "missing.png", "instruction": "x"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:2: cannot read source_image .*missing.png"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:2: cannot read source_image .*missing.png"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": "make it blue"}\n\n'
                                          '{"source_image": "broken.png", "instruction": "x"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:3: cannot read source_image"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:3: cannot read source_image"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"image": "a.png"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:1: expected JSON with source_image and instruction"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:1: expected JSON with source_image and instruction"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": " make it blue "}\n')
-    [item] = train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    [item] = data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     assert (item.prompt, Path(item.source_image), item.line) == ("make it blue", tmp_path / "a.png", 1)
 
 
@@ -405,7 +411,7 @@ def test_config_resolution_user_then_demo_then_recipe():
     qwen = train.make_config(["--model", "Qwen/Qwen-Image-Edit-2509", "--model_type", "qwen_edit"])
     assert (qwen.lr, qwen.num_steps, qwen.lora_rank, qwen.lora_alpha, qwen.kl_beta, qwen.guidance) == (
         1e-5, 10, 32, 64, 0.02, None)
-    help_text = train.build_parser().format_help()
+    help_text = runtime.build_parser(train.Config, train.RECIPES, "").format_help()
     assert "--no_judge_swap" in help_text and "recipe: flux 5e-05, qwen_edit 1e-05" in help_text
     with pytest.raises(SystemExit):
         train.make_config(["--no_such_flag", "1"])
