@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from data import load_prompts, read_text
+from data import load_pairs, load_prompts, read_text, split_skipped
 from demo import DemoJudge
-from judge import Judge, VLMClient
+from judge import Judge, VLMClient, evaluate
+from vlm_client import USAGE_KEYS, failure_reasons, usage_report
 
 
 class ConfigError(Exception):
@@ -98,7 +99,8 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
               "failure_window": cfg.failure_window >= 1, "failure_stop_rate": 0 <= cfg.failure_stop_rate <= 1,
               # eta = 0 is a Dirac transition with no log-prob: every loss would be NaN and every step skipped
               "eta": cfg.eta > 0, "clip_range": cfg.clip_range > 0, "kl_beta": cfg.kl_beta >= 0,
-              "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0}
+              "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0, "judge_check_every": cfg.judge_check_every >= 1,
+              "judge_max_tokens": cfg.judge_max_tokens is None or cfg.judge_max_tokens >= 1}
     for name, ok in checks.items():
         if not ok:
             raise ConfigError(f"--{name} {getattr(cfg, name)} is out of range")
@@ -110,7 +112,8 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
 # ---- Inputs, checked before any model is loaded -----------------------------------------------------------------
 
 def load_inputs(cfg, demo, task):
-    """Every input, checked before any model is loaded. Returns (train items, eval items, rubric text or None)."""
+    """Every input, checked before any model is loaded. Returns (train items, eval items, rubric text or None,
+    labelled pairs of --judge_check_data to use, possibly [])."""
     if demo is None and cfg.judge_url is None:
         raise ConfigError("--judge_url is required with --model (the in-process demo judge only runs the demo)")
     if cfg.judge_url is not None and cfg.rubrics is None:
@@ -128,7 +131,15 @@ def load_inputs(cfg, demo, task):
         eval_items = load_prompts(cfg.eval_prompts, task, "eval_prompts")
     else:
         eval_items = demo_eval if demo and not cfg.prompts else items
-    return items, eval_items[:cfg.eval_size], rubric
+    check_items = []
+    if cfg.judge_check_data is not None:
+        if cfg.judge_url is None:
+            raise ConfigError("--judge_check_data needs --judge_url: it watches the served judge")
+        check_items, skipped = split_skipped(load_pairs(cfg.judge_check_data, task=task))
+        if not check_items:
+            raise ConfigError(f"--judge_check_data {cfg.judge_check_data}: no labelled pair to check (skipped: "
+                              f"{skipped})")
+    return items, eval_items[:cfg.eval_size], rubric, check_items
 
 
 def resolve_output(cfg, d):
@@ -154,7 +165,7 @@ def make_judge(cfg, demo, rubric, task):
         return (DemoJudge(demo.score, swap=cfg.judge_swap, max_workers=cfg.judge_concurrency),
                 f"in-process demo judge ({demo.rubric.split(':')[0]})")
     client = VLMClient(cfg.judge_url, cfg.judge_model, api_key=os.environ.get(cfg.judge_api_key_env),
-                                 max_concurrency=cfg.judge_concurrency)
+                       max_concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens)
     return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{cfg.judge_url} model {cfg.judge_model}"
 
 
@@ -169,6 +180,38 @@ def check_judge(judge, task, where, d):
         raise RunStopped(f"judge check failed for {where}: {errors[0]}")
     print0(d, f"judge check: {where} ranked (red, blue) for {prompt!r} as {verdict.rank} "
               f"in {verdict.latency:.2f}s: {verdict.reason[:100]}")
+
+
+def judge_usage(judge, since=None):
+    """The judge client's usage counters (vlm_client.VLMClient.usage), or what was spent since an earlier snapshot;
+    None for a judge without a client (the demo judge)."""
+    client = getattr(judge, "client", None)
+    if client is None:
+        return None
+    now = client.usage()
+    return now if since is None else {key: now[key] - since[key] for key in USAGE_KEYS}
+
+
+def judge_check(run):
+    """The drift alarm (rank 0, at step 0 and every judge_check_every steps): the judge's accuracy and position gap
+    on the labelled pairs of --judge_check_data, judged in both orders with the run's client and rubric, logged as
+    judge_check_*; a judge that degrades or a server swapped mid-run shows there. A fall of 0.1 or more from the
+    first check is printed as a warning."""
+    if not run.check_items or run.step % run.cfg.judge_check_every:
+        return
+    if run.d.rank == 0:
+        rubric = read_text(run.cfg.rubrics, "rubrics")
+        with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
+            summary = evaluate(check, run.check_items)
+        record = {"step": run.step, **{f"judge_check_{key}": summary[key] for key in (
+            "accuracy", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons", "requests")}}
+        log(run, record)
+        first = run.checks[0] if run.checks else None
+        run.checks.append((run.step, summary["accuracy"]))
+        if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
+            print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
+                  f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
+    barrier(run.d)
 
 
 # ---- The data position -------------------------------------------------------------------------------------------
@@ -252,6 +295,8 @@ class Run:
     stop_requested: bool = False
     nonfinite_skips: int = 0
     evals: list = field(default_factory=list)
+    check_items: list = field(default_factory=list)  # labelled pairs of --judge_check_data
+    checks: list = field(default_factory=list)       # (step, judge_check_accuracy) so far
 
 
 def percentile(values, q):
@@ -266,6 +311,11 @@ def summarize(run, parts, sums, grad_norm, skipped, lr, step_time):
     every = {k: [v for p in parts for v in p[k]] for k in ("rewards", "first", "latency")}
     terms = sums["terms"]
     per_term = {k: sums[k] / terms if terms else None for k in ("loss", "kl", "approx_kl", "clipfrac")}
+    cost = {}
+    if parts[0]["spent"] is not None:  # the served judge's requests and tokens, summed over ranks, per pair
+        spent = {key: sum(p["spent"][key] for p in parts) for key in USAGE_KEYS}
+        kept = total["pairs"] - total["failed"] - total["tie"]
+        cost = usage_report(dict.fromkeys(USAGE_KEYS, 0), spent, {"pair": total["pairs"], "kept_pair": kept})
     return {"step": run.step, **per_term,
             "reward_mean": sum(every["rewards"]) / len(every["rewards"]) if every["rewards"] else None,
             "judge_failure_rate": total["failed"] / total["pairs"], "tie_rate": total["tie"] / total["pairs"],
@@ -276,7 +326,9 @@ def summarize(run, parts, sums, grad_norm, skipped, lr, step_time):
             "judge_latency_p95": percentile(every["latency"], 0.95),
             "pairs": total["pairs"], "judge_failures": total["failed"], "masked_pairs": total["failed"] + total["tie"],
             "terms": int(terms),  # trained (sample, transition) terms over all ranks: the gradient's normaliser
-            "skipped": skipped, "nonfinite_skips": run.nonfinite_skips, "stop_requested": any(p["stop"] for p in parts)}
+            "skipped": skipped, "nonfinite_skips": run.nonfinite_skips, "stop_requested": any(p["stop"] for p in parts),
+            "judge_failure_reasons": failure_reasons(e for p in parts for e in p["errors"]),
+            **{f"judge_{key}": value for key, value in cost.items()}}
 
 
 def save_grid(rows, path):
@@ -326,15 +378,19 @@ def log(run, record):
             run.tracker.add_scalar(k, v, record["step"])
     shown = " ".join(f"{k} {'-' if record[k] is None else format(record[k], spec)}"
                      for k, spec in CONSOLE.items() if k in record)
-    kind = "eval" if "eval_win_rate" in record else "step"
+    kind = "eval" if "eval_win_rate" in record else "check" if "judge_check_accuracy" in record else "step"
     skipped = f" SKIPPED: {record['skipped']}" if record.get("skipped") else ""
     print(f"{kind} {record['step']:>5}/{run.cfg.max_steps} {shown}{skipped}", flush=True)
+    for count, reason in record.get("judge_failure_reasons") or record.get("judge_check_failure_reasons") or []:
+        print(f"  judge failed {count} x: {reason}", flush=True)
 
 
-CONSOLE = {"eval_win_rate": ".3f", "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "loss": "+.4f",
+CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_position_gap": "+.3f", "judge_check_failure_rate": ".2f",
+           "eval_win_rate": ".3f", "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "loss": "+.4f",
            "kl": ".2e", "clipfrac": ".2f", "grad_norm": ".3f", "judge_failure_rate": ".2f", "tie_rate": ".2f",
            "first_position_win_rate": ".2f", "judge_latency_p50": ".2f", "step_time": ".2f", "time_rollout": ".2f",
-           "time_judge_wait": ".2f", "time_update": ".2f"}  # the progress line: metric name -> format
+           "time_judge_wait": ".2f", "time_update": ".2f", "judge_requests": "d",
+           "judge_completion_tokens": "d"}  # the progress line: metric name -> format
 
 
 # ---- Checkpoints -------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ adapters disabled) trains the LoRA. One optimizer step (`train_step`) runs these
                    mean with adapters disabled; loss = PPO clip + kl_beta * KL; backward;
     5. step        one all-reduce of the LoRA gradients, divided by the global number of (sample, transition)
                    terms, grad-norm clip, AdamW, LR schedule.
-The loop logs metrics (and every eval_every steps the win rate against the reference) and checkpoints. Equations:
+The loop logs metrics (with the judge's requests, tokens and failure reasons; every eval_every steps the win rate
+against the reference; with --judge_check_data, the judge's accuracy on labelled pairs) and checkpoints. Equations:
 arr_rpo.py; models: policy.py; judge: judge.py; plumbing (CLI, checks, distributed, checkpoints, logs): runtime.py.
 
 Run
@@ -98,6 +99,11 @@ class Config:
     rubrics: str | None = opt(None, "rubric text file conditioning the judge (required with judge_url)")
     judge_swap: bool = opt(True, "judge both candidate orders; disagreement is a tie and masks the pair")
     judge_concurrency: int = opt(8, "judge requests in flight per rank")
+    judge_max_tokens: int | None = opt(None, "completion tokens per judge request (unset: 1024); one judgment sends "
+                                             "at most 2 orders x 3 tries = 6 requests")
+    judge_check_data: str | None = opt(None, "labelled pairs (any judge.py eval format) judged in both orders at step "
+                                             "0 and every judge_check_every steps: the drift alarm")
+    judge_check_every: int = opt(25, "steps between judge checks on judge_check_data")
     # ppo
     clip_range: float = opt(0.2, "PPO clip range epsilon (on per-element-mean log-probs)")
     adv_clip: float = opt(5.0, "advantages are clamped to [-adv_clip, adv_clip]")
@@ -244,8 +250,9 @@ def train_step(run):
     """One optimizer step (phases 1-5); returns its metrics, aggregated over all ranks (the same on every rank)."""
     cfg, d = run.cfg, run.d
     start, steps_before, lr = time.perf_counter(), run.steps_taken, run.optimizer.param_groups[0]["lr"]
+    spent = runtime.judge_usage(run.judge)
     pending = rollout_and_submit(run, runtime.next_window(run))  # 1. rollout: every pair goes to the judge at once
-    local = dict(pairs=len(pending), failed=0, tie=0, rewards=[], first=[], latency=[],
+    local = dict(pairs=len(pending), failed=0, tie=0, rewards=[], first=[], latency=[], errors=[],
                  time_rollout=time.perf_counter() - start, time_judge_wait=0.0, time_update=0.0)
     sums = torch.zeros(len(SUMS))
     for traj, future in pending:  # a kept pair trains while later pairs are still being judged
@@ -257,12 +264,14 @@ def train_step(run):
         local["first"] += verdict.first_position_wins
         if rewards is None:
             local[outcome] += 1
+            local["errors"].append(verdict.error)  # None for a tie
             continue
         local["rewards"] += rewards
         adv = advantages(rewards, cfg, run.policy.device)  # 3. advantages
         t = time.perf_counter()
         sums += backward_pair_loss(run.policy, traj, adv, cfg, run.rng)  # 4. update
         local["time_update"] += time.perf_counter() - t
+    local["spent"] = runtime.judge_usage(run.judge, since=spent)  # requests and tokens of this step's judgments
     t = time.perf_counter()
     sums, grad_norm, skipped = reduce_and_step(run, sums)  # 5. step
     local["time_update"] += time.perf_counter() - t
@@ -325,7 +334,7 @@ def prepare(cfg, d, judge=None):
     demo, cls = (DEMOS[cfg.model_type] if cfg.model is None else None), POLICIES[cfg.model_type]
     cfg = dataclasses.replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
                               dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
-    items, eval_items, rubric = runtime.load_inputs(cfg, demo, cls.task)
+    items, eval_items, rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     runtime.print0(d, "config: " + json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -349,7 +358,7 @@ def prepare(cfg, d, judge=None):
         random.seed(cfg.seed + d.rank)
         torch.manual_seed(cfg.seed + d.rank)
         run = runtime.Run(cfg, d, policy, judge, optimizer, scheduler, items, eval_items,
-                          rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out)
+                          rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out, check_items=check_items)
         optimizer.register_step_post_hook(lambda *_: setattr(run, "steps_taken", run.steps_taken + 1))
         if resume is not None:
             runtime.load_checkpoint(run, Path(resume))
@@ -368,11 +377,14 @@ def warmup_factor(warmup_steps, step):
 def loop(run):
     """Steps until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge."""
     cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window steps
+    if run.step == 0:
+        runtime.judge_check(run)
     if run.step == 0 and cfg.eval_every:
         runtime.log(run, evaluate(run))
     while run.step < cfg.max_steps:
         record = train_step(run)
         runtime.log(run, record)
+        runtime.judge_check(run)  # the drift alarm: the judge's accuracy on labelled pairs, every judge_check_every
         # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
         recent = (recent + [(record["masked_pairs"], record["pairs"])])[-cfg.failure_window:]
         failed, pairs = map(sum, zip(*recent))

@@ -1,10 +1,16 @@
-"""Session fixtures shared by the test files: the real `transformers serve` servers of tests/real_server.py.
-
-Each server is started once per session, on first use (about 7 s on 2 cores), and killed at the end.
+"""Session fixtures shared by the test files: the folder the demo's tiny models are built into once, and the real
+`transformers serve` servers of tests/real_server.py (each started once per session on first use, about 7 s on
+2 cores, and killed at the end).
 """
 import pytest
 
 from real_server import UNIVERSAL_ANSWER, RealServer, build_tiny_llava
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """train.py's --cache_dir: the tiny demo models are built there once per session."""
+    return str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ For editing requests (a text part "Image BASE (original image):" before an image
 
 Attributes read by tests: requests (JSON bodies), headers, times (arrival, time.monotonic), connections,
 max_in_flight, usage (the usage object of every 200 answer that carried one: prompt_tokens grows with the request's
-size, completion_tokens with the answer's, so sums over requests are distinctive). Settings: latency, handler, reject_json_schema, reject_json_object, retry_after, hang_seconds.
+size, completion_tokens with the answer's, so sums over requests are distinctive). Settings: latency, handler,
+reject_json_schema, reject_json_object, retry_after, hang_seconds.
 
 As a separate process (bench.py, or trying the CLI by hand): `python tests/fake_vlm.py --latency 0.1` prints its
 URL, serves until stdin closes, then prints {"requests": ..., "max_in_flight": ..., "connections": ...}.

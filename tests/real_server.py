@@ -18,8 +18,10 @@ Two models:
         client = VLMClient(server.url, server.model)
 
 By hand: `python tests/real_server.py [--fixed]` builds the model in a temporary folder, prints the URL and the
-model name, and serves until stdin closes. Measured on 2 CPU cores: about 6 s from start to /health, 0.05 s per
-request for a 16-token answer, 0.3 s for a 1,024-token one.
+model name, and serves until stdin closes. Measured on 2 busy CPU cores (one torch thread in the server): 6-12 s
+from start to /health; a judge request (two images, 1,540 prompt tokens with the byte tokenizer) 0.1 s for a
+16-token answer, 3.7 s for a 1,024-token one; so one judgment of the random model at the default max_tokens (6
+requests of 1,024 tokens) costs about 22 s of server time, and 0.6 s at max_tokens 4.
 """
 import argparse
 import ctypes
@@ -171,7 +173,10 @@ class RealServer:
         self._log = None
 
     def __enter__(self):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # one thread: a tiny model gains nothing from more, and on a busy 2-core machine torch's default pool made
+        # every request 15x slower (1.5 s instead of 0.1 s for a 1,500-token prompt)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": "1"}
         command = [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model, "--port",
                    str(self.port), "--host", "127.0.0.1", "--device", "cpu", "--dtype", "float32",
                    "--log-level", "warning"]
