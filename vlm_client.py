@@ -6,8 +6,8 @@ Ollama, OpenAI and Gemini; a bound on requests in flight across threads; no API 
 `ResponseCache` (sqlite answers keyed by request, for resuming), answer parsing (`extract_text`, `extract_json`,
 `strip_thinking`), `encode_image`, `VLMClient.ask_json` (the one re-ask loop for malformed replies),
 `VLMClient.usage` (requests sent and the tokens the servers reported, summed), `failure_reasons` (errors counted by
-kind, for the console) and `map_concurrently` (the one thread pool that stops cleanly on Ctrl-C). `judge.py`, `rubrics.py` and
-`train_judge.py` build on it; copy it alone into another project that needs a robust VLM client.
+kind, for the console) and `map_concurrently` (the one thread pool that stops cleanly on Ctrl-C). `judge.py`,
+`rubrics.py` and `train_judge.py` build on it; copy it alone into another project that needs a robust VLM client.
 
 Run: nothing to run; `python -m pytest tests/test_judge.py -k client` checks it against tests/fake_vlm.py.
     client = VLMClient("http://localhost:8000/v1", "Qwen/Qwen3-VL-8B-Instruct", max_concurrency=8)
