@@ -2,8 +2,11 @@
 prompt files RPO trains on.
 
 - `load_pairs(path)`: preference pairs (or N-way rankings) in the official ARR format (JSON list or JSONL, every key
-  alias, text-to-image and editing), HPDv3 (prompt, path1 preferred, path2) and MMRB2 ({"pairs": [...]}, chosen
-  "A" / "B"), as `PairItem`s. What `judge.py eval`, `rubrics.py` and `train_judge.py` read.
+  alias, text-to-image and editing), HPDv3 (prompt, path1 preferred, path2, confidence) and MMRB2 ({"pairs": [...]},
+  chosen "A" / "B"), as `PairItem`s. What `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and
+  `train_judge.py` read. Items that carry no usable preference stay in the list with `skip` set (a tied label, a
+  confidence under min_confidence, a multi-image response with multi_image="skip"); `split_skipped` separates them
+  and counts them.
 - `load_prompts(path, task)`: RPO's training / eval prompts: a text file with one prompt per line (text-to-image) or
   JSONL {"source_image", "instruction"} (editing), as `Item`s.
 Bad input raises `DataError` naming the file, the line or item, and the field.
@@ -11,11 +14,16 @@ Bad input raises `DataError` naming the file, the line or item, and the field.
 Run: nothing to run; `python -m pytest tests/test_judge.py -k pairs` and `tests/test_train.py -k edit_jsonl`.
     items = load_pairs("examples/seed_pairs.json")        # [PairItem(prompt, images, label_rank, source_image)]
 
+Image paths: a URL passes through; an absolute path is used as it is; a relative one is looked up next to the data
+file, then in the working directory (the official loader only tries the working directory, and its own examples
+are written relative to its repository root); a missing image is an error naming every place tried.
+
 Deliberate deviations from the official code
-    1. Image paths are resolved relative to the data file; the official loader tries the working directory.
-    2. A label must be a permutation of 1..N (`arr_rpo.is_ranking`): the official loader accepts ties such as
-       [1, 1], which are not preferences.
-    3. MMRB2 editing items with several input images use the first one as the source image.
+    1. A label is a permutation of 1..N (`arr_rpo.is_ranking`) or a tie such as [1, 1]; a tie is loaded but
+       skipped (no preference to judge against), where the official code scores it like a preference.
+    2. MMRB2 editing items with several input images use the first one as the source image; a response holding
+       several images is an error unless multi_image says "first" (its first image stands for it) or "skip".
+    3. min_confidence drops HPDv3 pairs whose annotator agreement is lower (HPSv3 trains on confidence >= 0.95).
 """
 import json
 from dataclasses import dataclass
@@ -40,6 +48,7 @@ class PairItem:
     label_rank: list[int]            # human ranking over the candidates (smaller = better)
     source_image: str | None = None  # editing: the original image
     line: int = 0                    # 1-based line (JSONL) or item index (JSON list / MMRB2 pairs), for messages
+    skip: str | None = None          # why it is not judged: "tied label", "confidence < X", "multi-image response"
 
 
 PROMPT_KEYS = ("query", "prompt", "instruction")
@@ -50,20 +59,37 @@ EDITED_KEYS = ("edited_image", "edited_images", "target_image", "target_images",
 EDIT_FALLBACK_KEYS = ("response", "responses", "images", "image_paths", "image")
 
 
-def load_pairs(path, task=None):
+MULTI_IMAGE = ("error", "first", "skip")
+
+
+def load_pairs(path, task=None, min_confidence=None, multi_image="error"):
     """Preference pairs (or N-way rankings) from the official ARR format (JSON list or JSONL, every key alias, T2I
-    and editing), HPDv3 (prompt, path1 preferred, path2) or MMRB2 ({"pairs": [...]}, chosen "A" / "B").
-    task None decides per item (a source image makes it an editing item); "t2i" ignores source images. Image paths
-    are relative to the data file; http(s) and data URLs pass through. Bad input raises DataError."""
+    and editing), HPDv3 (prompt, path1 preferred, path2, confidence) or MMRB2 ({"pairs": [...]}, chosen "A" / "B").
+
+    task None decides per item (a source image makes it an editing item); "t2i" ignores source images.
+    min_confidence: items with a `confidence` below it get skip "confidence < X" (an item without one is an error).
+    multi_image: an MMRB2 response with several images is an error ("error"), judged by its first image ("first"),
+    or skipped ("skip"). Image paths: see the module docstring. Bad input raises DataError."""
     if task not in (None, "t2i", "edit"):
         raise ValueError(f"task must be None, 't2i' or 'edit', got {task!r}")
+    if multi_image not in MULTI_IMAGE:
+        raise ValueError(f"multi_image must be one of {MULTI_IMAGE}, got {multi_image!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    items = [_to_pair(path, where, obj, task) for where, obj in _read_records(path)]
+    items = [_to_pair(path, where, obj, task, min_confidence, multi_image) for where, obj in _read_records(path)]
     if not items:
         raise DataError(f"{path}: no items")
     return items
+
+
+def split_skipped(items):
+    """(the items to judge, {skip reason: count} of the others), the reasons in order of first appearance."""
+    skipped = {}
+    for item in items:
+        if item.skip is not None:
+            skipped[item.skip] = skipped.get(item.skip, 0) + 1
+    return [item for item in items if item.skip is None], skipped
 
 
 def _read_records(path):
@@ -97,12 +123,12 @@ def _read_records(path):
     return records
 
 
-def _to_pair(path, location, obj, task):
+def _to_pair(path, location, obj, task, min_confidence, multi_image):
     where = f"{path}: {location[0]} {location[1]}"
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "chosen" in obj and ("response_a" in obj or "response_b" in obj):
-        item = _mmrb2_pair(path, where, obj, task)
+        item = _mmrb2_pair(path, where, obj, task, multi_image)
     elif "path1" in obj or "path2" in obj:
         item = _hpdv3_pair(path, where, obj)
     elif any(key in obj for key in PROMPT_KEYS):
@@ -112,6 +138,13 @@ def _to_pair(path, location, obj, task):
                         f"(prompt, path1, path2) or an MMRB2 pair (chosen, response_a, response_b); "
                         f"found keys {sorted(obj)}")
     item.line = location[1]
+    if min_confidence is not None and item.skip is None:
+        confidence = obj.get("confidence")
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+            raise DataError(f"{where}: field 'confidence': expected a number for --min_confidence, "
+                            f"got {_short(confidence)}")
+        if confidence < min_confidence:
+            item.skip = f"confidence < {min_confidence:g}"
     return item
 
 
@@ -128,17 +161,24 @@ def _resolve_image(path, where, key, value):
     if is_url(value):
         return value
     image = Path(value.removeprefix("file://")).expanduser()
-    image = image if image.is_absolute() else path.parent / image
-    if not image.is_file():
-        raise DataError(f"{where}: field '{key}': image file not found: {image}")
-    return str(image)
+    tried = [image] if image.is_absolute() else list(dict.fromkeys([path.parent / image, Path.cwd() / image]))
+    for candidate in tried:
+        if candidate.is_file():
+            return str(candidate)
+    places = " and ".join(f"{candidate} ({'absolute' if image.is_absolute() else where_from})"
+                          for candidate, where_from in zip(tried, ("next to the data file", "working directory")))
+    raise DataError(f"{where}: field '{key}': image file not found: {value!r}; tried {places}")
 
 
 def _check_label(where, key, label, n):
+    """(label, skip): a permutation of 1..n is a preference; a tie like [1, 1] loads with skip "tied label"."""
     if isinstance(label, list) and len(label) == n and is_ranking(label):
-        return list(label)
+        return list(label), None
+    if isinstance(label, list) and len(label) == n >= 2 and all(type(v) is int for v in label) \
+            and min(label) == 1 and max(label) <= n:
+        return list(label), "tied label"
     raise DataError(f"{where}: field '{key}': bad label {_short(label)}: expected a permutation of 1..{n} over the "
-                    f"{n} candidates (smaller = better; ties are not preferences)")
+                    f"{n} candidates (smaller = better) or a tie such as {[1] * n}")
 
 
 def _first_key(obj, keys):
@@ -171,9 +211,10 @@ def _arr_pair(path, where, obj, task):
         base, raw, base_key = raw[0], raw[1:], image_key
     if len(raw) < 2:
         raise DataError(f"{where}: field '{image_key}': need at least 2 candidate images, got {len(raw)}")
+    label, skip = _check_label(where, "label_rank", label, len(raw))
     images = [_resolve_image(path, where, image_key, value) for value in raw]
     source = _resolve_image(path, where, base_key, base) if base is not None else None
-    return PairItem(obj[prompt_key], images, _check_label(where, "label_rank", label, len(images)), source)
+    return PairItem(obj[prompt_key], images, label, source, skip=skip)
 
 
 def _hpdv3_pair(path, where, obj):
@@ -206,24 +247,29 @@ def _mmrb2_parts(value):
     return []
 
 
-def _mmrb2_pair(path, where, obj, task):
+def _mmrb2_pair(path, where, obj, task, multi_image):
     prompt_parts = _mmrb2_parts(obj.get("prompt_content", obj.get("prompt")))
     prompt = "\n".join(v for kind, v in prompt_parts if kind == "text").strip()
     if not prompt:
         raise DataError(f"{where}: field 'prompt_content': no text prompt (the *_response_only.json files have "
                         "none; use t2i.json / edit.json)")
-    images = []
+    images, skip = [], None
     for key in ("response_a", "response_b"):
         found = [v for kind, v in _mmrb2_parts(obj.get(key)) if kind == "image"]
         if not found:
             raise DataError(f"{where}: field '{key}': no image in the response")
+        if len(found) > 1 and multi_image == "error":
+            raise DataError(f"{where}: field '{key}': the response holds {len(found)} images, and a pair compares "
+                            "one image per response; pass --multi_image skip to leave such pairs out, or "
+                            "--multi_image first to judge each response by its first image")
+        skip = skip or ("multi-image response" if len(found) > 1 and multi_image == "skip" else None)
         images.append(_resolve_image(path, where, key, found[0]))
     chosen = str(obj.get("chosen", "")).strip().upper()
     if chosen not in ("A", "B"):
         raise DataError(f"{where}: field 'chosen': bad label {_short(obj.get('chosen'))}: expected 'A' or 'B'")
     inputs = [v for kind, v in prompt_parts if kind == "image"]
     source = _resolve_image(path, where, "prompt_content", inputs[0]) if inputs and task != "t2i" else None
-    return PairItem(prompt, images, [1, 2] if chosen == "A" else [2, 1], source)
+    return PairItem(prompt, images, [1, 2] if chosen == "A" else [2, 1], source, skip=skip)
 
 
 # ------------------------------------------------------------------------------------------------ prompt files

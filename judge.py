@@ -17,6 +17,12 @@ Run:
     python judge.py ping --base_url http://localhost:8000/v1 --model Qwen/Qwen3-VL-8B-Instruct
 The API key comes from the environment variable named by --api_key_env (default OPENAI_API_KEY).
 
+Cost: one judgment sends at most (2 with the order swap, else 1) x (1 + max_invalid) chat requests, 6 by default,
+each of at most max_tokens completion tokens (--max_tokens; 1024 by default); a transport error (connection, 408,
+429, 5xx) is retried up to max_retries more times per request. A model that never answers valid JSON costs all 6.
+`eval` reports the requests and the tokens the server counted, in total and per judged item, and the distinct
+failure reasons with their counts on stderr.
+
 Request layout (prefix-cache friendly): a system message = fixed instructions + rubric text (identical for every
 call), then one user message: "Image 1:", image, "Image 2:", image, ... (editing: "Image BASE (original image):",
 source, "Edited Image 1:", image, ...) and the prompt last, with any per-prompt rubric. Templates: prompts/judge_*.txt.
@@ -32,7 +38,9 @@ Deliberate deviations from the paper and the official code
  4. Our own prompt wording (prompts/judge_*.txt); the reply asks for "reason" before "rank" so the model states
     the decisive differences before committing to an order.
  5. The evaluation reports accuracy_first / accuracy_second / position_gap, tie_rate and failure_rate besides
-    accuracy (which, as in the official CLI, counts ties and failures as wrong over all n items).
+    accuracy (which, as in the official CLI, counts ties and failures as wrong over all n items), plus the items
+    skipped (tied labels, low HPDv3 confidence, multi-image responses: data.py), the failure reasons with counts
+    and the requests and tokens spent; the official CLI judges a tied label as if it were a preference.
  6. Groups of N > 2 candidates (beyond the paper, which judges pairs): `listwise` combines the orders by mean rank
     (arr_rpo.mean_rank_places), so one swapped neighbour pair does not mask the group; `pairs` judges every pair
     and scores the tournament win rate with ties as half (Pref-GRPO, arXiv 2508.20751). For N = 2 both reduce to
@@ -56,8 +64,10 @@ from PIL import Image, ImageDraw
 from arr_rpo import is_ranking, mean_rank_places, places_to_win_rates, tournament_win_rates
 # re-exported: `judge.VLMClient`, `judge.load_pairs` and the error types are the stable API
 from data import DataError, PairItem, load_pairs  # noqa: F401
+from data import MULTI_IMAGE, split_skipped
 from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, encode_image, extract_json,  # noqa: F401
-                        extract_text, map_concurrently, public_url, server_message, strip_thinking)
+                        extract_text, failure_reasons, map_concurrently, public_url, server_message, strip_thinking,
+                        usage_report)
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 BASE_LABEL = "Image BASE (original image):"
@@ -334,7 +344,8 @@ def eval_settings(judge):
     elif extra is not None:
         extra = f"{getattr(extra, '__module__', '')}.{getattr(extra, '__qualname__', type(extra).__name__)}"
     return {"system_prompt": _digest(judge.system_prompt), "model": judge.client.model, "swap": judge.swap,
-            "task": judge.task, "max_invalid": judge.max_invalid, "prompt_rubrics": extra}
+            "task": judge.task, "max_invalid": judge.max_invalid, "prompt_rubrics": extra,
+            "max_tokens": judge.client.max_tokens or judge.max_tokens}
 
 
 def _record(item, verdict, presentations, settings):
@@ -406,8 +417,14 @@ def _read_results(out, items, settings):
 
 def evaluate(judge, items, out=None, progress=False):
     """Judge every item (concurrently, as many at once as the judge's pool would), append one JSON line per item to
-    `out` as it finishes, skip items already finished in `out`, and return summarize() over all items."""
+    `out` as it finishes, skip items already finished in `out`, and return summarize() over all judged items, plus:
+    skipped {reason: count} (items with `skip` set, e.g. tied labels: not judged, not in n or any rate);
+    failure_reasons [[count, reason], ...] (vlm_client.failure_reasons over the failed items); what this call cost
+    (vlm_client.usage_report: requests, prompt_tokens, completion_tokens, cache_hits, unreported, and each of the
+    first three per item judged now)."""
     settings = eval_settings(judge)
+    items, skipped = split_skipped(items)
+    spent_before = judge.client.usage()
     done = _read_results(out, items, settings) if out is not None and Path(out).exists() else {}
     todo = [item for item in items if item.line not in done]
     results = map_concurrently(lambda item: judge.compare_detailed(item.prompt, item.images, item.source_image),
@@ -433,7 +450,10 @@ def evaluate(judge, items, out=None, progress=False):
         results.close()  # Ctrl-C: stop judging what has not started
         if sink is not None:
             sink.close()
-    return summarize([done[item.line] for item in items])
+    records = [done[item.line] for item in items]
+    return {**summarize(records), "skipped": skipped,
+            "failure_reasons": failure_reasons(r["error"] for r in records),
+            **usage_report(spent_before, judge.client.usage(), {"item": len(todo)})}
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -461,7 +481,7 @@ def _client_from_args(args):
         print(f"warning: environment variable {args.api_key_env} is not set; sending no API key", file=sys.stderr)
     extra = json.loads(args.extra_body) if args.extra_body else None
     return VLMClient(args.base_url, args.model, api_key=key or "", timeout=args.timeout, max_retries=args.max_retries,
-                     max_concurrency=args.concurrency, max_side=args.max_side,
+                     max_concurrency=args.concurrency, max_side=args.max_side, max_tokens=args.max_tokens,
                      image_format="JPEG" if args.jpeg else "PNG", extra_body=extra)
 
 
@@ -472,7 +492,7 @@ def _cmd_eval(args):
     rubrics = rubrics_path.read_text(encoding="utf-8")
     if not rubrics.strip():
         raise DataError(f"{rubrics_path}: rubrics file is empty")
-    items = load_pairs(args.data, task=args.task)
+    items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image)
     task = args.task or ("edit" if any(item.source_image for item in items) else "t2i")
     prompt_rubrics = None
     if args.prompt_rubrics:
@@ -482,9 +502,25 @@ def _cmd_eval(args):
     with _client_from_args(args) as client, Judge(client, rubrics, task=task, swap=not args.no_swap,
                                                   prompt_rubrics=prompt_rubrics, cache=args.cache,
                                                   max_invalid=args.max_invalid) as judge:
+        print(f"[judge] {len(items)} items; at most {(1 + judge.swap) * (1 + judge.max_invalid)} requests per item "
+              f"of at most {client.max_tokens or judge.max_tokens} completion tokens each", file=sys.stderr)
         summary = evaluate(judge, items, out=args.out, progress=True)
+    print_report(summary, "items")
     print(json.dumps(summary))
     return 1 if summary["n"] and summary["failure_rate"] == 1.0 else 0
+
+
+def print_report(summary, unit, tag="judge"):
+    """To stderr: what was skipped, why things failed (with counts), what it cost. Shared by the CLIs."""
+    if summary.get("skipped"):
+        print(f"[{tag}] skipped {sum(summary['skipped'].values())} {unit}: "
+              + ", ".join(f"{count} {reason}" for reason, count in summary["skipped"].items()), file=sys.stderr)
+    for count, reason in summary.get("failure_reasons") or []:
+        print(f"[{tag}] failed {count} x: {reason}", file=sys.stderr)
+    print(f"[{tag}] cost: {summary['requests']} requests, {summary['prompt_tokens']} prompt + "
+          f"{summary['completion_tokens']} completion tokens (as the server counted), {summary['cache_hits']} "
+          f"answers from the cache" + (f", {summary['unreported']} answers without usage" if summary['unreported']
+                                       else ""), file=sys.stderr)
 
 
 def _cmd_ping(args):
@@ -494,9 +530,20 @@ def _cmd_ping(args):
         verdict = judge.compare(prompt, images, source)
     print(json.dumps({"task": args.task, "prompt": prompt, "expected": expected, **dataclasses.asdict(verdict)}))
     if verdict.rank != expected:
-        print(f"ping failed: expected rank {expected}, got {verdict.rank} (error: {verdict.error})", file=sys.stderr)
+        why = (f"error: {verdict.error}" if verdict.error else
+               f"the two orders disagreed (position bias?): {verdict.reason}" if not verdict.consistent else
+               f"reason: {verdict.reason}")
+        print(f"ping failed: expected rank {expected}, got {verdict.rank} ({why[:600]})", file=sys.stderr)
         return 1
     return 0
+
+
+def add_data_options(parser):
+    """--min_confidence and --multi_image: the load_pairs options every CLI that reads pairs offers."""
+    parser.add_argument("--min_confidence", type=float, default=None, help="skip pairs whose 'confidence' (HPDv3) "
+                        "is lower, e.g. 0.95 as HPSv3 trains")
+    parser.add_argument("--multi_image", choices=MULTI_IMAGE, default="error", help="an MMRB2 response with "
+                        "several images: an error, judged by its first image, or skipped")
 
 
 def main(argv=None):
@@ -511,6 +558,8 @@ def main(argv=None):
     common.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
     common.add_argument("--max_side", type=int, default=None, help="downscale images to this longest side")
     common.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
+    common.add_argument("--max_tokens", type=int, default=None, help="completion tokens per request at most "
+                        "(default 1024); a judgment sends up to 2 orders x (1 + max_invalid) requests")
     common.add_argument("--extra_body", default=None, help='JSON merged into each request, e.g. '
                         '\'{"chat_template_kwargs": {"enable_thinking": false}}\'')
     common.add_argument("--no_swap", action="store_true", help="judge only the given order")
@@ -522,6 +571,7 @@ def main(argv=None):
     ev.add_argument("--cache", default=None, help="sqlite answer cache file")
     ev.add_argument("--prompt_rubrics", default=None, help="JSON file {prompt: per-prompt rubric text}")
     ev.add_argument("--max_invalid", type=int, default=2, help="re-asks of an invalid reply")
+    add_data_options(ev)
     ping = sub.add_parser("ping", parents=[common], help="judge one synthetic pair with an obvious answer")
     ping.add_argument("--task", choices=["t2i", "edit"], default="t2i")
     args = parser.parse_args(argv)

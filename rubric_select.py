@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from data import load_pairs
 from judge import Judge, load_template
 from rubrics import (INPUT_LABEL, _ask, _check_label, _check_task, _client, _image_parts, _prepare_outputs, _schema,
-                     _sidecar_path, _task_of, _templates_used, file_sha256, numbered, read_rubric_list)
+                     _sidecar_path, _task_of, _templates_used, file_sha256, load_labelled, numbered, read_rubric_list)
 from vlm_client import JudgeError, ResponseCache, map_concurrently, public_url
 
 SCORE_SCHEMA = _schema("score", {"score": {"type": "integer", "minimum": 1, "maximum": 5},
@@ -192,7 +191,7 @@ def cmd_select(args):
     candidates = read_rubric_list(args.rubrics)
     if not 1 <= args.top_n <= len(candidates):
         raise ValueError(f"--top_n must be in 1..{len(candidates)} (the number of candidate rubrics)")
-    items = load_pairs(data, task=args.task)
+    items, _ = load_labelled(args)
     args.task = _task_of(args.task, items)
     if len(items) < 2:
         raise ValueError(f"{data}: need at least 2 pairs, got {len(items)}")

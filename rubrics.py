@@ -12,6 +12,8 @@ Run (the API key, if the server needs one, is read from OPENAI_API_KEY by vlm_cl
     python rubrics.py select --data pairs.json --rubrics candidates.txt --base_url URL --model NAME --top_n 5 \
         --out selected.txt [--l1 0.01] [--holdout 0.3] [--mode pairwise|pointwise] [--seed 0]
     python rubrics.py prompt --data prompts.txt --base_url URL --model NAME --out prompt_rubrics.json
+    every command also takes [--max_tokens N] [--min_confidence 0.95] [--multi_image error|first|skip]; induce
+    prints the skipped items, the failure reasons with counts and the requests and tokens spent (stderr)
 `induce` writes the rubric text (what `judge.py eval --rubrics` and `train.py --rubrics` read) and a provenance
 sidecar `rubrics.json`; `select` writes the selected rubrics and `selected.json` with their weights and held-out
 accuracies; `prompt` writes the zero-shot rubrics per prompt that `judge.py eval --prompt_rubrics` reads.
@@ -57,9 +59,11 @@ import threading
 from pathlib import Path
 
 from arr_rpo import is_ranking
-from data import load_pairs
-from judge import CANDIDATE_LABEL, Judge, labelled_images, load_template, template_sha256
-from vlm_client import JudgeError, ReplyError, ResponseCache, VLMClient, map_concurrently, public_url
+from data import load_pairs, split_skipped
+from judge import (CANDIDATE_LABEL, Judge, add_data_options, labelled_images, load_template, print_report,
+                   template_sha256)
+from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, failure_reasons, map_concurrently,
+                        public_url, usage_report)
 
 TASKS = ("t2i", "edit")
 # What the text input of an item is called in our prompts, and the judge's labels for the images.
@@ -481,8 +485,18 @@ def _client(args):
     if extra_body is not None and not isinstance(extra_body, dict):
         raise ValueError("--extra_body must be a JSON object")
     return VLMClient(args.base_url, args.model, timeout=args.timeout, max_retries=args.max_retries,
-                     max_concurrency=args.concurrency, max_side=args.max_side,
+                     max_concurrency=args.concurrency, max_side=args.max_side, max_tokens=args.max_tokens,
                      image_format="JPEG" if args.jpeg else "PNG", extra_body=extra_body)
+
+
+def load_labelled(args):
+    """(the labelled pairs of --data to use, {skip reason: count} of the others), as --min_confidence and
+    --multi_image say; ValueError when none is left."""
+    items, skipped = split_skipped(load_pairs(args.data, task=args.task, min_confidence=args.min_confidence,
+                                              multi_image=args.multi_image))
+    if not items:
+        raise ValueError(f"{args.data}: no pair left to use (skipped: {skipped})")
+    return items, skipped
 
 
 def _rubric_sources(result):
@@ -502,9 +516,10 @@ def cmd_induce(args):
     _prepare_outputs(data, [out, sidecar], args.force)
     if cache_path.resolve() in (data.resolve(), out.resolve(), sidecar.resolve()):
         raise ValueError(f"--cache {cache_path} is the data file or an output file")
-    items = load_pairs(data, task=args.task)
+    items, skipped = load_labelled(args)
     args.task = _task_of(args.task, items)
     client = _client(args)
+    before = client.usage()
     print(f"inducing rubrics from {len(items)} items of {data} with {args.model}: k={args.num_rubrics}, "
           f"max_refine={args.max_refine}, categories={args.categories}, concurrency={args.concurrency}, "
           f"cache={cache_path} (rerun with it to resume)", flush=True)
@@ -521,6 +536,8 @@ def cmd_induce(args):
                         categories=args.categories, task=args.task, cache_path=cache_path, progress=progress)
     print(f"{result.n_verified} verified, {result.n_discarded} discarded, {result.n_errors} judge errors of "
           f"{result.n_pairs} items; {len(result.rubrics)} distinct verified rubrics", flush=True)
+    print_report({"skipped": skipped, "failure_reasons": failure_reasons(o.error for o in result.outcomes),
+                  **usage_report(before, client.usage(), {"item": len(items)})}, "items", tag="rubrics")
     if not result.rubrics:
         print("error: no rubric passed verification; nothing written", file=sys.stderr)
         return 1
@@ -565,7 +582,7 @@ def cmd_prompt(args):
         prompts = [line.strip() for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
         args.task = args.task or "t2i"
     else:
-        items = load_pairs(data, task=args.task)
+        items = load_pairs(data, task=args.task, multi_image=args.multi_image)
         args.task = _task_of(args.task, items)
         prompts = [item.prompt for item in items]
     prompts = list(dict.fromkeys(prompts))
@@ -618,6 +635,9 @@ def build_parser():
         p.add_argument("--max_side", type=int, default=None, help="downscale images to this longest side")
         p.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
         p.add_argument("--extra_body", default=None, help="JSON object merged into each request")
+        p.add_argument("--max_tokens", type=int, default=None, help="completion tokens per request at most "
+                       "(default 2048 for rubric requests, 1024 for judgments)")
+        add_data_options(p)
         p.add_argument("--force", action="store_true", help="overwrite existing output files")
         if name in ("induce", "prompt"):
             p.add_argument("--num_rubrics", type=int, default=5, help="K rubrics per item / prompt")

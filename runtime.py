@@ -40,9 +40,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from data import load_prompts, read_text
+from data import load_pairs, load_prompts, read_text, split_skipped
 from demo import DemoJudge
-from judge import GROUP_JUDGING, Judge, VLMClient
+from judge import GROUP_JUDGING, Judge, VLMClient, evaluate
+from vlm_client import USAGE_KEYS, failure_reasons, usage_report
 
 
 class ConfigError(Exception):
@@ -103,9 +104,11 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
               "failure_window": cfg.failure_window >= 1, "failure_stop_rate": 0 <= cfg.failure_stop_rate <= 1,
               # eta = 0 is a Dirac transition with no log-prob: every loss would be NaN and every step skipped
               "eta": cfg.eta > 0, "clip_range": cfg.clip_range > 0, "kl_beta": cfg.kl_beta >= 0,
-              "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0, "num_candidates": cfg.num_candidates >= 2,
-              "minibatches": cfg.minibatches >= 1, "inner_epochs": cfg.inner_epochs >= 1,
-              "ema_decay": 0 <= cfg.ema_decay < 1, "eval_size": cfg.eval_size >= 1,
+              "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0, "judge_check_every": cfg.judge_check_every >= 1,
+              "judge_max_tokens": cfg.judge_max_tokens is None or cfg.judge_max_tokens >= 1,
+              "num_candidates": cfg.num_candidates >= 2, "minibatches": cfg.minibatches >= 1,
+              "inner_epochs": cfg.inner_epochs >= 1, "ema_decay": 0 <= cfg.ema_decay < 1,
+              "eval_size": cfg.eval_size >= 1,
               "eval_num_steps": cfg.eval_num_steps is None or cfg.eval_num_steps >= 2,
               "eval_shift": cfg.eval_shift is None or cfg.eval_shift > 0}
     for name, ok in checks.items():
@@ -120,8 +123,9 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
 
 def load_inputs(cfg, demo, task, d):
     """Every input, checked before any model is loaded. Returns (train items, eval items, rubric text or None, eval
-    rubric text or None). Without --eval_prompts (and outside the demo) a seeded quarter of the prompts, at most
-    eval_size, is held out of training for evaluation; with fewer than 4 prompts the training prompts are used."""
+    rubric text or None, labelled pairs of --judge_check_data to use, possibly []). Without --eval_prompts (and
+    outside the demo) a seeded quarter of the prompts, at most eval_size, is held out of training for evaluation;
+    with fewer than 4 prompts the training prompts are used."""
     if cfg.minibatches > cfg.prompts_per_rank * d.world_size:
         raise ConfigError(f"--minibatches {cfg.minibatches} is more than the {cfg.prompts_per_rank * d.world_size} "
                           "prompts of a window (prompts_per_rank x ranks): a minibatch would never hold a group")
@@ -153,7 +157,15 @@ def load_inputs(cfg, demo, task, d):
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         held = min(cfg.eval_size, len(items) // 4)
         eval_items, items = [items[i] for i in order[:held]], [items[i] for i in sorted(order[held:])]
-    return items, eval_items[:cfg.eval_size], rubric, eval_rubric or rubric
+    check_items = []
+    if cfg.judge_check_data is not None:
+        if cfg.judge_url is None:
+            raise ConfigError("--judge_check_data needs --judge_url: it watches the served judge")
+        check_items, skipped = split_skipped(load_pairs(cfg.judge_check_data, task=task))
+        if not check_items:
+            raise ConfigError(f"--judge_check_data {cfg.judge_check_data}: no labelled pair to check (skipped: "
+                              f"{skipped})")
+    return items, eval_items[:cfg.eval_size], rubric, eval_rubric or rubric, check_items
 
 
 def resolve_output(cfg, d):
@@ -180,7 +192,8 @@ def make_judge(cfg, demo, rubric, task, url=None, model=None):
     if url is None:
         return (DemoJudge(demo.score, swap=cfg.judge_swap, max_workers=cfg.judge_concurrency),
                 f"in-process demo judge ({demo.rubric.split(':')[0]})")
-    client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env), max_concurrency=cfg.judge_concurrency)
+    client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env), max_concurrency=cfg.judge_concurrency,
+                       max_tokens=cfg.judge_max_tokens)
     return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{url} model {model}"
 
 
@@ -217,6 +230,38 @@ def check_judge(judge, task, where, d):
         raise RunStopped(f"judge check failed for {where}: {errors[0]}")
     print0(d, f"judge check: {where} ranked (red, blue) for {prompt!r} as {verdict.rank} "
               f"in {verdict.latency:.2f}s: {verdict.reason[:100]}")
+
+
+def judge_usage(judge, since=None):
+    """The judge client's usage counters (vlm_client.VLMClient.usage), or what was spent since an earlier snapshot;
+    None for a judge without a client (the demo judge)."""
+    client = getattr(judge, "client", None)
+    if client is None:
+        return None
+    now = client.usage()
+    return now if since is None else {key: now[key] - since[key] for key in USAGE_KEYS}
+
+
+def judge_check(run):
+    """The drift alarm (rank 0, at step 0 and every judge_check_every steps): the judge's accuracy and position gap
+    on the labelled pairs of --judge_check_data, judged in both orders with the run's client and rubric, logged as
+    judge_check_*; a judge that degrades or a server swapped mid-run shows there. A fall of 0.1 or more from the
+    first check is printed as a warning."""
+    if not run.check_items or run.step % run.cfg.judge_check_every:
+        return
+    if run.d.rank == 0:
+        rubric = read_text(run.cfg.rubrics, "rubrics")
+        with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
+            summary = evaluate(check, run.check_items)
+        record = {"step": run.step, **{f"judge_check_{key}": summary[key] for key in (
+            "accuracy", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons", "requests")}}
+        log(run, record)
+        first = run.checks[0] if run.checks else None
+        run.checks.append((run.step, summary["accuracy"]))
+        if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
+            print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
+                  f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
+    barrier(run.d)
 
 
 # ---- The data position -------------------------------------------------------------------------------------------
@@ -328,6 +373,8 @@ class Run:
     evals: list = field(default_factory=list)
     eval_judge: object = None  # an independent judge for evaluation, or None (the training judge)
     ema: list | None = None    # EMA copies of the LoRA parameters (ema_decay > 0), fp32
+    check_items: list = field(default_factory=list)  # labelled pairs of --judge_check_data
+    checks: list = field(default_factory=list)       # (step, judge_check_accuracy) so far
 
 
 def percentile(values, q):
@@ -344,6 +391,7 @@ def tally(local, group, outcome, rewards):
     local["calls"] += group.calls
     if rewards is None:
         local[outcome] += 1
+        local["errors"].append(group.error)  # None for a tie
     else:
         local["rewards"] += rewards
 
@@ -356,6 +404,11 @@ def summarize(run, parts, sums, grad_norm, skipped, lr, step_time, optimizer_ste
     scores = {"judge_score_mean": sum(every["scores"]) / len(every["scores"])} if every["scores"] else {}
     terms = sums["terms"]
     per_term = {k: sums[k] / terms if terms else None for k in ("loss", "kl", "approx_kl", "clipfrac")}
+    cost = {}
+    if parts[0]["spent"] is not None:  # the served judge's requests and tokens, summed over ranks, per pair
+        spent = {key: sum(p["spent"][key] for p in parts) for key in USAGE_KEYS}
+        kept = total["pairs"] - total["failed"] - total["tie"]
+        cost = usage_report(dict.fromkeys(USAGE_KEYS, 0), spent, {"pair": total["pairs"], "kept_pair": kept})
     return {"step": run.step, **per_term, **scores,
             "reward_mean": sum(every["rewards"]) / len(every["rewards"]) if every["rewards"] else None,
             "judge_failure_rate": total["failed"] / total["pairs"], "tie_rate": total["tie"] / total["pairs"],
@@ -367,7 +420,9 @@ def summarize(run, parts, sums, grad_norm, skipped, lr, step_time, optimizer_ste
             "judge_latency_p95": percentile(every["latency"], 0.95),
             "pairs": total["pairs"], "judge_failures": total["failed"], "masked_pairs": total["failed"] + total["tie"],
             "terms": int(terms),  # trained (sample, transition) terms over all ranks: the gradient's normaliser
-            "skipped": skipped, "nonfinite_skips": run.nonfinite_skips, "stop_requested": any(p["stop"] for p in parts)}
+            "skipped": skipped, "nonfinite_skips": run.nonfinite_skips, "stop_requested": any(p["stop"] for p in parts),
+            "judge_failure_reasons": failure_reasons(e for p in parts for e in p["errors"]),
+            **{f"judge_{key}": value for key, value in cost.items()}}
 
 
 def save_grid(rows, path):
@@ -420,16 +475,20 @@ def log(run, record):
         {"approx_kl", "clipfrac", "optimizer_steps"} if cfg.minibatches * cfg.inner_epochs == 1 else set())
     shown = " ".join(f"{k} {'-' if record[k] is None else format(record[k], spec)}"
                      for k, spec in CONSOLE.items() if k in record and k not in hidden)
-    kind = "eval" if "eval_win_rate" in record else "step"
+    kind = "eval" if "eval_win_rate" in record else "check" if "judge_check_accuracy" in record else "step"
     skipped = f" SKIPPED: {record['skipped']}" if record.get("skipped") else ""
     print(f"{kind} {record['step']:>5}/{run.cfg.max_steps} {shown}{skipped}", flush=True)
+    for count, reason in record.get("judge_failure_reasons") or record.get("judge_check_failure_reasons") or []:
+        print(f"  judge failed {count} x: {reason}", flush=True)
 
 
-CONSOLE = {"eval_win_rate": ".3f", "eval_win_rate_lo": ".3f", "eval_win_rate_hi": ".3f", "eval_n": "d",
+CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_position_gap": "+.3f", "judge_check_failure_rate": ".2f",
+           "eval_win_rate": ".3f", "eval_win_rate_lo": ".3f", "eval_win_rate_hi": ".3f", "eval_n": "d",
            "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "judge_score_mean": ".2f", "kl": ".2e",
            "approx_kl": ".1e", "clipfrac": ".2f", "grad_norm": ".2e", "optimizer_steps": "d",
            "judge_failure_rate": ".2f", "tie_rate": ".2f", "first_position_win_rate": ".2f", "judge_calls": ".1f",
-           "judge_latency_p50": ".2f", "step_time": ".2f", "time_judge_wait": ".2f"}
+           "judge_latency_p50": ".2f", "step_time": ".2f", "time_judge_wait": ".2f", "judge_requests": "d",
+           "judge_completion_tokens": "d"}
 # the progress line (metric name -> format): what moves while the policy learns. The loss is left out: at ratio 1
 # it is minus the mean advantage (-0.45 with the paper's rewards), the same at every step.
 

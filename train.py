@@ -15,7 +15,8 @@ adapters disabled) trains the LoRA. One rollout window (`train_step`) runs these
                    mean with adapters disabled; loss = PPO clip + kl_beta * KL; backward;
     5. step        one all-reduce of the LoRA gradients, divided by the global number of (sample, transition)
                    terms, grad-norm clip, AdamW, LR schedule, LoRA EMA; M x E times per window (default once).
-The loop logs metrics, evaluates against the reference and checkpoints. Equations: arr_rpo.py; models: policy.py;
+The loop logs metrics (with the judge's requests, tokens and failure reasons), evaluates against the reference,
+checks the judge on --judge_check_data (drift alarm) and checkpoints. Equations: arr_rpo.py; models: policy.py;
 judge: judge.py; plumbing (CLI, checks, distributed, checkpoints, logs): runtime.py; the demo: demo.py.
 
 Run
@@ -34,18 +35,16 @@ Deliberate deviations from the paper and the official code
        samples of one 2-sample call, so with their shipped GA of 8 / 4 the optimizer never steps.
     2. Judging overlaps computation (phase 4 starts while later groups are judged); the official code waits for
        every judgment with the GPU idle.
-    3. A failed or order-inconsistent judgment masks its pair (judge_failure_rate / tie_rate) instead of crashing
-       the job; the run saves and stops only when the masked rate over failure_window steps passes
-       failure_stop_rate.
+    3. A failed or order-inconsistent judgment masks its group (judge_failure_rate / tie_rate) instead of crashing
+       the job; the run saves and stops when the masked rate over failure_window steps passes failure_stop_rate.
     4. The KL penalty is the exact KL of the two Gaussian transitions by default; the official on-policy k1
        estimate, whose expected gradient is zero, is kept as --kl_estimator k1.
     5. The judge sees both candidate orders by default (--judge_swap); evaluation alternates the policy's position,
        on held-out prompts, with a Wilson 95% interval, optionally by an independent judge and sampler.
     6. No DDP wrapper: one explicit all-reduce per step with a global normaliser, so a rank with masked pairs does
        not weigh its remaining pairs more; gradients are normalised after it, which lets phase 4 start early.
-    7. As in the official code, by default each rollout window feeds one optimizer step, so the recomputed ratio is
-       1 and the PPO clip (clipfrac, approx_kl) never binds; the clip stays in the loss so the objective is the
-       paper's. With M x E > 1 (Flow-GRPO, DanceGRPO) the ratio departs from 1 (see --clip_range for its scale).
+    7. As in the official code, by default each window feeds one optimizer step: the recomputed ratio is 1 and the
+       PPO clip (clipfrac, approx_kl) never binds; with M x E > 1 (Flow-GRPO, DanceGRPO) it can (--clip_range).
     8. Options beyond the paper, off by default: N > 2 candidates judged listwise or pairwise (Pref-GRPO), group-
        centred or normalised advantages (Flow-GRPO, DanceGRPO), a LoRA EMA for evaluation (Flow-GRPO).
 """
@@ -68,7 +67,7 @@ import policy as policy_lib
 import runtime
 from data import DataError, open_source
 from demo import DEMOS, build_tiny_model, tiny_model_path
-from runtime import ConfigError, RunStopped, opt
+from runtime import ConfigError, RunStopped, opt, warmup_factor
 
 
 # ---- Config: one dataclass, grouped by phase; runtime.py generates the CLI from it --------------------------------
@@ -106,6 +105,9 @@ class Config:
     rubrics: str | None = opt(None, "rubric text file conditioning the judge (required with judge_url)")
     judge_swap: bool = opt(True, "judge both candidate orders; disagreement is a tie and masks the pair")
     judge_concurrency: int = opt(8, "judge requests in flight per rank")
+    judge_max_tokens: int | None = opt(None, "completion tokens per judge request (unset: 1024; <= 6 per judgment)")
+    judge_check_data: str | None = opt(None, "labelled pairs judged at step 0 and every judge_check_every: drift alarm")
+    judge_check_every: int = opt(25, "steps between judge checks on judge_check_data")
     group_judging: str = opt("listwise", "listwise (all N at once, mean rank over orders) or pairs (Pref-GRPO)")
     eval_judge_url: str | None = opt(None, "an independent judge for evaluation (same key variable); unset: judge_url")
     eval_judge_model: str | None = opt(None, "model name at eval_judge_url; unset: judge_model")
@@ -250,8 +252,9 @@ def train_step(run):
     ranks (the same on every rank)."""
     cfg, d = run.cfg, run.d
     start, steps_before, lr = time.perf_counter(), run.steps_taken, run.optimizer.param_groups[0]["lr"]
+    spent = runtime.judge_usage(run.judge)
     pending = rollout_and_submit(run, runtime.next_window(run))  # 1. rollout: every group goes to the judge at once
-    local = dict(pairs=len(pending), failed=0, tie=0, rewards=[], first=[], latency=[], calls=0, scores=[],
+    local = dict(pairs=len(pending), failed=0, tie=0, rewards=[], first=[], latency=[], calls=0, scores=[], errors=[],
                  time_rollout=time.perf_counter() - start, time_judge_wait=0.0, time_update=0.0)
     kept, total, norms, skips = {}, torch.zeros(len(SUMS)), [], []
     for epoch in range(cfg.inner_epochs):
@@ -278,6 +281,7 @@ def train_step(run):
             norms += [] if grad_norm is None else [grad_norm]
             skips.append(skipped)
             run.nonfinite_skips += skipped is not None and skipped.startswith("nonfinite")
+    local["spent"] = runtime.judge_usage(run.judge, since=spent)  # requests and tokens of this window's judgments
     taken = sum(s is None for s in skips)
     assert run.steps_taken - steps_before == taken, "the optimizer must step once per minibatch and epoch"
     run.step += 1
@@ -290,10 +294,9 @@ def train_step(run):
 
 def evaluate(run):
     """Win rate of the policy (its EMA with ema_decay > 0) over the reference (adapters disabled) on the held-out
-    eval prompts: the eval sampler (eta = 0), the same noise for both, the policy's image first for even prompts
-    and second for odd ones, judged by the eval judge (default: the training one). A tie counts half, so
-    eval_win_rate = (wins + ties / 2) / judged and identical models score 0.5; eval_win_rate_lo / _hi is its
-    Wilson 95% interval. Rank 0 saves the sample grid; run.evals gets (step, win rate) for the final curve."""
+    eval prompts: eval sampler (eta = 0), the same noise for both, the policy's image first for even prompts, the
+    eval judge (default: the training one). eval_win_rate = (wins + ties / 2) / judged (identical models: 0.5), with
+    its Wilson 95% interval (_lo, _hi). Rank 0 saves the sample grid; run.evals gets (step, win rate)."""
     cfg, d, start = run.cfg, run.d, time.perf_counter()
     mine = list(enumerate(run.eval_items))[d.rank::d.world_size]
     futures, columns = [], []
@@ -323,16 +326,13 @@ def evaluate(run):
               "eval_win_rate_lo": lo, "eval_win_rate_hi": hi, "eval_tie_rate": ties / judged if judged else None,
               "eval_failure_rate": failed / n if n else None, "eval_n": int(n),
               "eval_time": time.perf_counter() - start}
-    if d.rank == 0 and columns:  # the first GRID_COLUMNS prompts: a grid of 64 images of 512 px is unviewable
-        columns = columns[:GRID_COLUMNS]
+    if d.rank == 0 and columns:
+        columns = columns[:16]  # the first 16 prompts: a grid of 64 images of 512 px is unviewable
         rows = [[c[1] for c in columns], [c[2] for c in columns]]
         runtime.save_grid(([[c[0] for c in columns]] if columns[0][0] is not None else []) + rows,
                           run.out / "samples" / f"step-{run.step:06d}.png")
     run.evals.append((record["step"], record["eval_win_rate"]))
     return record
-
-
-GRID_COLUMNS = 16
 
 
 # ---- Setup, loop and main ----------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def prepare(cfg, d, judge=None):
     demo, cls = (DEMOS[cfg.model_type] if cfg.model is None else None), POLICIES[cfg.model_type]
     cfg = dataclasses.replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
                               dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
-    items, eval_items, rubric, eval_rubric = runtime.load_inputs(cfg, demo, cls.task, d)
+    items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task, d)
     out, resume = runtime.resolve_output(cfg, d)
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     runtime.print0(d, "config: " + json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -363,13 +363,13 @@ def prepare(cfg, d, judge=None):
             if d.world_size > 1:
                 dist.broadcast(p.data, src=0)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(runtime.warmup_factor,
-                                                                                   cfg.lr_warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, cfg.lr_warmup_steps))
         random.seed(cfg.seed + d.rank)
         torch.manual_seed(cfg.seed + d.rank)
         run = runtime.Run(cfg, d, policy, judge, optimizer, scheduler, items, eval_items,
                           rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out, eval_judge=eval_judge,
-                          ema=[p.detach().clone() for p in params] if cfg.ema_decay > 0 else None)
+                          ema=[p.detach().clone() for p in params] if cfg.ema_decay > 0 else None,
+                          check_items=check_items)
         optimizer.register_step_post_hook(lambda *_: setattr(run, "steps_taken", run.steps_taken + 1))
         if resume is not None:
             runtime.load_checkpoint(run, Path(resume))
@@ -384,11 +384,14 @@ def prepare(cfg, d, judge=None):
 def loop(run):
     """Steps until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge."""
     cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window steps
+    if run.step == 0:
+        runtime.judge_check(run)
     if run.step == 0 and cfg.eval_every:
         runtime.log(run, evaluate(run))
     while run.step < cfg.max_steps:
         record = train_step(run)
         runtime.log(run, record)
+        runtime.judge_check(run)  # the drift alarm: the judge's accuracy on labelled pairs, every judge_check_every
         # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
         recent = (recent + [(record["masked_pairs"], record["pairs"])])[-cfg.failure_window:]
         failed, pairs = map(sum, zip(*recent))

@@ -4,9 +4,10 @@ Everything here is about talking to a server, nothing about judging: `VLMClient`
 jitter and Retry-After; structured-output fallbacks; every answer and error shape of vLLM, SGLang, llama.cpp,
 Ollama, OpenAI and Gemini; a bound on requests in flight across threads; no API key in any log or error),
 `ResponseCache` (sqlite answers keyed by request, for resuming), answer parsing (`extract_text`, `extract_json`,
-`strip_thinking`), `encode_image`, `VLMClient.ask_json` (the one re-ask loop for malformed replies) and
-`map_concurrently` (the one thread pool that stops cleanly on Ctrl-C). `judge.py`, `rubrics.py` and
-`train_judge.py` build on it; copy it alone into another project that needs a robust VLM client.
+`strip_thinking`), `encode_image`, `VLMClient.ask_json` (the one re-ask loop for malformed replies),
+`VLMClient.usage` (requests sent and the tokens the servers reported, summed), `failure_reasons` (errors counted by
+kind, for the console) and `map_concurrently` (the one thread pool that stops cleanly on Ctrl-C). `judge.py`,
+`rubrics.py` and `train_judge.py` build on it; copy it alone into another project that needs a robust VLM client.
 
 Run: nothing to run; `python -m pytest tests/test_judge.py -k client` checks it against tests/fake_vlm.py.
     client = VLMClient("http://localhost:8000/v1", "Qwen/Qwen3-VL-8B-Instruct", max_concurrency=8)
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT_LEVELS = ("json_schema", "json_object", "prompt_only")  # structured-output fallbacks, in order
 RETRY_STATUS = (408, 409, 429)  # plus every 5xx
 QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "billing_not_active")
+USAGE_KEYS = ("requests", "prompt_tokens", "completion_tokens", "unreported", "cache_hits")
 
 
 class JudgeError(Exception):
@@ -336,7 +338,7 @@ class VLMClient:
     def __init__(self, base_url, model, api_key=None, timeout=60.0, max_retries=4, max_concurrency=8, *,
                  connect_timeout=10.0, backoff_base=0.5, backoff_max=30.0, max_total_time=300.0, temperature=0.0,
                  structured_output="json_schema", image_format="PNG", max_side=None, jpeg_quality=95,
-                 token_param="max_tokens", extra_body=None, cache=None, seed=None):
+                 token_param="max_tokens", max_tokens=None, extra_body=None, cache=None, seed=None):
         if not str(base_url).startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if structured_output not in FORMAT_LEVELS:
@@ -347,6 +349,9 @@ class VLMClient:
         self.max_retries, self.max_concurrency = int(max_retries), int(max_concurrency)
         self.backoff_base, self.backoff_max, self.max_total_time = backoff_base, backoff_max, max_total_time
         self.temperature, self.token_param = temperature, token_param
+        if max_tokens is not None and int(max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
         self.image_format, self.max_side, self.jpeg_quality = image_format, max_side, jpeg_quality
         self.extra_body = dict(extra_body or {})
         self._owns_cache = isinstance(cache, (str, os.PathLike))
@@ -364,6 +369,7 @@ class VLMClient:
         self._sessions = []
         self._format_level = FORMAT_LEVELS.index(structured_output)
         self._rng = random.Random(seed)  # jitter only
+        self._usage = dict.fromkeys(USAGE_KEYS, 0)
 
     def __repr__(self):
         return (f"VLMClient(base_url={public_url(self.base_url)!r}, model={self.model!r}, "
@@ -393,10 +399,23 @@ class VLMClient:
     def encode(self, image):
         return encode_image(image, self.image_format, self.max_side, self.jpeg_quality)
 
+    def usage(self):
+        """What this client has cost so far, summed over threads: {requests: HTTP requests sent (retries
+        included), prompt_tokens, completion_tokens: the servers' usage figures summed, unreported: answers
+        without a usage object, cache_hits: answers served from a ResponseCache (no request)}."""
+        with self._lock:
+            return dict(self._usage)
+
+    def _count(self, **increments):
+        with self._lock:
+            for key, value in increments.items():
+                self._usage[key] += value
+
     # -- public calls
     def chat(self, messages, json_schema=None, max_tokens=1024, cache=None):
         """The answer text (think blocks stripped). JSON is requested through response_format only when
-        json_schema is given. Raises JudgeError on final failure, ReplyError when the answer is empty."""
+        json_schema is given. The client's max_tokens, when set, replaces the caller's. Raises JudgeError on final
+        failure, ReplyError when the answer is empty."""
         return self._complete(messages, json_schema, json_schema is not None, max_tokens, cache)
 
     def chat_json(self, messages, json_schema=None, max_tokens=1024, cache=None):
@@ -473,6 +492,7 @@ class VLMClient:
 
     def _complete(self, messages, json_schema, want_json, max_tokens, cache):
         cache = self.cache if cache is None else cache
+        max_tokens = self.max_tokens or max_tokens  # the user's --max_tokens beats every call site's default
         key = None
         if cache is not None:
             key = request_key(self.model, messages, {"base_url": public_url(self.base_url),
@@ -481,6 +501,7 @@ class VLMClient:
                                                      "extra_body": self.extra_body})
             hit = cache.get(key)
             if hit is not None:
+                self._count(cache_hits=1)
                 return hit
         while True:
             level = self._format_level
@@ -494,6 +515,11 @@ class VLMClient:
                 break
             except _FormatRejected as exc:
                 self._downgrade(level, str(exc))
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        if isinstance(usage, dict):
+            self._count(**{key: int(usage.get(key) or 0) for key in ("prompt_tokens", "completion_tokens")})
+        else:
+            self._count(unreported=1)
         text = extract_text(payload)
         if cache is not None:
             cache.put(key, text, self.model)
@@ -513,6 +539,7 @@ class VLMClient:
             with self._slots:
                 if started is None:
                     started = time.monotonic()  # waiting for a slot is not the server's fault: start the clock here
+                self._count(requests=1)
                 remaining = max(0.01, self.max_total_time - (time.monotonic() - started))
                 try:
                     response = self._session().post(self._url, json=body, headers=self._headers(),
@@ -555,7 +582,46 @@ class VLMClient:
         raise JudgeError(self._fail(f"{last}; gave up after {attempt} attempt(s) in {elapsed:.1f} s"))
 
 
-# --------------------------------------------------------------------------------------------------------- judge
+# ------------------------------------------------------------------------------------------------- run reports
+
+# a quoted answer (a repr: inner quotes escaped) of 24+ characters ending a message part: garbage answers differ,
+# their failure kind does not
+_LONG_QUOTE = re.compile(r"(: )(?:'(?:[^'\\]|\\.){24,}'" + r'|"(?:[^"\\]|\\.){24,}")(?=; |$)')
+_NUMBERED = re.compile(r"\b(line|item|pair) \d+\b")
+
+
+def failure_kind(error):
+    """An error message reduced to its kind: long quoted answers become '...', "line 12" becomes "line N", and
+    repeated "; "-separated parts (both orders of one judgment failing alike) are kept once."""
+    text = _NUMBERED.sub(r"\1 N", _LONG_QUOTE.sub(r"\1'...'", error))
+    return "; ".join(dict.fromkeys(text.split("; ")))[:400]
+
+
+def failure_reasons(errors, limit=5):
+    """[[count, reason], ...] over the distinct kinds (failure_kind) of `errors` (None and "" skipped), most frequent
+    first, so a model that answers different garbage every time shows as one reason. Beyond `limit` reasons the rest
+    are summed into one entry. The errors are this module's (or built on them), hence already redacted."""
+    counts = {}
+    for error in errors:
+        if error:
+            reason = failure_kind(error)
+            counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    if len(ranked) > limit:
+        rest = ranked[limit:]
+        ranked = ranked[:limit] + [(f"({len(rest)} other reasons)", sum(count for _, count in rest))]
+    return [[count, reason] for reason, count in ranked]
+
+
+def usage_report(before, after, units):
+    """{requests, prompt_tokens, completion_tokens, cache_hits, unreported} spent between two VLMClient.usage()
+    snapshots, plus each of the first three per unit ("_per_<name>" for every name -> count in `units`; None when
+    the count is 0)."""
+    spent = {key: after[key] - before[key] for key in USAGE_KEYS}
+    for name, count in units.items():
+        for key in ("requests", "prompt_tokens", "completion_tokens"):
+            spent[f"{key}_per_{name}"] = round(spent[key] / count, 3) if count else None
+    return spent
 
 
 def map_concurrently(fn, items, max_workers, name="vlm"):

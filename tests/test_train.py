@@ -23,17 +23,13 @@ import policy as policy_lib
 import runtime
 import train
 from data import DataError
+import shipped_data
 from fake_vlm import FakeVLM
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_KEYS = {"step", "loss", "reward_mean", "judge_failure_rate", "tie_rate", "first_position_win_rate", "approx_kl",
               "clipfrac", "kl", "grad_norm", "lr", "step_time", "time_rollout", "time_judge_wait", "time_update",
               "judge_latency_p50", "judge_latency_p95"}
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
 
 
 def demo_args(out, cache, *extra):
@@ -468,12 +464,17 @@ def bad_inputs(tmp):
         "missing checkpoint": (["--resume", str(tmp / "ckpt")], "ckpt"),
         "minibatches over prompts": (["--prompts_per_rank", "2", "--minibatches", "3"], "--minibatches 3"),
         "eval rubrics without eval judge": (["--eval_rubrics", ok], "need --eval_judge_url"),
+        "check without judge": (["--judge_check_data", ok], "--judge_check_data needs --judge_url"),
+        "check data missing": (["--judge_url", "http://x/v1", "--rubrics", ok, "--judge_check_data",
+                                str(tmp / "pairs.json")], "pairs.json: data file not found"),
+        "bad judge_max_tokens": (["--judge_max_tokens", "0"], "--judge_max_tokens 0 is out of range"),
     }
 
 
 BAD_CASES = ["missing prompts", "empty prompts", "non-utf8 prompts", "unknown model type", "missing rubrics",
              "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint",
-             "minibatches over prompts", "eval rubrics without eval judge"]
+             "minibatches over prompts", "eval rubrics without eval judge",
+             "check without judge", "check data missing", "bad judge_max_tokens"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -511,15 +512,59 @@ def test_real_judge_path_against_fake_vlm(tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv("ARR_TEST_KEY", "sk-very-secret")
     with FakeVLM() as fake:
         argv = demo_args(tmp_path / "run", cache, "--max_steps", "2", "--judge_url", fake.url, "--judge_model",
-                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_TEST_KEY")
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_TEST_KEY",
+                         "--judge_max_tokens", "55")
         assert train.main(argv) == 0
         assert len(fake.requests) == 2 + 2 * 2 * 2  # startup check + 2 steps x 2 pairs, both orders each
+        assert {body["max_tokens"] for body in fake.requests} == {55}
     steps = records(tmp_path / "run")
     assert all(r["judge_failure_rate"] == 0 and r["skipped"] is None for r in steps)
     assert all(r["first_position_win_rate"] is not None for r in steps)
+    # requests and tokens per step, per judged pair and per kept pair: what the server reported, summed
+    assert [(r["judge_requests"], r["judge_requests_per_pair"], r["judge_requests_per_kept_pair"]) for r in steps] \
+        == [(4, 2.0, 2.0)] * 2
+    after_check = fake.usage[2:]  # the startup check's two answers came first
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert sum(r[f"judge_{key}"] for r in steps) == sum(u[key] for u in after_check) > 0
+        assert steps[0][f"judge_{key}_per_kept_pair"] == steps[0][f"judge_{key}"] / 2
     out = capsys.readouterr().out
     saved = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*.json*"))
     assert "sk-very-secret" not in out + saved and "ARR_TEST_KEY" in saved
+
+
+def test_judge_failure_reasons_are_printed_and_logged_per_step(tmp_path, cache, capsys):
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    with FakeVLM() as fake:
+        fake.handler = lambda body: "nope" if len(fake.requests) > 2 else None  # fine for the startup check only
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "1", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"))
+        assert train.main(argv) == 0
+    reason = "unusable reply after 3 attempt(s): no JSON object in the answer: 'nope'"
+    (step,) = records(tmp_path / "run", "judge_failure_reasons")
+    assert step["judge_failure_reasons"] == [[2, reason]] and step["judge_failure_rate"] == 1.0
+    assert f"  judge failed 2 x: {reason}" in capsys.readouterr().out.splitlines()
+
+
+def test_drift_alarm_follows_a_judge_that_changes_mid_run(tmp_path, cache, capsys):
+    """--judge_check_data: accuracy and position gap at steps 0, 2, 4; the server turns into an always-first judge
+    after the check at step 2 (request 18: 2 startup + 4 per check + 4 per step)."""
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    check_data = shipped_data.ties(tmp_path / "check")  # 2 labelled pairs (red wins) and 2 ties (skipped)
+    with FakeVLM() as fake:
+        fake.handler = lambda body: json.dumps({"reason": "first", "rank": [1, 2]}) if len(fake.requests) > 18 \
+            else None
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "4", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_check_data",
+                         str(check_data), "--judge_check_every", "2")
+        assert train.main(argv) == 0
+        assert len(fake.requests) == 2 + 3 * 4 + 4 * 4
+    checks = records(tmp_path / "run", "judge_check_accuracy")
+    assert [(r["step"], r["judge_check_accuracy"], r["judge_check_position_gap"], r["judge_check_tie_rate"],
+             r["judge_check_n"]) for r in checks] == [(0, 1.0, 0.0, 0.0, 2), (2, 1.0, 0.0, 0.0, 2),
+                                                      (4, 0.0, 1.0, 1.0, 2)]
+    out = capsys.readouterr().out
+    assert "warning: the judge's accuracy on --judge_check_data fell from 1.000 (step 0) to 0.000" in out
+    assert [r["tie_rate"] for r in records(tmp_path / "run")][2:] == [1.0, 1.0]  # the swapped server in training
 
 
 def test_judge_startup_check_names_url_and_model(tmp_path, cache, capsys, no_model_load):
