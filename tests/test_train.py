@@ -351,7 +351,7 @@ def test_held_out_eval_prompts_are_never_trained_on(tmp_path):
     (tmp_path / "r.txt").write_text("1. Redder is better.\n")
     cfg = train.make_config(["--model", "m", "--judge_url", "http://x/v1", "--rubrics", str(tmp_path / "r.txt"),
                              "--prompts", str(tmp_path / "p.txt")])
-    items, eval_items, rubric, eval_rubric = runtime.load_inputs(cfg, None, "t2i", runtime.init_distributed("cpu"))
+    items, eval_items, rubric, eval_rubric, _ = runtime.load_inputs(cfg, None, "t2i", runtime.init_distributed("cpu"))
     assert len(eval_items) == 3 and len(items) == 9 and rubric == eval_rubric
     assert {i.prompt for i in items} | {i.prompt for i in eval_items} == {f"prompt {i}" for i in range(12)}
     assert [i.prompt for i in items] == sorted((i.prompt for i in items), key=lambda t: int(t.split()[1]))
