@@ -1,6 +1,7 @@
 """Benchmarks for arr-rpo that print ratios measured in one run (never timed tests).
 
-Run: python bench.py rollout | judge | step | all
+Run: python bench.py rollout | judge | step | memory | all
+     torchrun --nproc_per_node=1 bench.py gpu      (on a GPU; `python bench.py gpu --tiny --device cpu` anywhere)
 """
 import argparse
 import sys
@@ -151,13 +152,66 @@ def bench_step(args):
           f"{serial:.2f}")
 
 
-BENCHES = {"rollout": bench_rollout, "judge": bench_judge, "step": bench_step}
+def bench_memory(args):
+    """Per-GPU memory of one RPO step at full size, without weights or a GPU (memory.py): FLUX.1-dev and
+    Qwen-Image-Edit-2509 x 512^2 / 1024^2 x 2 / 4 candidates x gradient checkpointing x base replicated or sharded
+    over 8 GPUs; recipe LoRA (r16 / r32 on to_q, to_k, to_v, to_out.0), bf16, text encoders on the GPU only while
+    the prompts are encoded ("prepare"). Columns: weights (frozen transformer on this GPU), act (the update's
+    transient: saved activations, one block's working set, LoRA gradients), prepare / step / peak (GiB per GPU),
+    quick (memory.quick_estimate, the closed form train.py warns with). Then the check of the depth extrapolation
+    against a full-depth fake run, with --validate the fake-vs-real comparison at reduced size, and as the last
+    line JSON: GiB per GPU of the whole run (peak) with checkpointing, base replicated."""
+    import json
+
+    import memory
+    if args.constants:
+        print(json.dumps({m: memory.quick_constants(m) for m in memory.MODELS}))
+        return
+    gib, summary, recipe = memory.GIB, {}, {}
+    print(f"{'model':<10} {'size':>5} {'cand':>4} {'ckpt':>4} {'shard':>5} {'weights':>8} {'act':>7} {'prepare':>8} "
+          f"{'step':>7} {'peak':>7} {'quick':>7}  fits 64 GiB")
+    for model_type in memory.MODELS:
+        params, encoders = memory.parameter_bytes(model_type), memory.encoder_bytes(model_type)
+        for size in (512, 1024):
+            for candidates in (2, 4):
+                for checkpointing in (True, False):
+                    measured = memory.transients(model_type, size, size, candidates, checkpointing)
+                    if (size, candidates, checkpointing) == (512, 2, True):
+                        recipe[model_type] = measured["update"]
+                    for shard in (1, 8):
+                        est = memory.combine(model_type, params, measured, shard, encoders)
+                        quick = memory.quick_estimate(model_type, size, size, candidates, checkpointing, shard)
+                        print(f"{model_type:<10} {size:>5} {candidates:>4} {'on' if checkpointing else 'off':>4} "
+                              f"{shard:>5} {est['weights'] / gib:>8.1f} {measured['update'] / gib:>7.1f} "
+                              f"{est['prepare'] / gib:>8.1f} {est['step'] / gib:>7.1f} {est['peak'] / gib:>7.1f} "
+                              f"{quick['peak'] / gib:>7.1f}  {'yes' if est['peak'] <= 64 * gib else 'NO'}", flush=True)
+                        if shard == 1 and checkpointing:
+                            key = f"{model_type}_{size}" + ("_4c" if candidates == 4 else "")
+                            summary[key] = round(est["peak"] / gib, 1)
+                            summary[key + "_step"] = round(est["step"] / gib, 1)
+    full = memory.measure("flux", 512, 512, 2, True, phases=("update",))["update"]
+    print(f"depth extrapolation check (flux, 512^2, 2 candidates, checkpointing): update transient measured at full "
+          f"depth {full / gib:.3f} GiB, extrapolated from 1 and 2 units {recipe['flux'] / gib:.3f} GiB "
+          f"({(recipe['flux'] - full) / full:+.1%})")
+    if args.validate:
+        cases = [(m, c) for m in memory.MODELS for c in (True, False)]
+        for (model_type, checkpointing), (fake, real) in zip(cases, memory.validate(cases)):
+            shown = ", ".join(f"{phase} {fake[phase] / 2 ** 20:.1f} vs {real[phase] / 2 ** 20:.1f} MiB "
+                              f"({(fake[phase] - real[phase]) / real[phase]:+.1%})" for phase in ("rollout", "update"))
+            print(f"validation ({model_type}, checkpointing {'on' if checkpointing else 'off'}, "
+                  f"{memory.VALIDATION[model_type]}): fake vs real peak RSS: {shown}")
+    print(json.dumps(summary))
+
+
+BENCHES = {"rollout": bench_rollout, "judge": bench_judge, "step": bench_step, "memory": bench_memory}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=[*BENCHES, "all"])
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
+    parser.add_argument("--constants", action="store_true", help="memory: print memory.QUICK's numbers instead")
+    parser.add_argument("--validate", action="store_true", help="memory: also compare with real CPU runs (minutes)")
     args = parser.parse_args(argv)
     for name in BENCHES if args.name == "all" else [args.name]:
         BENCHES[name](args)

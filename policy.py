@@ -237,9 +237,9 @@ class FlowLoraPolicy:
         return torch.autocast(self.device.type, dtype=self.mixed_precision)
 
     def _timestep(self, batch, sigma):
-        """sigma as the transformer's timestep, (batch,) float32; the transformers round it to their compute dtype
-        themselves, as the diffusers pipelines' calls do."""
-        return torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
+        """sigma (a 0-d tensor of the schedule) as the transformer's timestep, (batch,) float32, without a host
+        sync; the transformers round it to their compute dtype themselves, as the diffusers pipelines' calls do."""
+        return torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch)
 
     @torch.no_grad()
     def decode(self, latents, height, width):
