@@ -122,19 +122,15 @@ class PeakTracker(TorchDispatchMode):
 
 # ---- one fake RPO step of the real policy code ------------------------------------------------------------------------
 
-def build_policy(model_type, depth=None, lora_rank=None, checkpointing=True, dtype=torch.bfloat16, device="meta",
-                 config=None, vae_config=None, decode_chunk=1):
-    """The policy class of `model_type` over its published architecture (`config` / `vae_config`: overrides), on
-    `device` ("meta": no memory, for FakeTensorMode; "cpu": random weights). `depth` maps a block list to its
-    length."""
+def build_pipeline(model_type, depth=None, dtype=torch.bfloat16, device="meta", config=None, vae_config=None):
+    """The diffusers pipeline of `model_type` without text encoders, over its published architecture (`config` /
+    `vae_config`: overrides) on `device` ("meta": no memory, for FakeTensorMode; else random weights). `depth` maps
+    a block list to its length."""
     import diffusers
-
-    import policy
     spec = MODELS[model_type]
     cfg = {**spec.transformer, **(config or {})}
     for kind, n in (depth or {}).items():
         cfg[DEPTH_KEYS[kind]] = n
-    rank = lora_rank or spec.lora_rank
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the model dtype: no fp32 copy is ever made
     try:
@@ -149,15 +145,24 @@ def build_policy(model_type, depth=None, lora_rank=None, checkpointing=True, dty
         torch.set_default_dtype(previous)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
     if model_type == "flux":
-        pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+        return diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
                                       text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    else:
-        if device == "meta":  # its RoPE tables are plain attributes, not buffers: to_empty would not reach them
-            with torch.device("cpu"):
-                transformer.pos_embed = type(transformer.pos_embed)(
-                    theta=10000, axes_dim=list(cfg["axes_dims_rope"]), scale_rope=True)
-        pipe = diffusers.QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
-                                                   processor=None, transformer=transformer)
+    if device == "meta":  # its RoPE tables are plain attributes, not buffers: to_empty would not reach them
+        with torch.device("cpu"):
+            transformer.pos_embed = type(transformer.pos_embed)(
+                theta=10000, axes_dim=list(cfg["axes_dims_rope"]), scale_rope=True)
+    return diffusers.QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                               processor=None, transformer=transformer)
+
+
+def build_policy(model_type, depth=None, lora_rank=None, checkpointing=True, dtype=torch.bfloat16, device="meta",
+                 config=None, vae_config=None, decode_chunk=1):
+    """The policy class of `model_type` (recipe LoRA on the attention projections, alpha = 2 r) over
+    `build_pipeline`, in `dtype` with autocast unless fp32."""
+    import policy
+    spec = MODELS[model_type]
+    rank = lora_rank or spec.lora_rank
+    pipe = build_pipeline(model_type, depth, dtype, device, config, vae_config)
     return getattr(policy, spec.policy)(pipe, rank, 2 * rank, None, device=device, dtype=dtype,
                                         mixed_precision=dtype if dtype != torch.float32 else None,
                                         gradient_checkpointing=checkpointing, decode_chunk=decode_chunk)
