@@ -14,3 +14,12 @@ def randomise_lora(pol, seed):
 def as_float(image):
     """A PIL image as a float array in [0, 1], for comparisons in units of 1/255."""
     return np.asarray(image).astype(np.float32) / 255.0
+
+
+def one_thread():
+    """Run a test on one intra-op thread (tiny ops gain nothing from more, and they spin on a busy CPU); a
+    generator for pytest fixtures: `one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,11 +5,13 @@ import threading
 import pytest
 import torch
 
+import image_checks
 import policy
 from embed_cache import EmbeddingCache
 from test_policy_qwen import CONDITION_AREA, scene
 
 PROMPTS = ["a red apple on a table", "a blue car", "a red apple on a table", "a green field"]
+one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)
 
 
 @pytest.fixture(scope="module")

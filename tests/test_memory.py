@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import bench
+import image_checks
 import memory
 
 MIB = 2 ** 20
+one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)
 
 
 def test_tracker_counts_each_storage_once_until_it_is_freed():
@@ -72,13 +74,9 @@ def test_fit_warning_names_the_estimate_and_the_flags_that_help():
 def test_bench_gpu_reduced_form_runs_rpo_updates_on_the_cpu():
     args = argparse.Namespace(tiny=True, device="cpu", size=512, steps=1, num_steps=3, shard_base=False,
                               peak_tflops=989.0)
-    out, threads = io.StringIO(), torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops gain nothing from threads, which spin on a busy CPU
-    try:
-        with contextlib.redirect_stdout(out):
-            bench.bench_gpu(args)
-    finally:
-        torch.set_num_threads(threads)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench.bench_gpu(args)
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("gpu: tiny FLUX.1-dev transformer") and "64x64" in lines[0]
     assert lines[1].startswith("peak memory n/a on the CPU; estimate")
