@@ -54,23 +54,29 @@ def bradley_terry_prob(r_a, r_b):
     return torch.sigmoid(torch.as_tensor(r_a) - torch.as_tensor(r_b))
 
 
+def is_ranking(rank):
+    """A valid judgment (§3.2): a list or tuple of N >= 2 integers that is a permutation of 1..N (1 = best).
+
+    Ties ([1, 1]), zeros, bools, floats and single places are not rankings. The judge, the data loaders and the
+    reward all use this one test, so what is masked in training is exactly what is rejected everywhere else.
+    """
+    return (isinstance(rank, (list, tuple)) and len(rank) >= 2
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in rank)
+            and sorted(rank) == list(range(1, len(rank) + 1)))
+
+
 def rank_to_reward(rank, win=1.0, lose=-0.1):
     """Rubric-conditioned decision -> reward (§3.2, binary reward with r_w / r_l; paper Table 3: +1.0 / -0.1).
 
     rank: the judge's ranking, rank[i] is the place of candidate i (1 = best). Two candidates give (win, lose) or
     (lose, win); N > 2 candidates get rewards linear in the rank from `win` (rank 1) to `lose` (rank N).
-    Raises ValueError unless rank is a permutation of 1..N with N >= 2: a tie, a zero or an empty ranking is a
-    failed judgment, which the caller masks, never a reward.
+    Raises ValueError unless `is_ranking(rank)`: a tie, a zero or an empty ranking is a failed judgment, which the
+    caller masks, never a reward.
     """
-    values = list(rank) if isinstance(rank, (list, tuple)) else None
-    if values is None or len(values) < 2:
-        raise ValueError(f"rank must be a list of at least 2 places, got {rank!r}")
-    if any(isinstance(r, bool) or not isinstance(r, int) for r in values):
-        raise ValueError(f"rank must hold integers, got {rank!r}")
-    n = len(values)
-    if sorted(values) != list(range(1, n + 1)):
-        raise ValueError(f"rank must be a permutation of 1..{n} (no ties, no zeros), got {rank!r}")
-    return [(win * (n - r) + lose * (r - 1)) / (n - 1) for r in values]  # exact win / lose at the ends
+    if not is_ranking(rank):
+        raise ValueError(f"rank must be a permutation of 1..N with N >= 2 (no ties, no zeros), got {rank!r}")
+    n = len(rank)
+    return [(win * (n - r) + lose * (r - 1)) / (n - 1) for r in rank]  # exact win / lose at the ends
 
 
 def sigma_schedule(num_steps, shift=3.0):

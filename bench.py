@@ -24,12 +24,13 @@ def bench_rollout(args):
     from diffusers import FluxPipeline
 
     import arr_rpo
+    import demo
     import policy
 
     prompts, size, steps = ["a red apple on a wooden table", "a blue car in the rain"], 128, 8
     sigmas = arr_rpo.sigma_schedule(steps)
     with tempfile.TemporaryDirectory() as tmp:
-        path = policy.build_tiny_flux(f"{tmp}/tiny-flux")
+        path = demo.build_tiny_flux(f"{tmp}/tiny-flux")
         ours = policy.FluxPolicy.from_pretrained(path, lora_rank=16, lora_alpha=32)
     pipe = FluxPipeline(**ours.pipe.components)  # the same modules, LoRA included: only the sampling loop differs
     pipe.set_progress_bar_config(disable=True)
@@ -41,8 +42,9 @@ def bench_rollout(args):
                      generator=torch.Generator().manual_seed(0))
 
     def run_pipeline():
-        pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, height=size, width=size, sigmas=sigmas[:-1].tolist(), num_inference_steps=steps,
-             guidance_scale=3.5, generator=torch.Generator().manual_seed(0))
+        pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, height=size, width=size,
+             sigmas=sigmas[:-1].tolist(), num_inference_steps=steps, guidance_scale=3.5,
+             generator=torch.Generator().manual_seed(0))
 
     times = {run_ours: [], run_pipeline: []}
     for _ in range(args.repeats + 1):  # the first round warms up both
@@ -108,7 +110,7 @@ def bench_step(args):
 
     train.py submits each pair as soon as it is rolled out and trains it as soon as its verdict is in, so with
     prompts_per_rank = 4 only the judge latency that outlasts the remaining rollouts and updates can show. The
-    stand-in judge (train.DemoJudge) sleeps `latency` per pair, latency = the measured time of one pair's rollout.
+    stand-in judge (demo.DemoJudge) sleeps `latency` per pair, latency = the measured time of one pair's rollout.
     The official code judges each pair synchronously, so its step would take instant + 4 x latency, i.e.
     1 + judge / compute times the instant step; that estimate is printed next to the measurement. Tiny FLUX,
     64 x 64, K = 4, one thread; one warm-up step, then the median of `repeats` steps, alternating the two judges.
@@ -121,14 +123,16 @@ def bench_step(args):
 
     import torch
 
+    import demo
+    import runtime
     import train
 
     per_rank = 4
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         cfg = train.make_config(["--output_dir", f"{tmp}/out", "--cache_dir", f"{tmp}/cache", "--eval_every", "0",
                                  "--prompts_per_rank", str(per_rank), "--no_judge_swap"])
-        d = train.init_distributed(cfg.device)
-        runs = {"instant": train.prepare(cfg, d, train.DemoJudge(train.warmth, swap=False))}
+        d = runtime.init_distributed(cfg.device)
+        runs = {"instant": train.prepare(cfg, d, demo.DemoJudge(demo.warmth, swap=False))}
         generator = torch.Generator().manual_seed(0)
         rollout_times = []
         for _ in range(args.repeats + 1):
@@ -137,7 +141,7 @@ def bench_step(args):
                                            generator=generator)
             rollout_times.append(time.perf_counter() - start)
         latency = statistics.median(rollout_times[1:])
-        runs["slow"] = train.prepare(cfg, d, train.DemoJudge(train.warmth, swap=False, latency=latency))
+        runs["slow"] = train.prepare(cfg, d, demo.DemoJudge(demo.warmth, swap=False, latency=latency))
         times = {name: [] for name in runs}
         try:
             for _ in range(args.repeats + 1):
@@ -242,9 +246,9 @@ def tiny_flux_text_encoders(pipe):
     """CLIP and T5 of one layer each with the embedding widths the transformer expects, and the tiny tokenizers."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    import policy
+    import demo
     config = pipe.transformer.config
-    tok, tok2 = policy._tiny_clip_tokenizer(), policy._tiny_t5_tokenizer()
+    tok, tok2 = demo._tiny_clip_tokenizer(), demo._tiny_t5_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=config.pooled_projection_dim, intermediate_size=64, num_attention_heads=2,
         num_hidden_layers=1, projection_dim=config.pooled_projection_dim, max_position_embeddings=77,

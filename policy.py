@@ -6,7 +6,7 @@ the per-step quantities the PPO update needs recomputed with gradients, and the 
 disabling the adapters of the same transformer (no second copy of the weights).
 
 Run: `python -m pytest tests/test_policy_flux.py tests/test_policy_qwen.py` (tiny random-weight models built in
-code, no download).
+code by demo.build_tiny_flux / build_tiny_qwen_edit, no download).
     policy = FluxPolicy.from_pretrained("black-forest-labs/FLUX.1-dev", device="cuda")
     traj = policy.rollout(["a red apple"] * 2, generator=torch.Generator("cuda").manual_seed(0))
     stats = policy.recompute(traj, k=0)            # log_prob (B,), mean, ref_mean (B, L, C), std ()
@@ -53,15 +53,12 @@ import hashlib
 import json
 import math
 import os
-import string
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, QwenImageEditPlusPipeline, QwenImageTransformer2DModel)
+from diffusers import FluxPipeline, QwenImageEditPlusPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -469,68 +466,6 @@ class FluxPolicy(FlowLoraPolicy):
         return vae.decode(z.to(vae.dtype), return_dict=False)[0]  # (b, 3, H, W)
 
 
-def _tiny_clip_tokenizer():
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # one token per byte, bare and word-final
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)  # FluxPipeline pads CLIP to model_max_length
-
-
-def _tiny_t5_tokenizer():
-    from transformers import T5Tokenizer
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    for ch in string.ascii_letters + string.digits + string.punctuation:
-        pieces += [(ch, -3.0), ("\u2581" + ch, -2.5)]
-    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(7, -1, -1)]
-    return T5Tokenizer(vocab=pieces, extra_ids=8, model_max_length=512)
-
-
-@torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state
-def build_tiny_flux(path, seed=0):
-    """Write a tiny random-weight FLUX.1-dev-shaped diffusers directory to `path` (no download) and return it.
-
-    Real classes and structure: FluxTransformer2DModel with guidance embeddings, CLIP and T5 text encoders with
-    character-level tokenizers built in code, an AutoencoderKL with 16 latent channels, VAE factor 8 and FLUX's
-    scale/shift. The scheduler has no shift, so `FluxPipeline(sigmas=...)` uses the given sigmas unchanged
-    (the policies never use the scheduler). Refuses to overwrite a non-empty `path`; written atomically.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; build_tiny_flux never overwrites a directory")
-    tok, tok2 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
-    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=[4, 4, 8])
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        projection_dim=32, max_position_embeddings=77, hidden_act="gelu", bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-        norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.1159, scaling_factor=0.3611)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
-                        text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok2,
-                        transformer=transformer, vae=vae, image_encoder=None, feature_extractor=None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    pipe.save_pretrained(tmp)
-    if path.exists():
-        path.rmdir()
-    os.replace(tmp, path)
-    return str(path)
-
-
 # ================================================================================================================
 # Qwen-Image-Edit-2509: instruction-guided editing
 # ================================================================================================================
@@ -770,67 +705,3 @@ def _rgb(image):
         with Image.open(image) as opened:
             return opened.convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-_QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-@torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state
-def build_tiny_qwen_edit(path, seed=0):
-    """Write a tiny random-weight Qwen-Image-Edit-2509-shaped diffusers directory to `path` (no download), return it.
-
-    Real classes: QwenImageTransformer2DModel (no guidance embedding, 2 blocks), AutoencoderKLQwenImage (z_dim 16,
-    factor 8, non-trivial latents_mean / latents_std), Qwen2_5_VLForConditionalGeneration with a vision tower and
-    a byte-level Qwen2Tokenizer built in code, and the processor written to `processor/` by hand (it cannot be
-    saved without torchvision; `load_qwen_edit_processor` reads it back). The image processor caps the VL input
-    at 56 x 56 pixels. The scheduler has no shift, so `QwenImageEditPlusPipeline(sigmas=...)` uses the sigmas
-    unchanged (the policies never use the scheduler). Refuses to overwrite a non-empty `path`; written atomically.
-    """
-    from tokenizers import AddedToken
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; build_tiny_qwen_edit never overwrites a directory")
-    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}  # one token per byte
-    for token in _QWEN_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=1024, unk_token=None, bos_token=None,
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIAL_TOKENS])  # never split
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL_TOKENS}
-    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[round(-0.3 + 0.04 * i, 4) for i in range(16)],
-        latents_std=[round(0.7 + 0.05 * i, 4) for i in range(16)])
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(tok), rope_theta=1e6,
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"],
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                           fullatt_block_indexes=[1], window_size=112),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
-    pipe = QwenImageEditPlusPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
-        text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    pipe.save_pretrained(tmp)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(tmp / "processor")
-    tok.save_pretrained(tmp / "processor")
-    index = json.loads((tmp / "model_index.json").read_text())
-    index["processor"] = ["transformers", "Qwen2VLProcessor"]  # save_pretrained wrote [null, null]
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    if path.exists():
-        path.rmdir()
-    os.replace(tmp, path)
-    return str(path)

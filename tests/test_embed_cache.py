@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+import demo
 import image_checks
 import policy
 from embed_cache import EmbeddingCache
@@ -16,7 +17,7 @@ one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)
 
 @pytest.fixture(scope="module")
 def tiny_flux_dir(tmp_path_factory):
-    return policy.build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
+    return demo.build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
 
 
 def count_calls(*modules):
@@ -54,7 +55,7 @@ def test_another_model_or_a_broken_or_mismatching_file_is_rebuilt_not_served(tin
     folder = tmp_path / "embeds"
     first, _ = flux_policy(tiny_flux_dir, embed_cache=folder)
     first.cache_embeddings(PROMPTS)
-    other_dir = policy.build_tiny_flux(tmp_path / "other-flux", seed=1)  # same architecture, other weights
+    other_dir = demo.build_tiny_flux(tmp_path / "other-flux", seed=1)  # same architecture, other weights
     other, calls = flux_policy(other_dir, embed_cache=folder)
     assert other.encoder_identity() != first.encoder_identity()
     assert other.cache_embeddings(PROMPTS) == 3 and len(calls) == 6
@@ -87,7 +88,7 @@ def test_host_memory_is_bounded_and_encoders_stay_on_cpu_when_entries_were_evict
 
 
 def test_qwen_pairs_are_keyed_by_instruction_and_source_image(tmp_path_factory, tmp_path):
-    path = policy.build_tiny_qwen_edit(tmp_path_factory.mktemp("qwen") / "tiny-qwen-edit", seed=0)
+    path = demo.build_tiny_qwen_edit(tmp_path_factory.mktemp("qwen") / "tiny-qwen-edit", seed=0)
 
     def qwen():
         pol = policy.QwenEditPolicy.from_pretrained(path, lora_rank=2, lora_alpha=2, condition_area=CONDITION_AREA,

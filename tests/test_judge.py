@@ -527,7 +527,12 @@ GOOD = {"query": "q", "response": ["imgs/red.png", "imgs/blue.png"], "label_rank
     ("broken.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD) + '\n{"query": "q", "response": [\n',
      ["broken.jsonl", "line 3", "malformed JSON"]),
     ("unknown.json", json.dumps([{"text": "q", "pictures": []}]), ["unknown.json", "item 1", "unknown format"]),
-    ("tie.json", json.dumps([{**GOOD, "label_rank": [1, 1]}]), ["tie.json", "item 1", "'label_rank'", "bad label"]),
+    ("gap.json", json.dumps([{**GOOD, "label_rank": [1, 3]}]), ["gap.json", "item 1", "'label_rank'", "bad label"]),
+    ("multi.json", json.dumps({"pairs": [{"prompt_content": [["text", "q"]], "chosen": "A",
+                                          "response_a": {"response_content": [["image", "imgs/red.png"]]},
+                                          "response_b": {"response_content": [["image", "imgs/blue.png"],
+                                                                              ["image", "imgs/red.png"]]}}]}),
+     ["multi.json", "pair 1", "'response_b'", "holds 2 images", "--multi_image skip", "--multi_image first"]),
     ("short.jsonl", json.dumps({**GOOD, "label_rank": [1]}), ["short.jsonl", "line 1", "bad label"]),
     ("pointwise.json", json.dumps([{"query": "q", "response": "imgs/red.png", "label_score": 4}]),
      ["pointwise.json", "item 1", "label_score"]),
@@ -566,6 +571,15 @@ def dataset(tmp_path, images):
     return write(tmp_path / "pairs.jsonl", records, jsonl=True), tmp_path / "rubrics.txt"
 
 
+FIGURES = ("n", "accuracy", "accuracy_first", "accuracy_second", "position_gap", "tie_rate", "failure_rate")
+
+
+def figures(result):
+    """The accuracy figures (judge.summarize's keys) of the JSON summary on a CLI run's last stdout line."""
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return {key: summary[key] for key in FIGURES}
+
+
 def eval_args(fake, data, rubrics, *extra):
     return ["eval", "--data", data, "--rubrics", rubrics, "--base_url", fake.url, "--model", "fake-model",
             "--api_key_env", "ARR_TEST_KEY", "--concurrency", "4", *extra]
@@ -576,7 +590,7 @@ def test_cli_eval_end_to_end_with_resume(fake, dataset, tmp_path):
     out = tmp_path / "results.jsonl"
     result = run_cli(*eval_args(fake, data, rubrics, "--out", out))
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = figures(result)
     assert summary == {"n": 4, "accuracy": 0.75, "accuracy_first": 0.75, "accuracy_second": 0.75,
                        "position_gap": 0.0, "tie_rate": 0.0, "failure_rate": 0.0}
     assert "[judge] 4/4" in result.stderr and "Traceback" not in result.stderr
@@ -587,13 +601,15 @@ def test_cli_eval_end_to_end_with_resume(fake, dataset, tmp_path):
     assert KEY not in out.read_text() + result.stdout + result.stderr
 
     again = run_cli(*eval_args(fake, data, rubrics, "--out", out))  # everything done: nothing asked
-    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary and len(fake.requests) == 8
+    assert figures(again) == summary and len(fake.requests) == 8
 
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:2]) + '\n{"line": 3, "prom')  # a run killed mid-write
     resumed = run_cli(*eval_args(fake, data, rubrics, "--out", out))
-    assert json.loads(resumed.stdout.strip().splitlines()[-1]) == summary
+    assert figures(resumed) == summary
     assert len(fake.requests) == 12  # only the 2 missing items, both orders
+    cost = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert cost["requests"] == 4 and cost["requests_per_item"] == 2.0  # this run's cost: 2 items judged
     assert len([json.loads(line) for line in out.read_text().splitlines()]) == 4
 
 
@@ -616,11 +632,11 @@ def test_cli_measures_position_bias(dataset, tmp_path):
     data, rubrics = dataset
     with FakeVLM(handler=lambda body: json.dumps({"reason": "first", "rank": [1, 2]})) as fake:
         swapped = run_cli(*eval_args(fake, data, rubrics))
-        assert json.loads(swapped.stdout.strip().splitlines()[-1]) == {
+        assert figures(swapped) == {
             "n": 4, "accuracy": 0.0, "accuracy_first": 1.0, "accuracy_second": 0.0, "position_gap": 1.0,
             "tie_rate": 1.0, "failure_rate": 0.0}
         single = run_cli(*eval_args(fake, data, rubrics, "--no_swap"))
-        assert json.loads(single.stdout.strip().splitlines()[-1]) == {
+        assert figures(single) == {
             "n": 4, "accuracy": 0.5, "accuracy_first": 1.0, "accuracy_second": 0.0, "position_gap": 1.0,
             "tie_rate": 0.0, "failure_rate": 0.0}
         assert len(fake.requests) == 8 + 4

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import policy
+import demo
 import image_checks
+import policy
 from image_checks import as_float, randomise_lora
 from test_policy_qwen import CONDITION_AREA, scene
 
@@ -15,12 +16,12 @@ one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)
 
 @pytest.fixture(scope="module")
 def tiny_flux_dir(tmp_path_factory):
-    return policy.build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
+    return demo.build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory):
-    return policy.build_tiny_qwen_edit(tmp_path_factory.mktemp("qwen") / "tiny-qwen-edit", seed=0)
+    return demo.build_tiny_qwen_edit(tmp_path_factory.mktemp("qwen") / "tiny-qwen-edit", seed=0)
 
 
 def lora_gradients(pol, traj, k=1):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import arr_rpo
+import demo
 import policy
 from image_checks import randomise_lora
 
@@ -83,7 +84,7 @@ def free_port():
 
 
 def test_sharded_base_trains_the_same_lora_as_the_replicated_policy(tmp_path):
-    path = policy.build_tiny_flux(tmp_path / "tiny-flux", seed=0)
+    path = demo.build_tiny_flux(tmp_path / "tiny-flux", seed=0)
     mp.start_processes(worker, args=(2, free_port(), path, str(tmp_path)), nprocs=2, start_method="spawn")
     results = [torch.load(tmp_path / f"result-{rank}.pt") for rank in range(2)]
     start = policy.FluxPolicy.from_pretrained(path, lora_rank=4, lora_alpha=8)

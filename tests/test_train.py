@@ -12,22 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import arr_rpo
+import data
+import demo
+import judge
 import policy as policy_lib
+import runtime
 import train
+from data import DataError
+import shipped_data
 from fake_vlm import FakeVLM
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_KEYS = {"step", "loss", "reward_mean", "judge_failure_rate", "tie_rate", "first_position_win_rate", "approx_kl",
               "clipfrac", "kl", "grad_norm", "lr", "step_time", "time_rollout", "time_judge_wait", "time_update",
               "judge_latency_p50", "judge_latency_p95"}
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
 
 
 def demo_args(out, cache, *extra):
@@ -41,11 +43,11 @@ def records(out, key="loss"):
     return [r for r in lines if key in r]
 
 
-class ScriptedJudge(train.DemoJudge):
+class ScriptedJudge(demo.DemoJudge):
     """The demo judge, but the n-th submitted pair gets `outcome(n)`: None (judge it), "fail" or "tie"."""
 
     def __init__(self, outcome):
-        super().__init__(train.warmth, swap=False)
+        super().__init__(demo.warmth, swap=False)
         self.outcome, self.calls = outcome, 0
 
     def submit(self, prompt, images, source_image=None):
@@ -53,7 +55,7 @@ class ScriptedJudge(train.DemoJudge):
         kind = self.outcome(n)
         if kind is None:
             return super().submit(prompt, images, source_image)
-        verdict = train.judge_lib.Verdict(rank=None, reason=kind, consistent=kind != "tie",
+        verdict = judge.Verdict(rank=None, reason=kind, consistent=kind != "tie",
                                           error="scripted failure" if kind == "fail" else None)
         return self._pool.submit(lambda: verdict)
 
@@ -61,7 +63,7 @@ class ScriptedJudge(train.DemoJudge):
 def prepared(out, cache, judge, *extra):
     """A Run ready for train_step, in this process (world size 1)."""
     cfg = train.make_config(demo_args(out, cache, *extra))
-    return train.prepare(cfg, train.init_distributed(cfg.device), judge)
+    return train.prepare(cfg, runtime.init_distributed(cfg.device), judge)
 
 
 def window_gradients(run):
@@ -122,7 +124,7 @@ def test_qwen_edit_demo_two_steps(tmp_path, cache, capsys):
     assert (config["model_type"], config["lora_rank"], config["guidance"]) == ("qwen_edit", 8, None)
     lora = load_file(tmp_path / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
-    with train.Image.open(tmp_path / "samples" / "step-000002.png") as grid:
+    with Image.open(tmp_path / "samples" / "step-000002.png") as grid:
         assert grid.size == (2 * 64, 3 * 64)  # source row, policy row, reference row
 
 
@@ -172,7 +174,7 @@ def merged(t1, t2):
 
 
 def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth))
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth))
     try:
         cfg, params, rng = run.cfg, run.policy.trainable_parameters(), torch.Generator().manual_seed(0)
         with torch.no_grad():  # away from the identity init, so the KL term and every LoRA matrix get gradients
@@ -193,7 +195,7 @@ def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
         reference = torch.cat([p.grad.flatten() for p in params])
         run.optimizer.zero_grad(set_to_none=True)
         # the window: the two prompts accumulated one after the other, then normalised once
-        sums = sum(train.accumulate(run.policy, t, a, cfg, rng) for t, a in zip(trajs, advs))
+        sums = sum(train.backward_pair_loss(run.policy, t, a, cfg, rng) for t, a in zip(trajs, advs))
         captured = []
         run.optimizer.register_step_pre_hook(
             lambda opt, args, kwargs: captured.append(torch.cat([p.grad.flatten() for p in params])))
@@ -224,7 +226,7 @@ def test_masked_pair_contributes_exactly_nothing(tmp_path, cache):
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the counting wrapper
 def test_optimizer_steps_exactly_once_per_window(tmp_path, cache):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth), "--max_steps", "3", "--prompts_per_rank", "3")
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--max_steps", "3", "--prompts_per_rank", "3")
     calls, step = [], run.optimizer.step
     run.optimizer.step = lambda *args, **kwargs: (calls.append(run.step), step(*args, **kwargs))[1]
     try:
@@ -256,13 +258,13 @@ def test_judge_masking_too_often_saves_and_stops(kind, tmp_path, cache, capsys):
         train.train(cfg, judge=ScriptedJudge(lambda n: kind))
     steps = records(tmp_path)
     assert [r["skipped"] for r in steps] == ["no valid pairs"] * 2  # no gradient at all: the step is skipped
-    assert train.latest_checkpoint(tmp_path).name == "step-000002"
+    assert runtime.latest_checkpoint(tmp_path).name == "step-000002"
 
 
 def test_k1_estimator_and_train_fraction(tmp_path, cache):
     cfg = train.make_config(demo_args(tmp_path, cache, "--max_steps", "1", "--kl_estimator", "k1",
                                       "--train_fraction", "0.5", "--kl_beta", "0.5"))
-    assert train.train(cfg, judge=train.DemoJudge(train.warmth)) == 0
+    assert train.train(cfg, judge=demo.DemoJudge(demo.warmth)) == 0
     (step,) = records(tmp_path)
     # 2 prompts x 2 samples x round(0.5 * 3) = 2 of the K - 1 = 3 transitions; k1 is exactly 0 at the identity init
     assert step["terms"] == 8 and step["kl"] == 0.0 and step["grad_norm"] > 0
@@ -275,7 +277,7 @@ def test_out_of_range_options_are_rejected(flag, value):
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeypatch):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth))
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth))
     try:
         before = [p.detach().clone() for p in run.policy.trainable_parameters()]
         monkeypatch.setattr(train.arr_rpo, "ppo_clip_loss", lambda *a: torch.full_like(a[0], float("nan")))
@@ -296,7 +298,7 @@ def test_ctrl_c_saves_a_checkpoint_then_resumes(tmp_path, cache):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    ckpt = train.latest_checkpoint(tmp_path)
+    ckpt = runtime.latest_checkpoint(tmp_path)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) == records(tmp_path)[-1]["step"]
     assert "--resume auto" in out
     stop = int(ckpt.name.split("-")[1]) + 1
@@ -329,11 +331,16 @@ def bad_inputs(tmp):
         "model without judge": (["--model", "m", "--prompts", ok], "--judge_url is required"),
         "bad estimator": (["--kl_estimator", "k3"], "--kl_estimator"),
         "missing checkpoint": (["--resume", str(tmp / "ckpt")], "ckpt"),
+        "check without judge": (["--judge_check_data", ok], "--judge_check_data needs --judge_url"),
+        "check data missing": (["--judge_url", "http://x/v1", "--rubrics", ok, "--judge_check_data",
+                                str(tmp / "pairs.json")], "pairs.json: data file not found"),
+        "bad judge_max_tokens": (["--judge_max_tokens", "0"], "--judge_max_tokens 0 is out of range"),
     }
 
 
 BAD_CASES = ["missing prompts", "empty prompts", "non-utf8 prompts", "unknown model type", "missing rubrics",
-             "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint"]
+             "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint",
+             "check without judge", "check data missing", "bad judge_max_tokens"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -350,17 +357,17 @@ def test_edit_jsonl_errors_name_the_line(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": "make it blue"}\n'
                                          '{"source_image": "missing.png", "instruction": "x"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:2: cannot read source_image .*missing.png"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:2: cannot read source_image .*missing.png"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": "make it blue"}\n\n'
                                          '{"source_image": "broken.png", "instruction": "x"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:3: cannot read source_image"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:3: cannot read source_image"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"image": "a.png"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:1: expected JSON with source_image and instruction"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:1: expected JSON with source_image and instruction"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": " make it blue "}\n')
-    [item] = train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    [item] = data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     assert (item.prompt, Path(item.source_image), item.line) == ("make it blue", tmp_path / "a.png", 1)
 
 
@@ -371,15 +378,59 @@ def test_real_judge_path_against_fake_vlm(tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv("ARR_TEST_KEY", "sk-very-secret")
     with FakeVLM() as fake:
         argv = demo_args(tmp_path / "run", cache, "--max_steps", "2", "--judge_url", fake.url, "--judge_model",
-                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_TEST_KEY")
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_TEST_KEY",
+                         "--judge_max_tokens", "55")
         assert train.main(argv) == 0
         assert len(fake.requests) == 2 + 2 * 2 * 2  # startup check + 2 steps x 2 pairs, both orders each
+        assert {body["max_tokens"] for body in fake.requests} == {55}
     steps = records(tmp_path / "run")
     assert all(r["judge_failure_rate"] == 0 and r["skipped"] is None for r in steps)
     assert all(r["first_position_win_rate"] is not None for r in steps)
+    # requests and tokens per step, per judged pair and per kept pair: what the server reported, summed
+    assert [(r["judge_requests"], r["judge_requests_per_pair"], r["judge_requests_per_kept_pair"]) for r in steps] \
+        == [(4, 2.0, 2.0)] * 2
+    after_check = fake.usage[2:]  # the startup check's two answers came first
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert sum(r[f"judge_{key}"] for r in steps) == sum(u[key] for u in after_check) > 0
+        assert steps[0][f"judge_{key}_per_kept_pair"] == steps[0][f"judge_{key}"] / 2
     out = capsys.readouterr().out
     saved = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*.json*"))
     assert "sk-very-secret" not in out + saved and "ARR_TEST_KEY" in saved
+
+
+def test_judge_failure_reasons_are_printed_and_logged_per_step(tmp_path, cache, capsys):
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    with FakeVLM() as fake:
+        fake.handler = lambda body: "nope" if len(fake.requests) > 2 else None  # fine for the startup check only
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "1", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"))
+        assert train.main(argv) == 0
+    reason = "unusable reply after 3 attempt(s): no JSON object in the answer: 'nope'"
+    (step,) = records(tmp_path / "run", "judge_failure_reasons")
+    assert step["judge_failure_reasons"] == [[2, reason]] and step["judge_failure_rate"] == 1.0
+    assert f"  judge failed 2 x: {reason}" in capsys.readouterr().out.splitlines()
+
+
+def test_drift_alarm_follows_a_judge_that_changes_mid_run(tmp_path, cache, capsys):
+    """--judge_check_data: accuracy and position gap at steps 0, 2, 4; the server turns into an always-first judge
+    after the check at step 2 (request 18: 2 startup + 4 per check + 4 per step)."""
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    check_data = shipped_data.ties(tmp_path / "check")  # 2 labelled pairs (red wins) and 2 ties (skipped)
+    with FakeVLM() as fake:
+        fake.handler = lambda body: json.dumps({"reason": "first", "rank": [1, 2]}) if len(fake.requests) > 18 \
+            else None
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "4", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_check_data",
+                         str(check_data), "--judge_check_every", "2")
+        assert train.main(argv) == 0
+        assert len(fake.requests) == 2 + 3 * 4 + 4 * 4
+    checks = records(tmp_path / "run", "judge_check_accuracy")
+    assert [(r["step"], r["judge_check_accuracy"], r["judge_check_position_gap"], r["judge_check_tie_rate"],
+             r["judge_check_n"]) for r in checks] == [(0, 1.0, 0.0, 0.0, 2), (2, 1.0, 0.0, 0.0, 2),
+                                                      (4, 0.0, 1.0, 1.0, 2)]
+    out = capsys.readouterr().out
+    assert "warning: the judge's accuracy on --judge_check_data fell from 1.000 (step 0) to 0.000" in out
+    assert [r["tie_rate"] for r in records(tmp_path / "run")][2:] == [1.0, 1.0]  # the swapped server in training
 
 
 def test_judge_startup_check_names_url_and_model(tmp_path, cache, capsys, no_model_load):
@@ -405,7 +456,7 @@ def test_config_resolution_user_then_demo_then_recipe():
     qwen = train.make_config(["--model", "Qwen/Qwen-Image-Edit-2509", "--model_type", "qwen_edit"])
     assert (qwen.lr, qwen.num_steps, qwen.lora_rank, qwen.lora_alpha, qwen.kl_beta, qwen.guidance) == (
         1e-5, 10, 32, 64, 0.02, None)
-    help_text = train.build_parser().format_help()
+    help_text = runtime.build_parser(train.Config, train.RECIPES, "").format_help()
     assert "--no_judge_swap" in help_text and "recipe: flux 5e-05, qwen_edit 1e-05" in help_text
     with pytest.raises(SystemExit):
         train.make_config(["--no_such_flag", "1"])
