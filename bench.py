@@ -137,8 +137,8 @@ def bench_step(args):
         rollout_times = []
         for _ in range(args.repeats + 1):
             start = time.perf_counter()
-            runs["instant"].policy.rollout(["a red apple"] * 2, **train.rollout_kwargs(cfg, cfg.eta),
-                                           generator=generator)
+            prompt = runs["instant"].items[0].prompt  # the run's prompts were encoded up front
+            runs["instant"].policy.rollout([prompt] * 2, **train.rollout_kwargs(cfg, cfg.eta), generator=generator)
             rollout_times.append(time.perf_counter() - start)
         latency = statistics.median(rollout_times[1:])
         runs["slow"] = train.prepare(cfg, d, demo.DemoJudge(demo.warmth, swap=False, latency=latency))

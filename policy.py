@@ -108,8 +108,10 @@ def check_sigmas(sigmas):
 class FlowLoraPolicy:
     """What FLUX and Qwen-Image-Edit share: LoRA setup, the SDE rollout loop, recompute, reference, save/load.
 
-    A subclass provides `velocity(cond, x, sigma)` (one batched transformer call), `decode`, `rollout` (building
-    its conditioning and initial noise) and the class attributes below.
+    A subclass provides `velocity(cond, x, sigma)` (one batched transformer call), `decode_pixels`, `rollout`
+    (building its conditioning and initial noise), the class attributes below, and for the embedding cache
+    `_item_key(item)` (a string naming an encoder input completely), `_encode_item(item)` (dict of tensors) and
+    `_encoder_identity_parts()` (strings identifying the encoders, tokenizers and encoding settings).
     """
     task = None                  # "t2i" or "edit": what the judge is asked to compare
     pipeline_class = None        # the diffusers pipeline whose LoRA format we write and read
@@ -130,9 +132,9 @@ class FlowLoraPolicy:
         self.device = torch.device(device)
         self.dtype = dtype
         self.mixed_precision = mixed_precision  # e.g. torch.bfloat16: autocast around transformer calls
-        self.decode_chunk = int(decode_chunk)
-        if self.decode_chunk < 1:
+        if int(decode_chunk) < 1:
             raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+        self.decode_chunk = int(decode_chunk)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False)
@@ -179,18 +181,6 @@ class FlowLoraPolicy:
 
     def decode_pixels(self, latents, height, width):
         """Packed latents (b, L, C) -> pixels (b, 3, H, W) in [-1, 1] from one VAE decode call."""
-        raise NotImplementedError
-
-    def _encode_item(self, item):
-        """The text encoder's output for one item (a prompt, or an (instruction, image) pair): dict of tensors."""
-        raise NotImplementedError
-
-    def _item_key(self, item):
-        """A string naming the encoder input of `item` completely (the embedding cache's key)."""
-        raise NotImplementedError
-
-    def _encoder_identity_parts(self):
-        """Strings that identify the text encoders, tokenizers and encoding settings (see encoder_identity)."""
         raise NotImplementedError
 
     # ----- prompt embeddings: encoded once, cached in host memory or on disk, encoders released ---------------------

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import memory
 from data import load_pairs, load_prompts, read_text, split_skipped
 from demo import DemoJudge
 from judge import Judge, VLMClient, evaluate
@@ -212,6 +213,44 @@ def judge_check(run):
             print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
                   f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
     barrier(run.d)
+
+
+# ---- The policy, its memory options, its prompts encoded up front -------------------------------------------------
+
+def load_policy(cfg, cls, d, demo, items):
+    """The policy of the config with its memory options, after the memory check (a warning naming the estimate and
+    the flags that help, before anything loads); every item's encoder input (`items`: training and eval prompts)
+    encoded up front, then the text encoders released (freed, or moved to the CPU if host memory could not keep
+    every embedding); the LoRA broadcast from rank 0. With --embed_cache the ranks encode a share each into the
+    shared folder and read the rest from it; without it each rank encodes everything into its host memory."""
+    if demo is None and d.device.type == "cuda":
+        warning = memory.fit_warning(cfg.model_type, cfg.height, cfg.width, 2, cfg.gradient_checkpointing,
+                                     d.world_size if cfg.shard_base else 1,
+                                     torch.cuda.get_device_properties(d.device).total_memory, cfg.prompts_per_rank,
+                                     cfg.lora_rank)
+        if warning:
+            print0(d, f"warning: {warning}")
+    mesh = None
+    if cfg.shard_base and d.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # LoRA and AdamW stay fp32 either way
+    policy = cls.from_pretrained(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                 lora_targets=cfg.lora_targets, device=d.device, dtype=dtype,
+                                 mixed_precision=dtype if dtype != torch.float32 else None,
+                                 gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
+                                 shard_mesh=mesh)
+    inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
+    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs)
+    barrier(d)  # the shared folder is complete before any rank reads from it
+    where = policy.release_text_encoders()
+    print0(d, f"prompts: {encoded} encoded on rank 0 ({policy.embed_cache.stats['evicted']} did not fit in host "
+              f"memory), text encoders {'freed' if where == 'freed' else 'moved to the CPU (pass --embed_cache)'}"
+              + (f", the base sharded over {d.world_size} ranks" if mesh is not None else ""))
+    for p in policy.trainable_parameters():
+        if d.world_size > 1:
+            dist.broadcast(p.data, src=0)
+    return policy
 
 
 # ---- The data position -------------------------------------------------------------------------------------------

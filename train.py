@@ -79,6 +79,11 @@ class Config:
     cache_dir: str = opt("~/.cache/arr-rpo", "where the demo's tiny model is built once")
     device: str | None = opt(None, "cpu or cuda; unset: cuda:LOCAL_RANK when CUDA is available, else cpu")
     dtype: str | None = opt(None, "bfloat16 (frozen base; LoRA and AdamW stay fp32) or float32; unset: bf16 on CUDA")
+    # memory (python bench.py memory: the estimates per GPU)
+    gradient_checkpointing: bool = opt(True, "recompute each transformer block in backward (same gradients)")
+    embed_cache: str | None = opt(None, "folder of prompt embeddings, computed once per prompt file and model and "
+                                        "reused by later runs and every rank")
+    shard_base: bool = opt(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA stays replicated)")
     # data
     prompts: str | None = opt(None, "training prompts: a text file, one per line (flux), or JSONL lines "
                                     "{source_image, instruction} with paths relative to the file (qwen_edit)")
@@ -196,11 +201,12 @@ def kl_term(stats, x_next, estimator):
     return arr_rpo.k1_kl(stats.log_prob, arr_rpo.gaussian_log_prob(x_next, stats.ref_mean, stats.std))
 
 
-def backward_pair_loss(policy, traj, adv, cfg, rng):
+def backward_pair_loss(policy, traj, adv, cfg, rng, weight=1.0):
     """Phase 4 for one kept pair: compute its RPO loss and back-propagate it UNnormalised; returns its SUMS (CPU).
 
     loss = sum over its trained transitions k and its 2 samples of [PPO clipped term + kl_beta * KL]. The gradient is
-    divided by the global number of terms after the all-reduce (reduce_and_step).
+    divided by the global number of terms after the all-reduce (reduce_and_step). weight 0: the same transformer
+    calls with no gradient, for a masked pair when FSDP (--shard_base) needs every rank to make the same calls.
     """
     num_transitions = traj.log_probs.shape[1]  # K - 1
     trained = max(1, round(cfg.train_fraction * num_transitions))
@@ -210,7 +216,7 @@ def backward_pair_loss(policy, traj, adv, cfg, rng):
         old = traj.log_probs[:, k]  # (2,) recorded at rollout time
         kl = kl_term(stats, traj.latents[:, k + 1], cfg.kl_estimator)  # (2,)
         loss = arr_rpo.ppo_clip_loss(stats.log_prob, old, adv, cfg.clip_range) + cfg.kl_beta * kl  # (2,)
-        loss.sum().backward()
+        (weight * loss.sum()).backward()
         parts = (loss.sum(), kl.sum(), arr_rpo.approx_kl(stats.log_prob, old).sum(),
                  arr_rpo.clip_fraction(stats.log_prob, old, cfg.clip_range) * len(loss), len(loss),
                  (~torch.isfinite(loss)).sum())
@@ -265,6 +271,9 @@ def train_step(run):
         if rewards is None:
             local[outcome] += 1
             local["errors"].append(verdict.error)  # None for a tie
+            if cfg.shard_base:  # its own generator: this rank's rollout noise must not depend on the masking
+                backward_pair_loss(run.policy, traj, advantages([0, 0], cfg, run.policy.device), cfg,
+                                   torch.Generator(), weight=0.0)
             continue
         local["rewards"] += rewards
         adv = advantages(rewards, cfg, run.policy.device)  # 3. advantages
@@ -292,6 +301,8 @@ def evaluate(run):
     (step, win rate) also goes to run.evals for the curve printed at the end."""
     cfg, d, start = run.cfg, run.d, time.perf_counter()
     mine = list(enumerate(run.eval_items))[d.rank::d.world_size]
+    if cfg.shard_base:  # FSDP: every rank makes the same transformer calls, so short ranks roll out a spare prompt
+        mine += [(None, run.eval_items[0])] * (-(-len(run.eval_items) // d.world_size) - len(mine))
     futures, columns = [], []
     for i, item in mine:  # one prompt per rollout: its noise depends on its index, not on the world size
         source = open_source(item)
@@ -299,9 +310,11 @@ def evaluate(run):
         images = []
         for context in (contextlib.nullcontext(), run.policy.adapters_disabled()):
             with context:  # a fresh generator per prompt: both models start from the same noise at every eval
-                generator = torch.Generator().manual_seed(cfg.seed + 1_000_000 + i)
+                generator = torch.Generator().manual_seed(cfg.seed + 1_000_000 + (i or 0))
                 images += run.policy.rollout([item.prompt], **extra, **rollout_kwargs(cfg, 0.0), generator=generator,
                                              same_noise=False).images
+        if i is None:
+            continue
         mine_image, ref_image = images
         pair = [mine_image, ref_image] if i % 2 == 0 else [ref_image, mine_image]
         futures.append((i % 2, run.judge.submit(item.prompt, pair, source_image=source)))
@@ -344,16 +357,10 @@ def prepare(cfg, d, judge=None):
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once
             build_tiny_model(cfg.model_type, cfg.model)
         runtime.barrier(d)
-        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast below, to be sure)
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # LoRA and AdamW stay fp32 either way
-        policy = cls.from_pretrained(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                     lora_targets=cfg.lora_targets, device=d.device, dtype=dtype,
-                                     mixed_precision=dtype if dtype != torch.float32 else None)
-        params = policy.trainable_parameters()
-        for p in params:
-            if d.world_size > 1:
-                dist.broadcast(p.data, src=0)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast by load_policy, to be sure)
+        policy = runtime.load_policy(cfg, cls, d, demo, items + eval_items)  # prompts encoded, encoders released
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, cfg.lr_warmup_steps))
         random.seed(cfg.seed + d.rank)
         torch.manual_seed(cfg.seed + d.rank)

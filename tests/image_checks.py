@@ -54,11 +54,3 @@ def assert_disabled_adapters_are_the_base(pol, cond, x, base_velocity):
     assert not torch.allclose(enabled, base_velocity, atol=1e-4)
     assert all(p.requires_grad for p in pol.trainable_parameters())
 
-
-def one_thread():
-    """Run a test on one intra-op thread (tiny ops gain nothing from more, and they spin on a busy CPU); a
-    generator for pytest fixtures: `one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import demo
-import image_checks
 import policy
+import train
 from embed_cache import EmbeddingCache
 from test_policy_qwen import CONDITION_AREA, scene
+from test_train import prepared
 
 PROMPTS = ["a red apple on a table", "a blue car", "a red apple on a table", "a green field"]
-one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,22 @@ def test_racing_writers_never_expose_a_partial_file_and_leave_other_files_alone(
     assert (tmp_path / "notes.txt").read_text() == "user data"
     assert [p.suffix for p in tmp_path.rglob("*") if p.is_file() and p.name != "notes.txt"] == [".safetensors"]
     assert EmbeddingCache("another model", tmp_path).get("the item") is None  # same folder, other key: a miss
+
+
+def test_train_encodes_every_prompt_up_front_frees_the_encoders_and_reuses_the_folder(tmp_path, cache, monkeypatch):
+    """train.prepare: every training and eval prompt encoded before the first step, the text encoders freed, a
+    step trains without them; a second run on the same prompts and --embed_cache never calls the encoders."""
+    calls, encode = [], policy.FluxPolicy._encode_item
+    monkeypatch.setattr(policy.FluxPolicy, "_encode_item", lambda self, prompt: calls.append(prompt) or
+                        encode(self, prompt))
+    expected = sorted(set(demo.FLUX_DEMO_PROMPTS + demo.FLUX_DEMO_EVAL[:2]))
+    for attempt in range(2):
+        run = prepared(tmp_path / f"run-{attempt}", cache, demo.DemoJudge(demo.warmth), "--embed_cache",
+                       str(tmp_path / "embeds"))
+        try:
+            assert run.policy.pipe.text_encoder is None and run.policy.pipe.text_encoder_2 is None
+            assert sorted(calls) == (expected if attempt == 0 else [])
+            assert train.train_step(run)["skipped"] is None
+        finally:
+            run.judge.close()
+        calls.clear()

@@ -8,11 +8,9 @@ import pytest
 import torch
 
 import bench
-import image_checks
 import memory
 
 MIB = 2 ** 20
-one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)
 
 
 def test_tracker_counts_each_storage_once_until_it_is_freed():

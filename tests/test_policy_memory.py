@@ -5,13 +5,11 @@ import pytest
 import torch
 
 import demo
-import image_checks
 import policy
 from image_checks import as_float, randomise_lora
 from test_policy_qwen import CONDITION_AREA, scene
 
 PROMPTS = ["a red apple on a table", "a blue car"]
-one_thread = pytest.fixture(autouse=True)(image_checks.one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,23 @@ backward, one explicit all-reduce of the LoRA gradients normalised by the global
 masked pair that the sharded run must still pass through the transformer with weight 0 (FSDP's collectives need
 the same calls on every rank) and the replicated run skips, as train.py does. On CPU fp32 the two LoRAs are
 bitwise equal, gradient checkpointing (on in the sharded run) included."""
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 import arr_rpo
 import demo
 import policy
+import runtime
+from fake_vlm import FakeVLM
 from image_checks import randomise_lora
 
 PROMPTS = ["a red apple on a table", "a blue car in the rain"]
@@ -98,3 +105,31 @@ def test_sharded_base_trains_the_same_lora_as_the_replicated_policy(tmp_path):
             assert torch.equal(reloaded, sharded)
     for a, b in zip(results[0]["sharded"], results[1]["sharded"]):
         assert torch.equal(a, b)  # the replicated LoRA stays in sync across ranks
+
+
+def test_train_shard_base_on_two_ranks_trains_the_same_lora_as_replicated(tmp_path, cache):
+    """train.py under torchrun (2 ranks, gloo), the demo's tiny FLUX judged by the fake VLM server, which fails every
+    request about rank 1's prompt of step 1 (a masked pair on one rank only), 3 eval prompts over 2 ranks (one rank
+    short): with --shard_base the checkpointed LoRA equals the replicated run's bitwise."""
+    (tmp_path / "rubrics.txt").write_text("1. The warmer image wins.\n")
+    masked = demo.FLUX_DEMO_PROMPTS[runtime.epoch_order(len(demo.FLUX_DEMO_PROMPTS), 42, 0)[1]]
+    root = Path(__file__).resolve().parent.parent
+    with FakeVLM() as fake:
+        fake.handler = lambda body: "nope" if masked in json.dumps(body) else None
+        for name, extra in (("replicated", []), ("sharded", ["--shard_base"])):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                   "--output_dir", str(tmp_path / name), "--cache_dir", cache, "--max_steps", "2",
+                   "--prompts_per_rank", "1", "--eval_every", "2", "--eval_size", "3", "--judge_url", fake.url,
+                   "--judge_model", "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), *extra]
+            result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert result.returncode == 0, result.stderr[-3000:]
+    lora = {}
+    for name in ("replicated", "sharded"):
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["masked_pairs"] for r in lines if "loss" in r] == [1, 0]
+        assert [r["eval_n"] for r in lines if "eval_n" in r] == [3, 3]
+        lora[name] = load_file(tmp_path / name / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
+    assert lora["sharded"].keys() == lora["replicated"].keys()
+    for key, weights in lora["replicated"].items():
+        assert torch.equal(lora["sharded"][key], weights), key  # tolerance 0 on CPU fp32

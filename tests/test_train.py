@@ -181,7 +181,7 @@ def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
             for p in params:
                 p.normal_(0.0, 0.05, generator=rng)
         trajs = [run.policy.rollout([p] * 2, **train.rollout_kwargs(cfg, cfg.eta), generator=rng)
-                 for p in ("a red apple", "a campfire")]
+                 for p in ("a red apple on a table", "a campfire at night")]  # demo prompts: encoded up front
         advs = [torch.tensor([1.0, -0.1]), torch.tensor([-0.1, 1.0])]
         # reference: ONE batch of 4 samples; every (sample, transition) term divided by the number of terms
         both, adv = merged(*trajs), torch.cat(advs)
