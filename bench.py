@@ -267,8 +267,8 @@ def bench_gpu(args):
     (model FLOPs from `transition_flops` over the measured update time, against --peak_tflops).
         torchrun --nproc_per_node=1 bench.py gpu [--shard_base] [--size 512] [--steps 3]
         python bench.py gpu --tiny --device cpu --steps 1   # a reduced model on the CPU: runs the code only
-    Updates are what train.py does per kept pair (memory.update_transition: recompute, PPO clip + KL, backward)
-    with fixed rewards +1 / -0.1 in place of a judge, then one all-reduce, clip and AdamW.
+    Updates are train.py's for one kept pair (train.backward_pair_loss over the K - 1 transitions) with fixed
+    rewards +1 / -0.1 in place of a judge, then one all-reduce, clip and AdamW.
     """
     import os
     import time
@@ -277,6 +277,7 @@ def bench_gpu(args):
 
     import memory
     import policy
+    import train
     cuda = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     world = 1
@@ -311,7 +312,8 @@ def bench_gpu(args):
             torch.cuda.synchronize(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    generator = torch.Generator(device).manual_seed(0)
+    generator, generator_cpu = torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(0)
+    cfg = train.make_config(["--model", "random weights", "--num_steps", str(steps)])  # the flux recipe
     times = []
     for step in range(args.steps + 1):  # step 0 warms up (kernels, AdamW state) and is not timed
         sync()
@@ -320,8 +322,7 @@ def bench_gpu(args):
                            width=size, generator=generator)
         sync()
         middle = time.perf_counter()
-        for k in range(steps - 1):
-            memory.update_transition(pol, traj, k, kl_beta=0.01)
+        train.backward_pair_loss(pol, traj, torch.tensor([1.0, -0.1], device=device), cfg, generator_cpu)
         grads = pol.trainable_parameters()
         flat = torch.cat([p.grad.flatten() for p in grads])
         if world > 1:
@@ -338,12 +339,11 @@ def bench_gpu(args):
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
     mfu = flops * (steps - 1) / update_s / (args.peak_tflops * 1e12)
     shown = f"{peak:.1f} GiB (torch.cuda.max_memory_allocated)" if cuda else "n/a on the CPU"
-    if not args.tiny or not cuda:
+    if int(os.environ.get("RANK", 0)) == 0:
         print(f"gpu: {'tiny' if args.tiny else 'full-size'} FLUX.1-dev transformer "
               f"({params['frozen'] / 2e9:.3g}B params, random weights), {size}x{size}, {candidates} candidates, "
               f"K={steps}, bf16 autocast, checkpointing, base {'sharded over ' + str(world) if mesh else 'replicated'}"
               f" on {world} {device.type} process(es); mean of {args.steps} steps after one warm-up")
-    if int(os.environ.get("RANK", 0)) == 0:
         print(f"peak memory {shown}; estimate {estimate / 2 ** 30:.3g} GiB (memory.py, step phases)")
         print(f"step {rollout_s + update_s:.2f} s: rollout {rollout_s:.2f} s, update {update_s:.2f} s "
               f"({steps - 1} transitions, {flops / 1e12:.3g} TFLOP each); update MFU {mfu:.2%} of "

@@ -61,8 +61,8 @@ class ModelSpec:
     transformer: dict     # config
     vae: dict
     block_kinds: tuple    # the transformer's ModuleList attributes holding blocks
-    lora_rank: int        # the recipe's r (alpha = 2 r)
-    num_steps: int        # the recipe's K
+    lora_rank: int        # train.RECIPES' r (alpha = 2 r); tests/test_memory.py checks these three against it
+    num_steps: int        # train.RECIPES' K
     kl_beta: float
 
 
@@ -197,7 +197,8 @@ def fake_inputs(pol, model_type, height, width, candidates, num_steps):
 
 
 def update_transition(pol, traj, k, kl_beta):
-    """What train.py does for one kept pair and one transition: recompute, PPO clip + KL, backward."""
+    """train.backward_pair_loss for one transition: recompute, PPO clip + kl_beta * exact KL, backward. (That
+    function draws its transitions with randperm(...).tolist(), which fake tensors cannot run.)"""
     import arr_rpo
     stats = pol.recompute(traj, k, reference=kl_beta > 0)
     adv = torch.tensor([1.0] + [-0.1] * (len(stats.log_prob) - 1))
@@ -334,7 +335,7 @@ def _real_step(model_type, height=512, width=512, candidates=2, checkpointing=Tr
 
 DEPTH_UNITS = {"flux": ({"transformer_blocks": 1, "single_transformer_blocks": 2}, 19),  # 19 x (1 double + 2 single)
                "qwen_edit": ({"transformer_blocks": 1}, 60)}
-PROMPTS_PER_RANK = {"flux": 4, "qwen_edit": 2}  # train.py's recipe: trajectories alive during one update
+PROMPTS_PER_RANK = {"flux": 4, "qwen_edit": 2}  # train.RECIPES (tested): trajectories alive during one update
 
 
 def encoder_bytes(model_type):
@@ -474,9 +475,10 @@ def quick_estimate(model_type, height=512, width=512, candidates=2, checkpointin
 
 
 def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu_bytes, prompts_per_rank=None,
-                lora_rank=None):
+                lora_rank=None, ranks=8):
     """None if `quick_estimate` fits in `gpu_bytes` less 10% headroom, else a warning that names the estimate and
-    the settings that would fit (--gradient_checkpointing, --shard_base, fewer candidates or pixels)."""
+    the estimates with one change (--gradient_checkpointing, --shard_base over `ranks` GPUs, fewer candidates or
+    pixels)."""
     def peak(**change):
         setting = dict(height=height, width=width, candidates=candidates, checkpointing=checkpointing, shard=shard)
         setting.update(change)
@@ -489,8 +491,8 @@ def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu
     options = []
     if not checkpointing:
         options.append(("--gradient_checkpointing", peak(checkpointing=True)))
-    if shard == 1:
-        options.append(("--shard_base (8 GPUs)", peak(shard=8)))
+    if shard == 1 and ranks > 1:
+        options.append((f"--shard_base ({ranks} GPUs)", peak(shard=ranks)))
     if candidates > 2:
         options.append(("2 candidates", peak(candidates=2)))
     if height * width > 512 * 512:

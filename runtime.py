@@ -2,6 +2,8 @@
 
 - the command line generated from train.Config, and the checks of every option and input before any model loads;
 - torch.distributed set up from torchrun's environment (nanoGPT style) and the few collectives the loop uses;
+- the policy loaded with its memory options (checkpointing, embedding cache, FSDP2 sharding) after a memory check,
+  its prompts encoded up front and its text encoders released (`load_policy`);
 - the run's state (`Run`), checkpoints with every rank's RNG and the data position, resume;
 - metrics.jsonl, the console line, optional wandb / TensorBoard, sample grids;
 - Ctrl-C / SIGTERM handling: finish the step, save, exit.
@@ -224,10 +226,7 @@ def load_policy(cfg, cls, d, demo, items):
     every embedding); the LoRA broadcast from rank 0. With --embed_cache the ranks encode a share each into the
     shared folder and read the rest from it; without it each rank encodes everything into its host memory."""
     if demo is None and d.device.type == "cuda":
-        warning = memory.fit_warning(cfg.model_type, cfg.height, cfg.width, 2, cfg.gradient_checkpointing,
-                                     d.world_size if cfg.shard_base else 1,
-                                     torch.cuda.get_device_properties(d.device).total_memory, cfg.prompts_per_rank,
-                                     cfg.lora_rank)
+        warning = memory_warning(cfg, d.world_size, torch.cuda.get_device_properties(d.device).total_memory)
         if warning:
             print0(d, f"warning: {warning}")
     mesh = None
@@ -251,6 +250,13 @@ def load_policy(cfg, cls, d, demo, items):
         if d.world_size > 1:
             dist.broadcast(p.data, src=0)
     return policy
+
+
+def memory_warning(cfg, world_size, gpu_bytes):
+    """memory.fit_warning for this config on GPUs of `gpu_bytes`: None if one RPO step fits, else the warning."""
+    return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, 2, cfg.gradient_checkpointing,
+                              world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank, cfg.lora_rank,
+                              ranks=world_size)
 
 
 # ---- The data position -------------------------------------------------------------------------------------------

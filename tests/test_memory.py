@@ -79,3 +79,27 @@ def test_bench_gpu_reduced_form_runs_rpo_updates_on_the_cpu():
     assert lines[0].startswith("gpu: tiny FLUX.1-dev transformer") and "64x64" in lines[0]
     assert lines[1].startswith("peak memory n/a on the CPU; estimate")
     assert "update MFU" in lines[2] and "(2 transitions" in lines[2]
+
+
+def test_train_warns_before_loading_a_config_that_will_not_fit():
+    """runtime.memory_warning, which load_policy prints on CUDA before from_pretrained, for train.py's options."""
+    import runtime
+    import train
+    gpu = 80 * 10 ** 9
+    assert runtime.memory_warning(train.make_config(["--model", "black-forest-labs/FLUX.1-dev"]), 8, gpu) is None
+    big = train.make_config(["--model", "m", "--height", "1024", "--width", "1024", "--no_gradient_checkpointing"])
+    assert not big.gradient_checkpointing and train.make_config(["--model", "m"]).gradient_checkpointing
+    text = runtime.memory_warning(big, 8, gpu)
+    assert "checkpointing off" in text and "--gradient_checkpointing: " in text and "--shard_base (8 GPUs)" in text
+    sharded = train.make_config(["--model", "m", "--model_type", "qwen_edit", "--no_gradient_checkpointing",
+                                 "--shard_base"])
+    assert "base sharded over 8" in runtime.memory_warning(sharded, 8, 40 * 10 ** 9)
+
+
+def test_the_estimated_recipe_is_train_py_recipe():
+    import train
+    for model_type, spec in memory.MODELS.items():
+        recipe = train.RECIPES[model_type]
+        assert (spec.lora_rank, 2 * spec.lora_rank, spec.num_steps, spec.kl_beta) == (
+            recipe["lora_rank"], recipe["lora_alpha"], recipe["num_steps"], recipe["kl_beta"])
+        assert memory.PROMPTS_PER_RANK[model_type] == recipe["prompts_per_rank"]
