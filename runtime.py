@@ -4,6 +4,8 @@
 - torch.distributed set up from torchrun's environment (nanoGPT style) and the few collectives the loop uses;
 - the data position: each rank's prompts of a window (`next_window`), its minibatches by global index
   (`minibatches`), the training and eval samplers (`sampler`), held-out eval prompts;
+- the policy loaded with its memory options (checkpointing, embedding cache, FSDP2 sharding) after a memory check,
+  its prompts encoded up front and its text encoders released (`load_policy`);
 - the run's state (`Run`), checkpoints with every rank's RNG, the data position and the LoRA EMA, resume;
 - metrics.jsonl, the console line, optional wandb / TensorBoard, sample grids;
 - Ctrl-C / SIGTERM handling: finish the step, save, exit.
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import memory
 from data import load_pairs, load_prompts, read_text, split_skipped
 from demo import DemoJudge
 from judge import GROUP_JUDGING, Judge, VLMClient, evaluate
@@ -121,14 +124,14 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
 
 # ---- Inputs, checked before any model is loaded -----------------------------------------------------------------
 
-def load_inputs(cfg, demo, task, d):
+def load_inputs(cfg, demo, task):
     """Every input, checked before any model is loaded. Returns (train items, eval items, rubric text or None, eval
     rubric text or None, labelled pairs of --judge_check_data to use, possibly []). Without --eval_prompts (and
     outside the demo) a seeded quarter of the prompts, at most eval_size, is held out of training for evaluation;
     with fewer than 4 prompts the training prompts are used."""
-    if cfg.minibatches > cfg.prompts_per_rank * d.world_size:
-        raise ConfigError(f"--minibatches {cfg.minibatches} is more than the {cfg.prompts_per_rank * d.world_size} "
-                          "prompts of a window (prompts_per_rank x ranks): a minibatch would never hold a group")
+    if cfg.minibatches > cfg.prompts_per_rank:
+        raise ConfigError(f"--minibatches {cfg.minibatches} is more than --prompts_per_rank {cfg.prompts_per_rank}: "
+                          "every minibatch takes the same number of each rank's prompts, at least one")
     if cfg.eval_judge_url is None and (cfg.eval_rubrics or cfg.eval_judge_model):
         raise ConfigError("--eval_rubrics and --eval_judge_model need --eval_judge_url (the eval judge's server)")
     if cfg.eval_judge_url is not None and not (cfg.eval_rubrics or cfg.rubrics):
@@ -264,6 +267,48 @@ def judge_check(run):
     barrier(run.d)
 
 
+# ---- The policy, its memory options, its prompts encoded up front -------------------------------------------------
+
+def load_policy(cfg, cls, d, demo, items):
+    """The policy of the config with its memory options, after the memory check (a warning naming the estimate and
+    the flags that help, before anything loads); every item's encoder input (`items`: training and eval prompts)
+    encoded up front, then the text encoders released (freed, or moved to the CPU if host memory could not keep
+    every embedding); the LoRA broadcast from rank 0. With --embed_cache the ranks encode a share each into the
+    shared folder and read the rest from it; without it each rank encodes everything into its host memory."""
+    if demo is None and d.device.type == "cuda":
+        warning = memory_warning(cfg, d.world_size, torch.cuda.get_device_properties(d.device).total_memory)
+        if warning:
+            print0(d, f"warning: {warning}")
+    mesh = None
+    if cfg.shard_base and d.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # LoRA and AdamW stay fp32 either way
+    policy = cls.from_pretrained(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                 lora_targets=cfg.lora_targets, device=d.device, dtype=dtype,
+                                 mixed_precision=dtype if dtype != torch.float32 else None,
+                                 gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
+                                 shard_mesh=mesh)
+    inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
+    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs)
+    barrier(d)  # the shared folder is complete before any rank reads from it
+    where = policy.release_text_encoders()
+    print0(d, f"prompts: {encoded} encoded on rank 0 ({policy.embed_cache.stats['evicted']} did not fit in host "
+              f"memory), text encoders {'freed' if where == 'freed' else 'moved to the CPU (pass --embed_cache)'}"
+              + (f", the base sharded over {d.world_size} ranks" if mesh is not None else ""))
+    for p in policy.trainable_parameters():
+        if d.world_size > 1:
+            dist.broadcast(p.data, src=0)
+    return policy
+
+
+def memory_warning(cfg, world_size, gpu_bytes):
+    """memory.fit_warning for this config on GPUs of `gpu_bytes`: None if one RPO step fits, else the warning."""
+    return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, 2, cfg.gradient_checkpointing,
+                              world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank, cfg.lora_rank,
+                              ranks=world_size)
+
+
 # ---- The data position -------------------------------------------------------------------------------------------
 
 def next_window(run):
@@ -280,16 +325,16 @@ def epoch_order(n, seed, epoch):
 
 
 def minibatches(run, epoch):
-    """This rank's window indices per minibatch. The window's P x W prompts are split by GLOBAL index (rank r's j-th
-    prompt is j W + r) into M chunks: contiguous in epoch 0, so the first minibatch trains while later groups are
-    still judged; a permutation shared by all ranks in later epochs. Every rank steps M times per epoch in
-    lockstep whatever its masks; a minibatch without a kept group on any rank skips its step ("no valid pairs")."""
-    cfg, world = run.cfg, run.d.world_size
-    total, m = cfg.prompts_per_rank * world, cfg.minibatches
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(
-        (cfg.seed * 1_000_003 + run.step) * 1_009 + epoch)).tolist() if epoch else list(range(total))
-    return [sorted(g // world for g in order[i * total // m:(i + 1) * total // m] if g % world == run.d.rank)
-            for i in range(m)]
+    """This rank's window indices j per minibatch. Rank r's j-th prompt has the GLOBAL index j W + r, and the
+    window is split into M blocks of whole rows j (global indices [j0 W, j1 W)), so every rank has the same number
+    of groups in every minibatch (FSDP needs the same calls on every rank) and steps M times per epoch in lockstep
+    whatever its masks. Epoch 0 keeps the rows in order, so the first minibatch trains while later groups are still
+    judged; later epochs permute them, the same way on every rank. A minibatch whose groups are masked on every
+    rank skips its step ("no valid pairs", not counted in optimizer_steps)."""
+    per_rank, m = run.cfg.prompts_per_rank, run.cfg.minibatches
+    rows = torch.randperm(per_rank, generator=torch.Generator().manual_seed(
+        (run.cfg.seed * 1_000_003 + run.step) * 1_009 + epoch)).tolist() if epoch else list(range(per_rank))
+    return [sorted(rows[i * per_rank // m:(i + 1) * per_rank // m]) for i in range(m)]
 
 
 def sampler(cfg, evaluation=False):

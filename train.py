@@ -15,9 +15,8 @@ adapters disabled) trains the LoRA. One rollout window (`train_step`) runs these
                    mean with adapters disabled; loss = PPO clip + kl_beta * KL; backward;
     5. step        one all-reduce of the LoRA gradients, divided by the global number of (sample, transition)
                    terms, grad-norm clip, AdamW, LR schedule, LoRA EMA; M x E times per window (default once).
-The loop logs metrics (with the judge's requests, tokens and failure reasons), evaluates against the reference,
-checks the judge on --judge_check_data (drift alarm) and checkpoints. Equations: arr_rpo.py; models: policy.py;
-judge: judge.py; plumbing (CLI, checks, distributed, checkpoints, logs): runtime.py; the demo: demo.py.
+The loop logs metrics (with the judge's requests, tokens, failure reasons), evaluates, checks the judge on
+--judge_check_data and checkpoints. Equations: arr_rpo.py; models: policy.py; judge: judge.py; plumbing: runtime.py.
 
 Run
     python train.py                        # the CPU demo (~2 min on 2 cores): tiny random-weight FLUX, demo judge
@@ -43,10 +42,9 @@ Deliberate deviations from the paper and the official code
        on held-out prompts, with a Wilson 95% interval, optionally by an independent judge and sampler.
     6. No DDP wrapper: one explicit all-reduce per step with a global normaliser, so a rank with masked pairs does
        not weigh its remaining pairs more; gradients are normalised after it, which lets phase 4 start early.
-    7. As in the official code, by default each window feeds one optimizer step: the recomputed ratio is 1 and the
-       PPO clip (clipfrac, approx_kl) never binds; with M x E > 1 (Flow-GRPO, DanceGRPO) it can (--clip_range).
-    8. Options beyond the paper, off by default: N > 2 candidates judged listwise or pairwise (Pref-GRPO), group-
-       centred or normalised advantages (Flow-GRPO, DanceGRPO), a LoRA EMA for evaluation (Flow-GRPO).
+    7. As in the official code, each window feeds one optimizer step by default: ratio 1, the clip never binds.
+       Beyond the paper, off by default: M x E steps per window (Flow-GRPO, DanceGRPO; the clip can bind), N > 2
+       candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO).
 """
 import dataclasses
 import functools
@@ -80,6 +78,11 @@ class Config:
     cache_dir: str = opt("~/.cache/arr-rpo", "where the demo's tiny model is built once")
     device: str | None = opt(None, "cpu or cuda; unset: cuda:LOCAL_RANK when CUDA is available, else cpu")
     dtype: str | None = opt(None, "bfloat16 (frozen base; LoRA and AdamW stay fp32) or float32; unset: bf16 on CUDA")
+    # memory (python bench.py memory: the estimates per GPU)
+    gradient_checkpointing: bool = opt(True, "recompute each transformer block in backward (same gradients)")
+    embed_cache: str | None = opt(None, "folder of prompt embeddings, computed once per prompt file and model and "
+                                        "reused by later runs and every rank")
+    shard_base: bool = opt(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA stays replicated)")
     # data
     prompts: str | None = opt(None, "training prompts: a text file, one per line (flux), or JSONL lines "
                                     "{source_image, instruction} with paths relative to the file (qwen_edit)")
@@ -162,8 +165,7 @@ def make_config(argv=None):
 # ---- The phases of one optimizer step -----------------------------------------------------------------------------
 
 def rollout_and_submit(run, items):
-    """Phase 1: N candidates per prompt in one batch (same initial noise by default); each group goes to the judge
-    at once (judge.submit_group: one listwise judgment, or every pair)."""
+    """Phase 1: N candidates per prompt in one batch; each group goes to the judge at once (judge.submit_group)."""
     cfg, pending = run.cfg, []
     for item in items:
         source = open_source(item)
@@ -175,8 +177,7 @@ def rollout_and_submit(run, items):
 
 
 def judge_outcome(group, cfg):
-    """Phase 2 for one group: ("kept", rewards r_i = w_i r_w + (1 - w_i) r_l from the win rates w_i; a pair gives
-    exactly +1.0 / -0.1), or ("failed" | "tie", None) for a masked group (a failed request; no preference)."""
+    """Phase 2 for a group: ("kept", rewards w r_w + (1 - w) r_l from its win rates w), or ("failed" | "tie", None)."""
     if group.win_rates is None:
         return ("failed" if group.error else "tie"), None
     return "kept", arr_rpo.win_rate_to_reward(group.win_rates, cfg.reward_win, cfg.reward_lose)
@@ -199,12 +200,11 @@ def kl_term(stats, x_next, estimator):
     return arr_rpo.k1_kl(stats.log_prob, arr_rpo.gaussian_log_prob(x_next, stats.ref_mean, stats.std))
 
 
-def backward_pair_loss(policy, traj, adv, cfg, rng):
-    """Phase 4 for one kept group (a pair when N = 2): its RPO loss, back-propagated UNnormalised; returns its SUMS.
-
-    loss = sum over its trained transitions k and its N samples of [PPO clipped term + kl_beta * KL], divided by
-    the global number of terms after the all-reduce (reduce_and_step). old = the rollout's log-probs, so after the
-    window's first optimizer step (M x E > 1) the ratio departs from 1 and the clip can bind."""
+def backward_pair_loss(policy, traj, adv, cfg, rng, weight=1.0):
+    """Phase 4 for one kept group: sum over its trained transitions and N samples of [PPO clip + kl_beta * KL],
+    back-propagated UNnormalised (reduce_and_step divides by the global term count); returns its SUMS. old = the
+    rollout's log-probs: after a window's first step (M x E > 1) the ratio leaves 1. weight 0: the same transformer
+    calls without gradient, for a masked group under FSDP (--shard_base), where every rank must make them."""
     num_transitions = traj.log_probs.shape[1]  # K - 1
     trained = max(1, round(cfg.train_fraction * num_transitions))
     sums = torch.zeros(len(SUMS), device=adv.device)
@@ -213,7 +213,7 @@ def backward_pair_loss(policy, traj, adv, cfg, rng):
         old = traj.log_probs[:, k]  # (N,) recorded at rollout time
         kl = kl_term(stats, traj.latents[:, k + 1], cfg.kl_estimator)  # (N,)
         loss = arr_rpo.ppo_clip_loss(stats.log_prob, old, adv, cfg.clip_range) + cfg.kl_beta * kl  # (N,)
-        loss.sum().backward()
+        (weight * loss.sum()).backward()
         parts = (loss.sum(), kl.sum(), arr_rpo.approx_kl(stats.log_prob, old).sum(),
                  arr_rpo.clip_fraction(stats.log_prob, old, cfg.clip_range) * len(loss), len(loss),
                  (~torch.isfinite(loss)).sum())
@@ -248,8 +248,7 @@ def reduce_and_step(run, sums):
 
 
 def train_step(run):
-    """One rollout window (phases 1-5; 4-5 once per minibatch and epoch); returns its metrics, aggregated over all
-    ranks (the same on every rank)."""
+    """One rollout window (phases 1-5; 4-5 per minibatch and epoch); returns its metrics, the same on every rank."""
     cfg, d = run.cfg, run.d
     start, steps_before, lr = time.perf_counter(), run.steps_taken, run.optimizer.param_groups[0]["lr"]
     spent = runtime.judge_usage(run.judge)
@@ -261,19 +260,22 @@ def train_step(run):
         for batch in runtime.minibatches(run, epoch):
             sums = torch.zeros(len(SUMS))
             for j in batch:  # epoch 0: a kept group trains while later groups are still being judged
+                traj, future = pending[j]
                 if epoch == 0:
                     t = time.perf_counter()
-                    group = pending[j][1].result()  # 2. judge
+                    group = future.result()  # 2. judge
                     local["time_judge_wait"] += time.perf_counter() - t
                     outcome, rewards = judge_outcome(group, cfg)
                     runtime.tally(local, group, outcome, rewards)
-                    if rewards is None:
-                        continue
-                    kept[j] = advantages(rewards, cfg, run.policy.device)  # 3. advantages
+                    if rewards is not None:
+                        kept[j] = advantages(rewards, cfg, run.policy.device)  # 3. advantages
+                t = time.perf_counter()
                 if j in kept:
-                    t = time.perf_counter()
-                    sums += backward_pair_loss(run.policy, pending[j][0], kept[j], cfg, run.rng)  # 4. update
-                    local["time_update"] += time.perf_counter() - t
+                    sums += backward_pair_loss(run.policy, traj, kept[j], cfg, run.rng)  # 4. update
+                elif cfg.shard_base:  # FSDP: every rank makes the same calls (weight 0; own generator, same noise)
+                    backward_pair_loss(run.policy, traj, torch.zeros_like(traj.log_probs[:, 0]), cfg, torch.Generator(),
+                                       weight=0.0)
+                local["time_update"] += time.perf_counter() - t
             t = time.perf_counter()
             sums, grad_norm, skipped = reduce_and_step(run, sums)  # 5. step
             local["time_update"] += time.perf_counter() - t
@@ -293,12 +295,13 @@ def train_step(run):
 # ---- Evaluation: policy vs reference, judged by the same judge -----------------------------------------------------
 
 def evaluate(run):
-    """Win rate of the policy (its EMA with ema_decay > 0) over the reference (adapters disabled) on the held-out
-    eval prompts: eval sampler (eta = 0), the same noise for both, the policy's image first for even prompts, the
-    eval judge (default: the training one). eval_win_rate = (wins + ties / 2) / judged (identical models: 0.5), with
-    its Wilson 95% interval (_lo, _hi). Rank 0 saves the sample grid; run.evals gets (step, win rate)."""
+    """Win rate of the policy (its EMA if any) over the reference (adapters disabled) on held-out prompts, eval
+    sampler (eta = 0), same noise, policy first for even prompts, eval judge: (wins + ties / 2) / judged (identical
+    models: 0.5) with its Wilson 95% interval (_lo, _hi). Rank 0 saves the grid; run.evals gets (step, win rate)."""
     cfg, d, start = run.cfg, run.d, time.perf_counter()
     mine = list(enumerate(run.eval_items))[d.rank::d.world_size]
+    if cfg.shard_base:  # FSDP: every rank makes the same transformer calls, so short ranks roll out a spare prompt
+        mine += [(None, run.eval_items[0])] * (-(-len(run.eval_items) // d.world_size) - len(mine))
     futures, columns = [], []
     for i, item in mine:  # one prompt per rollout: its noise depends on its index, not on the world size
         source = open_source(item)
@@ -306,9 +309,11 @@ def evaluate(run):
         images = []
         for context in (runtime.ema_weights(run), run.policy.adapters_disabled()):
             with context:  # a fresh generator per prompt: both models start from the same noise at every eval
-                generator = torch.Generator().manual_seed(cfg.seed + 1_000_000 + i)
+                generator = torch.Generator().manual_seed(cfg.seed + 1_000_000 + (i or 0))
                 images += run.policy.rollout([item.prompt], **extra, **runtime.sampler(cfg, evaluation=True),
                                              generator=generator, same_noise=False).images
+        if i is None:
+            continue
         mine_image, ref_image = images
         pair = [mine_image, ref_image] if i % 2 == 0 else [ref_image, mine_image]
         futures.append((i % 2, (run.eval_judge or run.judge).submit(item.prompt, pair, source_image=source)))
@@ -326,11 +331,8 @@ def evaluate(run):
               "eval_win_rate_lo": lo, "eval_win_rate_hi": hi, "eval_tie_rate": ties / judged if judged else None,
               "eval_failure_rate": failed / n if n else None, "eval_n": int(n),
               "eval_time": time.perf_counter() - start}
-    if d.rank == 0 and columns:
-        columns = columns[:16]  # the first 16 prompts: a grid of 64 images of 512 px is unviewable
-        rows = [[c[1] for c in columns], [c[2] for c in columns]]
-        runtime.save_grid(([[c[0] for c in columns]] if columns[0][0] is not None else []) + rows,
-                          run.out / "samples" / f"step-{run.step:06d}.png")
+    if d.rank == 0 and columns:  # the first 16 prompts: a grid of 64 images of 512 px is unviewable
+        runtime.save_grid(columns[:16], run.out / "samples" / f"step-{run.step:06d}.png")
     run.evals.append((record["step"], record["eval_win_rate"]))
     return record
 
@@ -344,7 +346,7 @@ def prepare(cfg, d, judge=None):
     demo, cls = (DEMOS[cfg.model_type] if cfg.model is None else None), POLICIES[cfg.model_type]
     cfg = dataclasses.replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
                               dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
-    items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task, d)
+    items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     runtime.print0(d, "config: " + json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -353,22 +355,16 @@ def prepare(cfg, d, judge=None):
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once
             build_tiny_model(cfg.model_type, cfg.model)
         runtime.barrier(d)
-        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast below, to be sure)
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # LoRA and AdamW stay fp32 either way
-        policy = cls.from_pretrained(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                     lora_targets=cfg.lora_targets, device=d.device, dtype=dtype,
-                                     mixed_precision=dtype if dtype != torch.float32 else None)
-        params = policy.trainable_parameters()
-        for p in params:
-            if d.world_size > 1:
-                dist.broadcast(p.data, src=0)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast by load_policy, to be sure)
+        policy = runtime.load_policy(cfg, cls, d, demo, items + eval_items)  # prompts encoded, encoders released
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, cfg.lr_warmup_steps))
         random.seed(cfg.seed + d.rank)
         torch.manual_seed(cfg.seed + d.rank)
         run = runtime.Run(cfg, d, policy, judge, optimizer, scheduler, items, eval_items,
                           rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out, eval_judge=eval_judge,
-                          ema=[p.detach().clone() for p in params] if cfg.ema_decay > 0 else None,
+                          ema=[p.detach().clone() for p in policy.trainable_parameters()] if cfg.ema_decay else None,
                           check_items=check_items)
         optimizer.register_step_post_hook(lambda *_: setattr(run, "steps_taken", run.steps_taken + 1))
         if resume is not None:

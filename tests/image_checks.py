@@ -53,3 +53,4 @@ def assert_disabled_adapters_are_the_base(pol, cond, x, base_velocity):
     assert torch.equal(disabled, base_velocity)
     assert not torch.allclose(enabled, base_velocity, atol=1e-4)
     assert all(p.requires_grad for p in pol.trainable_parameters())
+

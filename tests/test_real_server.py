@@ -121,7 +121,7 @@ def train_args(tmp_path, cache, server, *extra):
     (tmp_path / "rubrics.txt").write_text("1. The warmer image wins.\n")
     return ["--output_dir", str(tmp_path / "run"), "--cache_dir", cache, "--eval_every", "0", "--eval_size", "2",
             "--prompts_per_rank", "2", "--max_steps", "1", "--judge_url", server.url, "--judge_model", server.model,
-            "--rubrics", str(tmp_path / "rubrics.txt"), *extra]
+            "--rubrics", str(tmp_path / "rubrics.txt"), "--num_candidates", "2", *extra]  # the rigged model ranks pairs
 
 
 def test_train_step_against_random_weights_stops_at_the_judge_check(tmp_path, cache, random_server, capsys):

@@ -100,19 +100,19 @@ def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsy
 
 def test_torchrun_two_ranks_gloo_with_groups_of_4_and_2_minibatches(tmp_path, cache):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "2", "--prompts_per_rank", "1",
+           *demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "2", "--prompts_per_rank", "2",
                       "--num_candidates", "4", "--minibatches", "2", "--advantage", "group_norm")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     steps = records(tmp_path)
-    assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 2 for r in steps)  # 2 ranks x 1 prompt
-    # minibatch 1 holds rank 0's group, minibatch 2 rank 1's: each rank steps twice, once with no group of its own
-    assert all(r["optimizer_steps"] == 2 and r["terms"] == 2 * 4 * 3 and r["judge_calls"] == 2 for r in steps)
+    assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 4 for r in steps)  # 2 ranks x 2 prompts
+    # each minibatch holds one group of each rank (global indices 0-1, then 2-3): two steps in lockstep
+    assert all(r["optimizer_steps"] == 2 and r["terms"] == 4 * 4 * 3 and r["judge_calls"] == 2 for r in steps)
     assert all(r["reward_mean"] == pytest.approx(0.45) for r in steps)  # ranks 1..4 -> 1.0, 0.63, 0.27, -0.1
     assert records(tmp_path, "eval_win_rate")[-1]["eval_n"] == 2
     state = torch.load(tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
-    assert state["world_size"] == 2 and state["position"] == 4
+    assert state["world_size"] == 2 and state["position"] == 8
     assert len(state["lora_digests"]) == 2 and len(set(state["lora_digests"])) == 1  # same LoRA on both ranks
     assert not torch.equal(state["rng"][0]["rollout"], state["rng"][1]["rollout"])  # different noise per rank
 
@@ -186,7 +186,7 @@ def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
             for p in params:
                 p.normal_(0.0, 0.05, generator=rng)
         trajs = [run.policy.rollout([p] * 2, **runtime.sampler(cfg), generator=rng)
-                 for p in ("a red apple", "a campfire")]
+                 for p in ("a red apple on a table", "a campfire at night")]  # demo prompts: encoded up front
         advs = [torch.tensor([1.0, -0.1]), torch.tensor([-0.1, 1.0])]
         # reference: ONE batch of 4 samples; every (sample, transition) term divided by the number of terms
         both, adv = merged(*trajs), torch.cat(advs)
@@ -351,7 +351,7 @@ def test_held_out_eval_prompts_are_never_trained_on(tmp_path):
     (tmp_path / "r.txt").write_text("1. Redder is better.\n")
     cfg = train.make_config(["--model", "m", "--judge_url", "http://x/v1", "--rubrics", str(tmp_path / "r.txt"),
                              "--prompts", str(tmp_path / "p.txt")])
-    items, eval_items, rubric, eval_rubric, _ = runtime.load_inputs(cfg, None, "t2i", runtime.init_distributed("cpu"))
+    items, eval_items, rubric, eval_rubric, _ = runtime.load_inputs(cfg, None, "t2i")
     assert len(eval_items) == 3 and len(items) == 9 and rubric == eval_rubric
     assert {i.prompt for i in items} | {i.prompt for i in eval_items} == {f"prompt {i}" for i in range(12)}
     assert [i.prompt for i in items] == sorted((i.prompt for i in items), key=lambda t: int(t.split()[1]))
@@ -462,7 +462,7 @@ def bad_inputs(tmp):
         "model without judge": (["--model", "m", "--prompts", ok], "--judge_url is required"),
         "bad estimator": (["--kl_estimator", "k3"], "--kl_estimator"),
         "missing checkpoint": (["--resume", str(tmp / "ckpt")], "ckpt"),
-        "minibatches over prompts": (["--prompts_per_rank", "2", "--minibatches", "3"], "--minibatches 3"),
+        "minibatches over prompts": (["--prompts_per_rank", "2", "--minibatches", "3"], "--minibatches 3 is more"),
         "eval rubrics without eval judge": (["--eval_rubrics", ok], "need --eval_judge_url"),
         "check without judge": (["--judge_check_data", ok], "--judge_check_data needs --judge_url"),
         "check data missing": (["--judge_url", "http://x/v1", "--rubrics", ok, "--judge_check_data",
