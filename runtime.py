@@ -470,8 +470,11 @@ def summarize(run, parts, sums, grad_norm, skipped, lr, step_time, optimizer_ste
             **{f"judge_{key}": value for key, value in cost.items()}}
 
 
-def save_grid(rows, path):
-    """Rows of PIL images (source?, policy, reference) -> one PNG; every cell the size of the first image."""
+def save_grid(columns, path):
+    """Eval columns (source image or None, policy image, reference image) -> one PNG: the source row on top when
+    there are sources, the policy row, the reference row below; every cell the size of the first reference image."""
+    rows = [[c[0] for c in columns]] if columns[0][0] is not None else []
+    rows += [[c[1] for c in columns], [c[2] for c in columns]]
     w, h = rows[-1][0].size
     grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
     for y, row in enumerate(rows):
