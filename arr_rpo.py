@@ -19,6 +19,8 @@ Notation (code name -> paper symbol)
     old_log_prob      -> log pi_theta_old(...)     recorded during the rollout
     ratio             -> rho_t                     per-timestep importance ratio
     advantages        -> A                         r_w for the winner, r_l for the loser, same at every timestep
+                                                   (paper); options: group-centred or group z-score (below)
+    G, N              -> prompts of a window, candidates per prompt (the paper: N = 2)
     clip_range        -> epsilon                   PPO clip
     ref_mean          -> mu_ref                    mean of the reference policy (LoRA adapters disabled)
 
@@ -43,6 +45,16 @@ Deliberate deviations from the paper and the official code
        std). The official code uses the single-sample k1 estimate log pi - log pi_ref on on-policy samples, whose
        expected gradient is zero; `k1_kl` keeps it available for parity.
     3. `sde_step` takes an explicit generator (or noise); the official code draws from the global RNG.
+
+Beyond the paper (options; the paper's recipe is the default and stays exact)
+    4. Groups of N >= 2 candidates: a listwise ranking asked in several presentation orders is combined by mean
+       rank (`mean_rank_places`), or every pair is judged and the reward is the tournament win rate
+       (`tournament_win_rates`, Pref-GRPO, arXiv 2508.20751). Both put the reward on the paper's [r_l, r_w] scale
+       (`win_rate_to_reward`), so N = 2 gives exactly +1.0 / -0.1.
+    5. Advantages `centered` (r minus the group mean) and `group_norm` (group z-score; Flow-GRPO arXiv
+       2505.05470, DanceGRPO arXiv 2505.07818) next to the paper's A = r (`advantages`).
+    6. `ema_update`: an exponential moving average of the LoRA parameters for evaluation (Flow-GRPO's EMA).
+    7. `wilson_interval`: the 95% interval of an evaluation win rate.
 """
 import math
 
@@ -54,23 +66,136 @@ def bradley_terry_prob(r_a, r_b):
     return torch.sigmoid(torch.as_tensor(r_a) - torch.as_tensor(r_b))
 
 
+def is_ranking(rank):
+    """A valid judgment (§3.2): a list or tuple of N >= 2 integers that is a permutation of 1..N (1 = best).
+
+    Ties ([1, 1]), zeros, bools, floats and single places are not rankings. The judge, the data loaders and the
+    reward all use this one test, so what is masked in training is exactly what is rejected everywhere else.
+    """
+    return (isinstance(rank, (list, tuple)) and len(rank) >= 2
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in rank)
+            and sorted(rank) == list(range(1, len(rank) + 1)))
+
+
+def win_rate_to_reward(win_rates, win=1.0, lose=-0.1):
+    """A win rate w in [0, 1] on the paper's reward scale (§3.2, r_w / r_l): r = w * r_w + (1 - w) * r_l.
+
+    w = 1 (beat every other candidate) gives exactly r_w, w = 0 exactly r_l. For a strict ranking of N candidates
+    the candidate at place p beats N - p of the N - 1 others, so `rank_to_reward` is this map at
+    w = (N - p) / (N - 1) (`places_to_win_rates`).
+    win_rates: a list of floats; returns a list of floats.
+    """
+    return [win * w + lose * (1.0 - w) for w in win_rates]
+
+
 def rank_to_reward(rank, win=1.0, lose=-0.1):
     """Rubric-conditioned decision -> reward (§3.2, binary reward with r_w / r_l; paper Table 3: +1.0 / -0.1).
 
     rank: the judge's ranking, rank[i] is the place of candidate i (1 = best). Two candidates give (win, lose) or
     (lose, win); N > 2 candidates get rewards linear in the rank from `win` (rank 1) to `lose` (rank N).
-    Raises ValueError unless rank is a permutation of 1..N with N >= 2: a tie, a zero or an empty ranking is a
-    failed judgment, which the caller masks, never a reward.
+    Raises ValueError unless `is_ranking(rank)`: a tie, a zero or an empty ranking is a failed judgment, which the
+    caller masks, never a reward.
     """
-    values = list(rank) if isinstance(rank, (list, tuple)) else None
-    if values is None or len(values) < 2:
-        raise ValueError(f"rank must be a list of at least 2 places, got {rank!r}")
-    if any(isinstance(r, bool) or not isinstance(r, int) for r in values):
-        raise ValueError(f"rank must hold integers, got {rank!r}")
-    n = len(values)
-    if sorted(values) != list(range(1, n + 1)):
-        raise ValueError(f"rank must be a permutation of 1..{n} (no ties, no zeros), got {rank!r}")
-    return [(win * (n - r) + lose * (r - 1)) / (n - 1) for r in values]  # exact win / lose at the ends
+    if not is_ranking(rank):
+        raise ValueError(f"rank must be a permutation of 1..N with N >= 2 (no ties, no zeros), got {rank!r}")
+    return win_rate_to_reward(places_to_win_rates(rank), win, lose)
+
+
+def mean_rank_places(rankings):
+    """Combine listwise rankings of the same N candidates, asked in several presentation orders, by mean rank.
+
+    rankings: a list of rankings, each a permutation of 1..N in the ORIGINAL candidate order (rankings[j][i] = place
+    given to candidate i in presentation j). Candidates are ordered by their mean place over the presentations, and
+    tied mean places share the average of the places they span (fractional ranking), so one swapped neighbour pair
+    leaves the rest of the group informative instead of masking it. Returns the places (list of N floats in
+    [1, N]; strict integers when no mean places tie), or None when every candidate has the same mean place: the
+    presentations cancel out, so the group carries no preference and is masked (for N = 2 with two orders this is
+    exactly "the two orders disagree", the paper-pair rule).
+
+    Example: [1, 2, 3, 4] and [2, 1, 3, 4] -> mean [1.5, 1.5, 3, 4] -> places [1.5, 1.5, 3, 4].
+    """
+    if not rankings:
+        raise ValueError("mean_rank_places needs at least one ranking")
+    n = len(rankings[0])
+    for rank in rankings:
+        if len(rank) != n or not is_ranking(rank):
+            raise ValueError(f"every ranking must be a permutation of 1..{n}, got {rank!r}")
+    mean = [sum(rank[i] for rank in rankings) / len(rankings) for i in range(n)]  # (N,)
+    if len(set(mean)) == 1:
+        return None
+    order = sorted(range(n), key=lambda i: mean[i])
+    places = [0.0] * n
+    start = 0
+    while start < n:  # a run of equal mean places [start, end) occupies places start + 1 .. end
+        end = start
+        while end < n and mean[order[end]] == mean[order[start]]:
+            end += 1
+        for i in order[start:end]:
+            places[i] = (start + 1 + end) / 2
+        start = end
+    return places
+
+
+def places_to_win_rates(places):
+    """Fractional places (1 = best) of N candidates -> the win rate each implies: (N - p) / (N - 1)."""
+    n = len(places)
+    return [(n - p) / (n - 1) for p in places]
+
+
+def tournament_win_rates(outcomes, n):
+    """Pref-GRPO's pairwise tournament (arXiv 2508.20751): the win rate of every candidate over its judged pairs.
+
+    outcomes: {(i, j): s} for candidate indices i < j, s = 1.0 if i beat j, 0.0 if j beat i, 0.5 for a tie
+    (the two presentation orders disagreed), None for a failed judgment (left out: never a silent score).
+    Win rate of i = (wins + ties / 2) / (judged pairs involving i). Returns a list of N floats, or None (the group
+    is masked) when some candidate has no judged pair, or when every candidate has the same win rate: the judge
+    expressed no preference, and for N = 2 that is a pair whose two orders disagreed, which the paper's rule masks
+    rather than rewarding both candidates equally.
+    """
+    wins, judged = [0.0] * n, [0] * n
+    for (i, j), s in outcomes.items():
+        if not 0 <= i < j < n:
+            raise ValueError(f"outcome keys must be candidate pairs i < j < {n}, got {(i, j)}")
+        if s is None:
+            continue
+        if s not in (0.0, 0.5, 1.0):
+            raise ValueError(f"outcome of {(i, j)} must be 1.0, 0.5, 0.0 or None, got {s!r}")
+        wins[i] += s
+        wins[j] += 1.0 - s
+        judged[i] += 1
+        judged[j] += 1
+    if min(judged) == 0:
+        return None
+    rates = [w / m for w, m in zip(wins, judged)]
+    return None if len(set(rates)) == 1 else rates
+
+
+def advantages(rewards, kind="paper", eps=1e-4):
+    """RPO advantages of G groups of N candidates (rewards (G, N) -> A (G, N)), the same at every timestep.
+
+        paper       A = r                                         (§3.3: the rewards are the advantages)
+        centered    A = r - mean_N(r)                             (a per-group baseline; same expected gradient)
+        group_norm  A = (r - mean_N(r)) / (std_N(r) + eps)        (Flow-GRPO arXiv 2505.05470, DanceGRPO 2505.07818)
+
+    std is the population std over the group (ddof = 0, as Flow-GRPO's per-prompt stat tracker), so a pair with
+    rewards (+1.0, -0.1) gets group_norm advantages of +-0.55 / (0.55 + eps), i.e. +-1 up to eps. A group of equal
+    rewards gets exactly A = 0 in both group forms (no preference, no push). Why not the paper's: with +1 / -0.1 both
+    candidates of a pair are reinforced, so most of a pair's gradient is noise; centring removes the common part
+    (measured: same expected score-function gradient, 1.67x less variance).
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be (G groups, N >= 2 candidates), got shape {tuple(rewards.shape)}")
+    if kind == "paper":
+        return rewards.clone()
+    centered = rewards - rewards.mean(dim=1, keepdim=True)  # (G, N)
+    # the float mean of equal values can miss them by an ulp, which group_norm would blow up to ~ulp / eps
+    centered = torch.where((rewards == rewards[:, :1]).all(dim=1, keepdim=True), 0.0, centered)
+    if kind == "centered":
+        return centered
+    if kind == "group_norm":
+        return centered / (rewards.std(dim=1, correction=0, keepdim=True) + eps)
+    raise ValueError(f"advantage kind must be paper, centered or group_norm, got {kind!r}")
 
 
 def sigma_schedule(num_steps, shift=3.0):
@@ -166,3 +291,29 @@ def clip_fraction(log_prob, old_log_prob, clip_range):
     """Fraction of samples whose ratio lies outside [1 - eps, 1 + eps], i.e. whose PPO gradient is clipped."""
     ratio = torch.exp(log_prob - old_log_prob)
     return ((ratio - 1.0).abs() > clip_range).float().mean()
+
+
+def wilson_interval(successes, n, z=1.96):
+    """Wilson score interval of a binomial proportion p = successes / n (z = 1.96: 95%). Returns (lo, hi).
+
+        center = (p + z^2 / (2n)) / (1 + z^2 / n),   half = z * sqrt(p (1 - p) / n + z^2 / (4 n^2)) / (1 + z^2 / n)
+    `successes` may be fractional (an eval tie counts half). Unlike p +- z sqrt(p (1 - p) / n) it stays inside
+    [0, 1] and is not empty at p = 0 or 1, which is where a trained policy's win rate lives.
+    """
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need n > 0 and 0 <= successes <= n, got successes={successes}, n={n}")
+    p = successes / n
+    denom = 1 + z**2 / n
+    center = (p + z**2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, in place, for two lists of tensors (Flow-GRPO's LoRA
+    EMA). After t updates towards a fixed theta: theta_ema = decay^t * theta_ema_0 + (1 - decay^t) * theta."""
+    if not 0 <= decay < 1:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    for ema, p in zip(ema_params, params, strict=True):
+        ema.lerp_(p.detach().to(ema.dtype), 1.0 - decay)

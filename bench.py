@@ -1,9 +1,13 @@
 """Benchmarks for arr-rpo that print ratios measured in one run (never timed tests).
 
-Run: python bench.py rollout | judge | step | all
+Run: python bench.py rollout | judge | step | memory | all
+     torchrun --nproc_per_node=1 bench.py gpu      (on a GPU; `python bench.py gpu --tiny --device cpu` anywhere)
+     python bench.py groups [--seeds 3] [--max_steps 30] [--eval_size 32]   # README's table, ~40 min on 2 cores
 """
 import argparse
 import sys
+
+import torch
 
 
 def bench_rollout(args):
@@ -21,12 +25,13 @@ def bench_rollout(args):
     from diffusers import FluxPipeline
 
     import arr_rpo
+    import demo
     import policy
 
     prompts, size, steps = ["a red apple on a wooden table", "a blue car in the rain"], 128, 8
     sigmas = arr_rpo.sigma_schedule(steps)
     with tempfile.TemporaryDirectory() as tmp:
-        path = policy.build_tiny_flux(f"{tmp}/tiny-flux")
+        path = demo.build_tiny_flux(f"{tmp}/tiny-flux")
         ours = policy.FluxPolicy.from_pretrained(path, lora_rank=16, lora_alpha=32)
     pipe = FluxPipeline(**ours.pipe.components)  # the same modules, LoRA included: only the sampling loop differs
     pipe.set_progress_bar_config(disable=True)
@@ -38,8 +43,9 @@ def bench_rollout(args):
                      generator=torch.Generator().manual_seed(0))
 
     def run_pipeline():
-        pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, height=size, width=size, sigmas=sigmas[:-1].tolist(), num_inference_steps=steps,
-             guidance_scale=3.5, generator=torch.Generator().manual_seed(0))
+        pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, height=size, width=size,
+             sigmas=sigmas[:-1].tolist(), num_inference_steps=steps, guidance_scale=3.5,
+             generator=torch.Generator().manual_seed(0))
 
     times = {run_ours: [], run_pipeline: []}
     for _ in range(args.repeats + 1):  # the first round warms up both
@@ -105,7 +111,7 @@ def bench_step(args):
 
     train.py submits each pair as soon as it is rolled out and trains it as soon as its verdict is in, so with
     prompts_per_rank = 4 only the judge latency that outlasts the remaining rollouts and updates can show. The
-    stand-in judge (train.DemoJudge) sleeps `latency` per pair, latency = the measured time of one pair's rollout.
+    stand-in judge (demo.DemoJudge) sleeps `latency` per pair, latency = the measured time of one pair's rollout.
     The official code judges each pair synchronously, so its step would take instant + 4 x latency, i.e.
     1 + judge / compute times the instant step; that estimate is printed next to the measurement. Tiny FLUX,
     64 x 64, K = 4, one thread; one warm-up step, then the median of `repeats` steps, alternating the two judges.
@@ -118,23 +124,25 @@ def bench_step(args):
 
     import torch
 
+    import demo
+    import runtime
     import train
 
     per_rank = 4
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         cfg = train.make_config(["--output_dir", f"{tmp}/out", "--cache_dir", f"{tmp}/cache", "--eval_every", "0",
-                                 "--prompts_per_rank", str(per_rank), "--no_judge_swap"])
-        d = train.init_distributed(cfg.device)
-        runs = {"instant": train.prepare(cfg, d, train.DemoJudge(train.warmth, swap=False))}
+                                 "--prompts_per_rank", str(per_rank), "--no_judge_swap", "--num_candidates", "2"])
+        d = runtime.init_distributed(cfg.device)
+        runs = {"instant": train.prepare(cfg, d, demo.DemoJudge(demo.warmth, swap=False))}
         generator = torch.Generator().manual_seed(0)
         rollout_times = []
         for _ in range(args.repeats + 1):
             start = time.perf_counter()
-            runs["instant"].policy.rollout(["a red apple"] * 2, **train.rollout_kwargs(cfg, cfg.eta),
-                                           generator=generator)
+            prompt = runs["instant"].items[0].prompt  # the run's prompts were encoded up front
+            runs["instant"].policy.rollout([prompt] * 2, **runtime.sampler(cfg), generator=generator)
             rollout_times.append(time.perf_counter() - start)
         latency = statistics.median(rollout_times[1:])
-        runs["slow"] = train.prepare(cfg, d, train.DemoJudge(train.warmth, swap=False, latency=latency))
+        runs["slow"] = train.prepare(cfg, d, demo.DemoJudge(demo.warmth, swap=False, latency=latency))
         times = {name: [] for name in runs}
         try:
             for _ in range(args.repeats + 1):
@@ -151,15 +159,304 @@ def bench_step(args):
           f"{serial:.2f}")
 
 
-BENCHES = {"rollout": bench_rollout, "judge": bench_judge, "step": bench_step}
+def bench_memory(args):
+    """Per-GPU memory of one RPO step at full size, without weights or a GPU (memory.py): FLUX.1-dev and
+    Qwen-Image-Edit-2509 x 512^2 / 1024^2 x 2 / 4 candidates x gradient checkpointing x base replicated or sharded
+    over 8 GPUs; recipe LoRA (r16 / r32 on to_q, to_k, to_v, to_out.0), bf16, text encoders on the GPU only while
+    the prompts are encoded ("prepare"). Columns: weights (frozen transformer on this GPU), act (the update's
+    transient: saved activations, one block's working set, LoRA gradients), prepare / step / peak (GiB per GPU),
+    quick (memory.quick_estimate, the closed form train.py warns with). Then the check of the depth extrapolation
+    against a full-depth fake run, with --validate the fake-vs-real comparison at reduced size, and as the last
+    line JSON: GiB per GPU of the whole run (peak) with checkpointing, base replicated."""
+    import json
+
+    import memory
+    if args.constants:
+        print(json.dumps({m: memory.quick_constants(m) for m in memory.MODELS}))
+        return
+    gib, summary, recipe = memory.GIB, {}, {}
+    print(f"{'model':<10} {'size':>5} {'cand':>4} {'ckpt':>4} {'shard':>5} {'weights':>8} {'act':>7} {'prepare':>8} "
+          f"{'step':>7} {'peak':>7} {'quick':>7}  fits 64 GiB")
+    for model_type in memory.MODELS:
+        params, encoders = memory.parameter_bytes(model_type), memory.encoder_bytes(model_type)
+        for size in (512, 1024):
+            for candidates in (2, 4):
+                for checkpointing in (True, False):
+                    measured = memory.transients(model_type, size, size, candidates, checkpointing)
+                    if (size, candidates, checkpointing) == (512, 2, True):
+                        recipe[model_type] = measured["update"]
+                    for shard in (1, 8):
+                        est = memory.combine(model_type, params, measured, shard, encoders)
+                        quick = memory.quick_estimate(model_type, size, size, candidates, checkpointing, shard)
+                        print(f"{model_type:<10} {size:>5} {candidates:>4} {'on' if checkpointing else 'off':>4} "
+                              f"{shard:>5} {est['weights'] / gib:>8.1f} {measured['update'] / gib:>7.1f} "
+                              f"{est['prepare'] / gib:>8.1f} {est['step'] / gib:>7.1f} {est['peak'] / gib:>7.1f} "
+                              f"{quick['peak'] / gib:>7.1f}  {'yes' if est['peak'] <= 64 * gib else 'NO'}", flush=True)
+                        if shard == 1 and checkpointing:
+                            key = f"{model_type}_{size}" + ("_4c" if candidates == 4 else "")
+                            summary[key] = round(est["peak"] / gib, 1)
+                            summary[key + "_step"] = round(est["step"] / gib, 1)
+    full = memory.measure("flux", 512, 512, 2, True, phases=("update",))["update"]
+    print(f"depth extrapolation check (flux, 512^2, 2 candidates, checkpointing): update transient measured at full "
+          f"depth {full / gib:.3f} GiB, extrapolated from 1 and 2 units {recipe['flux'] / gib:.3f} GiB "
+          f"({(recipe['flux'] - full) / full:+.1%})")
+    if args.validate:
+        cases = [(m, c) for m in memory.MODELS for c in (True, False)]
+        for (model_type, checkpointing), (fake, real) in zip(cases, memory.validate(cases)):
+            shown = ", ".join(f"{phase} {fake[phase] / 2 ** 20:.1f} vs {real[phase] / 2 ** 20:.1f} MiB "
+                              f"({(fake[phase] - real[phase]) / real[phase]:+.1%})" for phase in ("rollout", "update"))
+            print(f"validation ({model_type}, checkpointing {'on' if checkpointing else 'off'}, "
+                  f"{memory.VALIDATION[model_type]}): fake vs real peak RSS: {shown}")
+    print(json.dumps(summary))
+
+
+TINY_FLUX = dict(config=dict(num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6),
+                             joint_attention_dim=32, pooled_projection_dim=32),
+                 vae_config=dict(block_out_channels=(8,) * 4, norm_num_groups=4, layers_per_block=1),
+                 depth={"transformer_blocks": 1, "single_transformer_blocks": 1})
+
+
+def transition_flops(size, candidates, model=None):
+    """Model FLOPs of one update transition (policy forward, reference forward, backward; no recomputation),
+    counted by torch's FlopCounterMode on fake tensors over a meta build. Attention on CPU runs the CPU flash
+    kernel, which the counter does not know: it gets the counter's formulas for the CUDA flash kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils import flop_counter
+
+    import memory
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_flash not in flop_counter.flop_registry:  # a process-wide registry: add the CPU kernels once
+        flop_counter.register_flop_formula(cpu_flash)(
+            lambda query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs:
+            flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
+        flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(
+            lambda grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs:
+            flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape))
+    pol = memory.build_policy("flux", checkpointing=False, **(model or {}))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for module in (pol.transformer, pol.pipe.vae):
+            module.to_empty(device="cpu")
+        pol.device = torch.device("cpu")
+        traj = memory.fake_inputs(pol, "flux", size, size, candidates, 3)
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            memory.update_transition(pol, traj, 0, kl_beta=0.01)
+    return counter.get_total_flops()
+
+
+def tiny_flux_text_encoders(pipe):
+    """CLIP and T5 of one layer each with the embedding widths the transformer expects, and the tiny tokenizers."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    import demo
+    config = pipe.transformer.config
+    tok, tok2 = demo._tiny_clip_tokenizer(), demo._tiny_t5_tokenizer()
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=config.pooled_projection_dim, intermediate_size=64, num_attention_heads=2,
+        num_hidden_layers=1, projection_dim=config.pooled_projection_dim, max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=config.joint_attention_dim, d_kv=32, d_ff=64,
+                                 num_layers=1, num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0))
+    pipe.register_modules(text_encoder=clip.to(pipe.transformer.dtype), tokenizer=tok,
+                          text_encoder_2=t5.to(pipe.transformer.dtype), tokenizer_2=tok2)
+
+
+def bench_gpu(args):
+    """A few real RPO updates of the full-size FLUX.1-dev transformer (random weights from its published config,
+    built on the GPU) with tiny text encoders, bf16 autocast and gradient checkpointing, one process per GPU:
+    prints the peak memory of the steps (torch.cuda.max_memory_allocated, after the prompts are encoded and the
+    encoders freed) next to memory.py's estimate of the same phases, the step time, and the update pass's MFU
+    (model FLOPs from `transition_flops` over the measured update time, against --peak_tflops).
+        torchrun --nproc_per_node=1 bench.py gpu [--shard_base] [--size 512] [--steps 3]
+        python bench.py gpu --tiny --device cpu --steps 1   # a reduced model on the CPU: runs the code only
+    Updates are train.py's for one kept pair (train.backward_pair_loss over the K - 1 transitions) with fixed
+    rewards +1 / -0.1 in place of a judge, then one all-reduce, clip and AdamW.
+    """
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    import memory
+    import policy
+    import train
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    world = 1
+    if "RANK" in os.environ:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        world = dist.get_world_size()
+    model = TINY_FLUX if args.tiny else {}
+    size, steps, candidates = (64 if args.tiny else args.size), args.num_steps, 2
+    mesh = None
+    if args.shard_base:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (world,))
+    torch.manual_seed(0)
+    pipe = memory.build_pipeline("flux", device="cpu" if mesh else device, **model)
+    tiny_flux_text_encoders(pipe)
+    pol = policy.FluxPolicy(pipe, 16, 32, device=device, dtype=torch.bfloat16, mixed_precision=torch.bfloat16,
+                            gradient_checkpointing=True, shard_mesh=mesh)
+    prompts = ["a red apple on a wooden table", "a lighthouse at dusk", "a bowl of ramen", "a fox in the snow"]
+    pol.cache_embeddings(prompts)
+    pol.release_text_encoders()
+    optimizer = torch.optim.AdamW(pol.trainable_parameters(), lr=1e-5, weight_decay=1e-4)
+    params = memory.policy_parameter_bytes(pol)
+    measured = (memory.measure("flux", size, size, candidates, True, **model) if args.tiny
+                else memory.transients("flux", size, size, candidates, True))
+    estimate = memory.combine("flux", params, measured, world if mesh else 1, 0, prompts_per_rank=1)["step"]
+    flops = transition_flops(size, candidates, model)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    generator, generator_cpu = torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(0)
+    cfg = train.make_config(["--model", "random weights", "--num_steps", str(steps)])  # the flux recipe
+    times = []
+    for step in range(args.steps + 1):  # step 0 warms up (kernels, AdamW state) and is not timed
+        sync()
+        start = time.perf_counter()
+        traj = pol.rollout([prompts[step % len(prompts)]] * candidates, num_steps=steps, eta=0.3, height=size,
+                           width=size, generator=generator)
+        sync()
+        middle = time.perf_counter()
+        train.backward_pair_loss(pol, traj, torch.tensor([1.0, -0.1], device=device), cfg, generator_cpu)
+        grads = pol.trainable_parameters()
+        flat = torch.cat([p.grad.flatten() for p in grads])
+        if world > 1:
+            dist.all_reduce(flat)
+        for p, g in zip(grads, flat.split([p.numel() for p in grads])):
+            p.grad = (g / (world * candidates * (steps - 1))).view_as(p)
+        torch.nn.utils.clip_grad_norm_(grads, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if step:
+            times.append((middle - start, time.perf_counter() - middle))
+    rollout_s, update_s = (sum(t) / len(t) for t in zip(*times))
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+    mfu = flops * (steps - 1) / update_s / (args.peak_tflops * 1e12)
+    shown = f"{peak:.1f} GiB (torch.cuda.max_memory_allocated)" if cuda else "n/a on the CPU"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"gpu: {'tiny' if args.tiny else 'full-size'} FLUX.1-dev transformer "
+              f"({params['frozen'] / 2e9:.3g}B params, random weights), {size}x{size}, {candidates} candidates, "
+              f"K={steps}, bf16 autocast, checkpointing, base {'sharded over ' + str(world) if mesh else 'replicated'}"
+              f" on {world} {device.type} process(es); mean of {args.steps} steps after one warm-up")
+        print(f"peak memory {shown}; estimate {estimate / 2 ** 30:.3g} GiB (memory.py, step phases)")
+        print(f"step {rollout_s + update_s:.2f} s: rollout {rollout_s:.2f} s, update {update_s:.2f} s "
+              f"({steps - 1} transitions, {flops / 1e12:.3g} TFLOP each); update MFU {mfu:.2%} of "
+              f"{args.peak_tflops:g} TFLOPS")
+    if world > 1 or "RANK" in os.environ:
+        dist.destroy_process_group()
+
+
+def bench_groups(args):
+    """Optimizer windows (and training judge calls) until the demo's eval win rate first reaches 0.9, and where the
+    run stands after --max_steps windows (win rate; mean absolute difference of the policy and reference rows of the
+    sample grid, in grey levels), for advantage paper / centered / group_norm x N = 2, 4 candidates x M x E = 1, 2
+    (M = 2 minibatches, clip_range --clip_range), over --seeds seeds: median [min, max]. Everything else is the
+    demo's (tiny FLUX, lr 3e-2, no KL, 4 prompts per window, listwise judging with swap: 2 judge calls per prompt);
+    the win rate is measured on --eval_size held-out prompts after every window until it reaches 0.9, then at the
+    end. A run that never reaches 0.9 counts as max_steps + 1 (shown as ">"). Prints a Markdown table, then one JSON
+    line with every run."""
+    import contextlib
+    import io
+    import json
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from PIL import Image, ImageChops, ImageStat
+
+    import runtime
+    import train
+
+    def grid_difference(path):  # rows: policy above reference; every cell the size of the first one
+        with Image.open(path) as grid:
+            half = grid.height // 2
+            top, bottom = grid.crop((0, 0, grid.width, half)), grid.crop((0, half, grid.width, 2 * half))
+            return statistics.mean(ImageStat.Stat(ImageChops.difference(top, bottom)).mean)
+
+    def one_run(out, adv, n, me, seed):
+        argv = ["--output_dir", out, "--advantage", adv, "--num_candidates", str(n), "--minibatches", str(me),
+                "--seed", str(seed), "--eval_every", "0", "--eval_size", str(args.eval_size),
+                "--max_steps", str(args.max_steps), *(["--clip_range", str(args.clip_range)] if me > 1 else []),
+                *(["--cache_dir", args.cache_dir] if args.cache_dir else [])]
+        with contextlib.redirect_stdout(io.StringIO()):
+            run = train.prepare(train.make_config(argv), runtime.init_distributed("cpu"))
+        start, calls, clipfrac, reached = time.perf_counter(), 0.0, [], None
+        try:
+            while run.step < args.max_steps:
+                record = train.train_step(run)
+                clipfrac.append(record["clipfrac"] or 0.0)
+                if reached is None:
+                    calls += record["judge_calls"] * record["pairs"]
+                    if train.evaluate(run)["eval_win_rate"] >= 0.9:
+                        reached = run.step
+            final = train.evaluate(run)["eval_win_rate"]
+        finally:
+            runtime.close_run(run)
+        return dict(steps=reached or args.max_steps + 1, calls=calls, final_win_rate=final,
+                    grid_difference=grid_difference(Path(out) / "samples" / f"step-{run.step:06d}.png"),
+                    clipfrac=statistics.mean(clipfrac), seconds=time.perf_counter() - start)
+
+    def spread(values, censored=None, spec="g"):
+        show = (lambda v: f">{args.max_steps}" if v == censored else format(v, spec))
+        return f"{show(statistics.median(values))} [{show(min(values))}, {show(max(values))}]"
+
+    runs = []
+    print(f"| advantage | N | M x E | windows to 0.9 | judge calls to 0.9 | win rate at {args.max_steps} | "
+          f"grid difference at {args.max_steps} | clipfrac | seconds per run |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for adv in ("paper", "centered", "group_norm"):
+            for n in (2, 4):
+                for me in (1, 2):
+                    mine = [dict(advantage=adv, N=n, ME=me, seed=seed,
+                                 **one_run(f"{tmp}/{adv}-{n}-{me}-{seed}", adv, n, me, seed))
+                            for seed in range(args.seeds)]
+                    runs += mine
+                    print(f"| {adv} | {n} | {me} | {spread([r['steps'] for r in mine], args.max_steps + 1)} | "
+                          f"{spread([r['calls'] for r in mine])} | "
+                          f"{spread([r['final_win_rate'] for r in mine], spec='.2f')} | "
+                          f"{spread([r['grid_difference'] for r in mine], spec='.1f')} | "
+                          f"{statistics.mean(r['clipfrac'] for r in mine):.2f} | "
+                          f"{statistics.median(r['seconds'] for r in mine):.0f} |", flush=True)
+    print(json.dumps(runs))
+
+
+BENCHES = {"rollout": bench_rollout, "judge": bench_judge, "step": bench_step, "memory": bench_memory,
+           "groups": bench_groups}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=[*BENCHES, "all"])
+    parser.add_argument("name", choices=[*BENCHES, "gpu", "all"])
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
+    parser.add_argument("--constants", action="store_true", help="memory: print memory.QUICK's numbers instead")
+    parser.add_argument("--validate", action="store_true", help="memory: also compare with real CPU runs (minutes)")
+    parser.add_argument("--tiny", action="store_true", help="gpu: a reduced transformer (runs on the CPU)")
+    parser.add_argument("--device", default=None, help="gpu: cpu to force the CPU")
+    parser.add_argument("--size", type=int, default=512, help="gpu: image height and width")
+    parser.add_argument("--steps", type=int, default=3, help="gpu: timed RPO steps (after one warm-up)")
+    parser.add_argument("--num_steps", type=int, default=8, help="gpu: sampling steps K (K - 1 trained)")
+    parser.add_argument("--shard_base", action="store_true", help="gpu: FSDP2 over the frozen transformer")
+    parser.add_argument("--peak_tflops", type=float, default=989.0,
+                        help="gpu: the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    parser.add_argument("--seeds", type=int, default=3, help="groups: seeds per setting")
+    parser.add_argument("--max_steps", type=int, default=30, help="groups: windows per run (the demo's 30)")
+    parser.add_argument("--eval_size", type=int, default=32, help="groups: held-out prompts per evaluation")
+    parser.add_argument("--clip_range", type=float, default=1e-3, help="groups: clip_range when M x E = 2")
+    parser.add_argument("--cache_dir", default=None, help="groups: where the tiny model is built (default: train's)")
     args = parser.parse_args(argv)
-    for name in BENCHES if args.name == "all" else [args.name]:
+    if args.name == "gpu":  # never part of "all": it needs a GPU to mean anything
+        bench_gpu(args)
+    quick = [name for name in BENCHES if name != "groups"]  # groups takes ~40 min on 2 cores: not part of "all"
+    for name in quick if args.name == "all" else [] if args.name == "gpu" else [args.name]:
         BENCHES[name](args)
     return 0
 

@@ -6,7 +6,7 @@ the per-step quantities the PPO update needs recomputed with gradients, and the 
 disabling the adapters of the same transformer (no second copy of the weights).
 
 Run: `python -m pytest tests/test_policy_flux.py tests/test_policy_qwen.py` (tiny random-weight models built in
-code, no download).
+code by demo.build_tiny_flux / build_tiny_qwen_edit, no download).
     policy = FluxPolicy.from_pretrained("black-forest-labs/FLUX.1-dev", device="cuda")
     traj = policy.rollout(["a red apple"] * 2, generator=torch.Generator("cuda").manual_seed(0))
     stats = policy.recompute(traj, k=0)            # log_prob (B,), mean, ref_mean (B, L, C), std ()
@@ -15,7 +15,13 @@ Conventions (see arr_rpo.py): sigma = 1 is noise; the schedule is `arr_rpo.sigma
 shift); the transformer gets `timestep = sigma`; a K-step rollout has K - 1 stochastic transitions with log-probs
 and a final deterministic Euler step to sigma = 0, which lands on x0_hat and is decoded. Latents are kept in float32
 (packed: B x L tokens x C channels, C = 64 for both models); the transformer runs in the model dtype, optionally
-under CUDA autocast.
+under autocast (`mixed_precision`).
+
+Memory at full size (estimates: `python bench.py memory`): prompts are embedded once (`cache_embeddings`) into a
+bounded host-memory cache, optionally backed by a folder reused across runs and ranks (embed_cache.py), and the text
+encoders are then freed or moved to the CPU (`release_text_encoders`); `gradient_checkpointing` recomputes each
+block in backward; the VAE decodes `decode_chunk` samples at a time; `shard_mesh` shards the frozen transformer with
+FSDP2 (`shard_base`) while the LoRA stays replicated.
 
 Deliberate deviations from the paper and the official code
     1. Both candidates of a prompt are rolled out in one batched transformer call per step (the official code
@@ -23,12 +29,14 @@ Deliberate deviations from the paper and the official code
     2. The initial noise is drawn exactly as diffusers' pipelines draw it, from an explicit generator, so an
        eta = 0 rollout reproduces `FluxPipeline` / `QwenImageEditPlusPipeline` (tested); the official code uses
        the global RNG and bf16 noise.
-    3. The transformer receives `timestep = sigma` (exactly, in fp32); the official code truncates
-       int(sigma * 1000) / 1000.
+    3. The transformer receives `timestep = sigma` built in fp32; the official code truncates
+       int(sigma * 1000) / 1000. (diffusers' FLUX and Qwen transformers round it to their compute dtype inside,
+       bf16 in the recipe, exactly as the pipelines' own calls are rounded.)
     4. LoRA weights are saved in diffusers format with the adapter metadata, so `load_lora_weights` restores
        alpha != r; the official code saves a peft directory that diffusers cannot load at the right scale.
     5. Prompts are encoded one at a time and cached: fp32 outputs depend on batch composition at the 1e-7 level,
-       and a cached embedding must not depend on which prompts happened to be encoded with it.
+       and a cached embedding must not depend on which prompts happened to be encoded with it. The official
+       trainers precompute embeddings with a separate script; here the cache fills itself (embed_cache.py).
     6. Qwen-Image-Edit: the (instruction, source image) pair is encoded as QwenImageEditPlusPipeline encodes it
        (template, system-prompt tokens dropped) and padded only to the longest pair of the batch, with a mask;
        the official trainer pads the text embeddings to 5000 tokens.
@@ -45,20 +53,20 @@ import hashlib
 import json
 import math
 import os
-import string
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, QwenImageEditPlusPipeline, QwenImageTransformer2DModel)
+from diffusers import FluxPipeline, QwenImageEditPlusPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors import safe_open
 
 import arr_rpo
+from embed_cache import EmbeddingCache, module_identity, tokenizer_identity
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the adapter config in the safetensors header
@@ -100,30 +108,57 @@ def check_sigmas(sigmas):
 class FlowLoraPolicy:
     """What FLUX and Qwen-Image-Edit share: LoRA setup, the SDE rollout loop, recompute, reference, save/load.
 
-    A subclass provides `velocity(cond, x, sigma)` (one batched transformer call), `decode`, `rollout` (building
-    its conditioning and initial noise) and the class attributes below.
+    A subclass provides `velocity(cond, x, sigma)` (one batched transformer call), `decode_pixels`, `rollout`
+    (building its conditioning and initial noise), the class attributes below, and for the embedding cache
+    `_item_key(item)` (a string naming an encoder input completely), `_encode_item(item)` (dict of tensors) and
+    `_encoder_identity_parts()` (strings identifying the encoders, tokenizers and encoding settings).
     """
     task = None                  # "t2i" or "edit": what the judge is asked to compare
     pipeline_class = None        # the diffusers pipeline whose LoRA format we write and read
     lora_target_presets = {}     # name -> list of module-name suffixes for peft
 
-    def __init__(self, pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision=None):
+    def __init__(self, pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision=None, *,
+                 gradient_checkpointing=False, decode_chunk=1, embed_cache=None, host_cache_bytes=4 << 30,
+                 shard_mesh=None):
+        """Memory options (keyword-only, for every policy and its from_pretrained):
+        gradient_checkpointing  diffusers' per-block checkpointing of the transformer (same gradients, less memory)
+        decode_chunk            samples per VAE decode call
+        embed_cache             a folder where prompt embeddings are kept across runs and ranks (embed_cache.py)
+        host_cache_bytes        bound of the embeddings kept in host memory (they move to the device per batch)
+        shard_mesh              a DeviceMesh: shard the frozen transformer with FSDP2 over it (`shard_base`)
+        """
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.device = torch.device(device)
         self.dtype = dtype
-        self.mixed_precision = mixed_precision  # e.g. torch.bfloat16: CUDA autocast around transformer calls
-        pipe.to(self.device)
+        self.mixed_precision = mixed_precision  # e.g. torch.bfloat16: autocast around transformer calls
+        if int(decode_chunk) < 1:
+            raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+        self.decode_chunk = int(decode_chunk)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False)
                 component.eval()  # modules built in code start in train mode; dropout would break ratio == 1
+                if shard_mesh is None or component is not self.transformer:
+                    component.to(self.device)  # a sharded transformer moves shard by shard, in shard_base
         targets = self._lora_targets(lora_targets)
         self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, init_lora_weights=True,
                                       target_modules=list(targets))
         self.transformer.add_adapter(self.lora_config)  # lora_B = 0: the policy starts equal to the reference
         for param in self.trainable_parameters():
-            param.data = param.data.float()  # fp32 master weights for AdamW even over a bf16 base; peft casts inputs
+            param.data = param.data.float()  # fp32 master weights for AdamW even over a bf16 base
+        if mixed_precision is not None:
+            # under autocast peft's cast of each LoRA input to fp32 only makes full-size fp32 copies of the
+            # activations (autocast casts them straight back to bf16 for the matmul): skip it, same numbers
+            for module in self.transformer.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = False
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        if shard_mesh is not None:
+            self.shard_base(shard_mesh)
+        self.embed_cache = EmbeddingCache(self.encoder_identity() if embed_cache else None, embed_cache,
+                                          host_cache_bytes)
 
     @classmethod
     def _lora_targets(cls, lora_targets):
@@ -144,15 +179,63 @@ class FlowLoraPolicy:
         """v_theta(x, sigma | cond): (B, L, C) float32 from one batched transformer call."""
         raise NotImplementedError
 
-    def decode(self, latents, height, width):
-        """Packed latents (B, L, C) -> list of B PIL images."""
+    def decode_pixels(self, latents, height, width):
+        """Packed latents (b, L, C) -> pixels (b, 3, H, W) in [-1, 1] from one VAE decode call."""
         raise NotImplementedError
+
+    # ----- prompt embeddings: encoded once, cached in host memory or on disk, encoders released ---------------------
+    def encoder_identity(self):
+        """The embedding cache's model key: sha256 of the policy class, dtype, encoding settings, and the text
+        encoders' and tokenizers' identities (embed_cache.module_identity / tokenizer_identity)."""
+        parts = [type(self).__name__, str(self.dtype), *self._encoder_identity_parts()]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def _embedding(self, item):
+        """The cached encoder output of one item (CPU tensors), encoded now if it is in no cache."""
+        key = self._item_key(item)
+        entry = self.embed_cache.get(key)
+        return entry if entry is not None else self.embed_cache.put(key, self._encode_item(item))
+
+    def cache_embeddings(self, items):
+        """Encode every item (prompts, or (instruction, source image) pairs) that no cache holds yet; returns how
+        many were encoded. Run it over the whole prompt set, then `release_text_encoders()`."""
+        keyed = {}
+        for item in items:
+            keyed.setdefault(self._item_key(item), item)
+        missing = [(key, item) for key, item in keyed.items() if key not in self.embed_cache]
+        for key, item in missing:
+            self.embed_cache.put(key, self._encode_item(item))
+        return len(missing)
+
+    def release_text_encoders(self):
+        """Take the text encoders off the training device after `cache_embeddings`: free them when every embedding
+        stays reachable (an embed_cache folder, or nothing evicted from host memory), else move them to the CPU,
+        where a later miss is encoded (slowly). Returns "freed" or "cpu"."""
+        if self.embed_cache.directory is not None or self.embed_cache.stats["evicted"] == 0:
+            self.free_text_encoders()
+            return "freed"
+        self.move_text_encoders("cpu")
+        return "cpu"
 
     # ----- sampling and recomputation -----------------------------------------------------------------------------
     def _autocast(self):
-        if self.mixed_precision is None or self.device.type != "cuda":
+        if self.mixed_precision is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.mixed_precision)
+        return torch.autocast(self.device.type, dtype=self.mixed_precision)
+
+    def _timestep(self, batch, sigma):
+        """sigma (a 0-d tensor of the schedule) as the transformer's timestep, (batch,) float32, without a host
+        sync; the transformers round it to their compute dtype themselves, as the diffusers pipelines' calls do."""
+        return torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch)
+
+    @torch.no_grad()
+    def decode(self, latents, height, width):
+        """Packed latents (B, L, C) -> B PIL images, decoded `decode_chunk` samples at a time (the VAE's
+        full-resolution activations are the largest tensors of a rollout)."""
+        images = []
+        for chunk in latents.split(self.decode_chunk):
+            images += self.pipe.image_processor.postprocess(self.decode_pixels(chunk, height, width), output_type="pil")
+        return images
 
     @torch.no_grad()
     def _denoise(self, noise, cond, sigmas, eta, generator):
@@ -201,6 +284,27 @@ class FlowLoraPolicy:
 
     def trainable_parameters(self):
         return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def shard_base(self, mesh):
+        """Shard the frozen transformer with FSDP2 over `mesh`: each block, then the root (embedders, final norm).
+
+        The LoRA parameters are `ignored_params`: they stay whole, replicated plain tensors on every rank, so the
+        optimizer, gradient all-reduce, clipping, saving and loading work exactly as without sharding, and FSDP
+        reduces no gradients (the base has none). Each forward all-gathers the blocks' weights one block at a time,
+        and backward gathers them again: every rank must therefore make the same sequence of transformer calls
+        (forward, and backward after a forward with gradients), or the collectives hang.
+        """
+        from torch.distributed.fsdp import fully_shard
+        # FLUX's blocks return slices of their joint stream; FSDP2 warns that an in-place op on such a view would
+        # skip its backward hook, but no caller modifies a block's output in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        lora = set(self.trainable_parameters())
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            for block in getattr(self.transformer, name, []):
+                fully_shard(block, mesh=mesh, ignored_params=lora & set(block.parameters()))
+        fully_shard(self.transformer, mesh=mesh, ignored_params=lora)
+        for param in lora:
+            param.data = param.data.to(self.device)  # ignored parameters are not moved by FSDP
 
     # ----- LoRA files ------------------------------------------------------------------------------------------
     def save_lora(self, directory):
@@ -260,36 +364,45 @@ class FluxPolicy(FlowLoraPolicy):
     lora_target_presets = {"attn": ATTN_TARGETS, "wide": FLUX_WIDE_TARGETS}
 
     def __init__(self, pipe, lora_rank=16, lora_alpha=32, lora_targets=None, device="cpu", dtype=torch.float32,
-                 mixed_precision=None, max_sequence_length=512):
-        super().__init__(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision)
-        self.max_sequence_length = max_sequence_length
-        self._prompt_cache = {}  # prompt -> (prompt_embeds (1, T, D), pooled (1, P)) on self.device
+                 mixed_precision=None, max_sequence_length=512, **options):
+        self.max_sequence_length = max_sequence_length  # before super(): part of the embedding cache's key
+        super().__init__(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, **options)
 
     @classmethod
     def from_pretrained(cls, path, lora_rank=16, lora_alpha=32, lora_targets=None, device="cpu", dtype=torch.float32,
-                        mixed_precision=None, max_sequence_length=512):
-        """Load a diffusers FLUX directory or hub id (offline with HF_HUB_OFFLINE=1 when cached) and add a LoRA."""
+                        mixed_precision=None, max_sequence_length=512, **options):
+        """Load a diffusers FLUX directory or hub id (offline with HF_HUB_OFFLINE=1 when cached) and add a LoRA.
+        `options`: the memory options of FlowLoraPolicy.__init__."""
         pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
-        return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, max_sequence_length)
+        return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, max_sequence_length,
+                   **options)
 
     def encode_prompts(self, prompts):
-        """T5 + CLIP embeddings of `prompts` under no_grad, each prompt encoded once and cached.
+        """T5 + CLIP embeddings of `prompts`, each prompt encoded once (alone) and cached (`cache_embeddings`).
 
-        Returns prompt_embeds (B, T, D) and pooled (B, P) on the policy's device. Once every prompt is cached the
-        text encoders may be moved off the accelerator (`move_text_encoders("cpu")`) or freed.
+        Returns prompt_embeds (B, T, D) and pooled (B, P), moved to the policy's device for this batch.
         """
-        for prompt in dict.fromkeys(prompts):
-            if prompt in self._prompt_cache:
-                continue
-            encoder = self.pipe.text_encoder_2
-            if encoder is None:
-                raise RuntimeError(f"prompt {prompt!r} is not cached and the text encoders were freed")
-            with torch.no_grad():
-                embeds, pooled, _ = self.pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=encoder.device,
-                                                            max_sequence_length=self.max_sequence_length)
-            self._prompt_cache[prompt] = (embeds.to(self.device), pooled.to(self.device))
-        embeds, pooled = zip(*(self._prompt_cache[p] for p in prompts))
-        return torch.cat(embeds), torch.cat(pooled)
+        entries = {prompt: self._embedding(prompt) for prompt in dict.fromkeys(prompts)}
+        embeds = torch.cat([entries[p]["prompt_embeds"] for p in prompts]).to(self.device)  # (B, T, D)
+        pooled = torch.cat([entries[p]["pooled"] for p in prompts]).to(self.device)  # (B, P)
+        return embeds, pooled
+
+    def _item_key(self, prompt):
+        return json.dumps({"prompt": prompt})
+
+    @torch.no_grad()
+    def _encode_item(self, prompt):
+        encoder = self.pipe.text_encoder_2
+        if encoder is None:
+            raise RuntimeError(f"prompt {prompt!r} is not cached and the text encoders were freed")
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=encoder.device,
+                                                    max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled": pooled}  # (1, T, D), (1, P)
+
+    def _encoder_identity_parts(self):
+        return [f"max_sequence_length={self.max_sequence_length}", module_identity(self.pipe.text_encoder),
+                module_identity(self.pipe.text_encoder_2), tokenizer_identity(self.pipe.tokenizer),
+                tokenizer_identity(self.pipe.tokenizer_2)]
 
     def move_text_encoders(self, device):
         for name in ("text_encoder", "text_encoder_2"):
@@ -328,82 +441,19 @@ class FluxPolicy(FlowLoraPolicy):
                           images=self.decode(latents[:, -1], height, width), height=height, width=width)
 
     def velocity(self, cond, x, sigma):
-        timestep = torch.full((x.shape[0],), float(sigma), device=self.device, dtype=self.dtype)
         with self._autocast():
-            v = self.transformer(hidden_states=x.to(self.dtype), timestep=timestep, guidance=cond.guidance,
+            v = self.transformer(hidden_states=x.to(self.dtype), timestep=self._timestep(x.shape[0], sigma),
+                                 guidance=cond.guidance,
                                  pooled_projections=cond.pooled, encoder_hidden_states=cond.prompt_embeds,
                                  txt_ids=cond.text_ids, img_ids=cond.img_ids, return_dict=False)[0]
         return v.float()  # (B, L, 64)
 
     @torch.no_grad()
-    def decode(self, latents, height, width):
+    def decode_pixels(self, latents, height, width):
         vae = self.pipe.vae
-        z = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)  # (B, 16, H/8, W/8)
+        z = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)  # (b, 16, H/8, W/8)
         z = z / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="pil")
-
-
-def _tiny_clip_tokenizer():
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # one token per byte, bare and word-final
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)  # FluxPipeline pads CLIP to model_max_length
-
-
-def _tiny_t5_tokenizer():
-    from transformers import T5Tokenizer
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    for ch in string.ascii_letters + string.digits + string.punctuation:
-        pieces += [(ch, -3.0), ("\u2581" + ch, -2.5)]
-    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(7, -1, -1)]
-    return T5Tokenizer(vocab=pieces, extra_ids=8, model_max_length=512)
-
-
-@torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state
-def build_tiny_flux(path, seed=0):
-    """Write a tiny random-weight FLUX.1-dev-shaped diffusers directory to `path` (no download) and return it.
-
-    Real classes and structure: FluxTransformer2DModel with guidance embeddings, CLIP and T5 text encoders with
-    character-level tokenizers built in code, an AutoencoderKL with 16 latent channels, VAE factor 8 and FLUX's
-    scale/shift. The scheduler has no shift, so `FluxPipeline(sigmas=...)` uses the given sigmas unchanged
-    (the policies never use the scheduler). Refuses to overwrite a non-empty `path`; written atomically.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; build_tiny_flux never overwrites a directory")
-    tok, tok2 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
-    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=[4, 4, 8])
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        projection_dim=32, max_position_embeddings=77, hidden_act="gelu", bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-        norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.1159, scaling_factor=0.3611)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
-                        text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok2,
-                        transformer=transformer, vae=vae, image_encoder=None, feature_extractor=None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    pipe.save_pretrained(tmp)
-    if path.exists():
-        path.rmdir()
-    os.replace(tmp, path)
-    return str(path)
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0]  # (b, 3, H, W)
 
 
 # ================================================================================================================
@@ -484,38 +534,48 @@ class QwenEditPolicy(FlowLoraPolicy):
     lora_target_presets = {"attn": ATTN_TARGETS, "wide": QWEN_WIDE_TARGETS}
 
     def __init__(self, pipe, lora_rank=32, lora_alpha=64, lora_targets=None, device="cpu", dtype=torch.float32,
-                 mixed_precision=None, condition_area=QWEN_CONDITION_AREA):
-        super().__init__(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision)
-        self.condition_area = condition_area
-        self._prompt_cache = {}  # (instruction, image digest) -> (T, D) on self.device
-        self._source_cache = {}  # (image digest, width, height) -> (1, Ls, C) float32 on self.device
+                 mixed_precision=None, condition_area=QWEN_CONDITION_AREA, **options):
+        self.condition_area = condition_area  # before super(): part of the embedding cache's key
+        super().__init__(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, **options)
+        # (image digest, width, height) -> {"latents": (1, Ls, C) float32}, in host memory like the embeddings
+        self._source_cache = EmbeddingCache(None, max_host_bytes=self.embed_cache.max_host_bytes)
 
     @classmethod
     def from_pretrained(cls, path, lora_rank=32, lora_alpha=64, lora_targets=None, device="cpu", dtype=torch.float32,
-                        mixed_precision=None, condition_area=QWEN_CONDITION_AREA):
-        """Load a diffusers Qwen-Image-Edit-2509 directory or hub id and add a LoRA (works without torchvision)."""
+                        mixed_precision=None, condition_area=QWEN_CONDITION_AREA, **options):
+        """Load a diffusers Qwen-Image-Edit-2509 directory or hub id and add a LoRA (works without torchvision).
+        `options`: the memory options of FlowLoraPolicy.__init__."""
         pipe = QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, processor=load_qwen_edit_processor(path))
-        return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, condition_area)
+        return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, condition_area,
+                   **options)
 
     def encode_prompts(self, prompts, source_images):
-        """Qwen2.5-VL states of each (instruction, source image) pair under no_grad, encoded one pair at a time and
-        cached. Returns text_embeds (B, T, D) zero-padded to the longest pair and text_mask (B, T) long."""
-        source_images = [_rgb(image) for image in source_images]
-        keys = [(prompt, image_digest(image)) for prompt, image in zip(prompts, source_images)]
-        for key, prompt, image in zip(keys, prompts, source_images):
-            if key not in self._prompt_cache:
-                self._prompt_cache[key] = self._encode_pair(prompt, image)
-        states = [self._prompt_cache[key] for key in keys]  # B x (T_i, D)
+        """Qwen2.5-VL states of each (instruction, source image) pair, encoded one pair at a time and cached
+        (`cache_embeddings`). Returns text_embeds (B, T, D) zero-padded to the longest pair and text_mask (B, T)
+        long, moved to the policy's device for this batch."""
+        pairs = [(prompt, _rgb(image)) for prompt, image in zip(prompts, source_images)]
+        states = [self._embedding(pair)["text_embeds"] for pair in pairs]  # B x (T_i, D)
         length = max(s.shape[0] for s in states)
-        embeds = torch.stack([_pad_tokens(s[None], length)[0] for s in states])  # (B, T, D)
+        embeds = torch.stack([_pad_tokens(s[None], length)[0] for s in states]).to(self.device)  # (B, T, D)
         mask = torch.stack([(torch.arange(length, device=self.device) < s.shape[0]).long() for s in states])  # (B, T)
         return embeds, mask
 
+    def _item_key(self, pair):
+        return json.dumps({"instruction": pair[0], "source_image": image_digest(_rgb(pair[1]))})
+
+    def _encoder_identity_parts(self):
+        processor = self.pipe.processor
+        return [f"condition_area={self.condition_area}", self.pipe.prompt_template_encode,
+                str(self.pipe.prompt_template_encode_start_idx), QWEN_PICTURE_PROMPT,
+                module_identity(self.pipe.text_encoder), tokenizer_identity(processor.tokenizer),
+                json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str)]
+
     @torch.no_grad()
-    def _encode_pair(self, prompt, image):
-        """The pipeline's `_get_qwen_prompt_embeds` for one pair, plus `mm_token_type_ids` (3-D M-RoPE positions
-        of the image tokens; diffusers 0.42.1 drops it). Returns the last hidden states (T, D) minus the system
-        prompt's first `prompt_template_encode_start_idx` tokens."""
+    def _encode_item(self, pair):
+        """The pipeline's `_get_qwen_prompt_embeds` for one (instruction, image) pair, plus `mm_token_type_ids`
+        (3-D M-RoPE positions of the image tokens; diffusers 0.42.1 drops it). Returns the last hidden states
+        (T, D) minus the system prompt's first `prompt_template_encode_start_idx` tokens."""
+        prompt, image = pair[0], _rgb(pair[1])
         pipe, encoder = self.pipe, self.pipe.text_encoder
         if encoder is None:
             raise RuntimeError(f"instruction {prompt!r} with this source image is not cached and the text encoder "
@@ -529,20 +589,21 @@ class QwenEditPolicy(FlowLoraPolicy):
                          pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
                          output_hidden_states=True, **extra).hidden_states[-1]  # (1, T_all, D)
         hidden = hidden[0][inputs["attention_mask"][0].bool()][pipe.prompt_template_encode_start_idx:]
-        return hidden.to(self.device, self.dtype)  # (T, D)
+        return {"text_embeds": hidden.to(self.dtype)}  # (T, D)
 
     @torch.no_grad()
     def source_latents(self, image, width, height):
         """Packed, normalised VAE latents (1, Ls, C) of `image` resized to width x height; cached per item."""
         image = _rgb(image)
-        key = (image_digest(image), width, height)
-        if key not in self._source_cache:
+        key = json.dumps([image_digest(image), width, height])
+        entry = self._source_cache.get(key)
+        if entry is None:
             vae = self.pipe.vae
             pixels = self.pipe.image_processor.preprocess(image, height, width).unsqueeze(2)  # (1, 3, 1, H, W)
             z = self.pipe._encode_vae_image(pixels.to(vae.device, vae.dtype), generator=None)  # (1, 16, 1, h, w)
-            self._source_cache[key] = self.pipe._pack_latents(z, 1, z.shape[1], z.shape[3], z.shape[4]).to(
-                self.device, torch.float32)
-        return self._source_cache[key]
+            entry = self._source_cache.put(key, {"latents": self.pipe._pack_latents(
+                z, 1, z.shape[1], z.shape[3], z.shape[4]).float()})
+        return entry["latents"].to(self.device)
 
     def move_text_encoders(self, device):
         self.pipe.text_encoder.to(device)
@@ -602,9 +663,8 @@ class QwenEditPolicy(FlowLoraPolicy):
         hidden = torch.cat([x, cond.image_latents], dim=1)  # (B, L + Ls, C): source tokens after the target's
         if guided:
             hidden = torch.cat([hidden, hidden])  # (2B, L + Ls, C): prompt rows, then negative-prompt rows
-        timestep = torch.full((hidden.shape[0],), float(sigma), device=self.device, dtype=self.dtype)
         with self._autocast():
-            out = self.transformer(hidden_states=hidden.to(self.dtype), timestep=timestep,
+            out = self.transformer(hidden_states=hidden.to(self.dtype), timestep=self._timestep(len(hidden), sigma),
                                    encoder_hidden_states=cond.text_embeds, encoder_hidden_states_mask=cond.text_mask,
                                    img_shapes=cond.img_shapes * (2 if guided else 1), return_dict=False)[0]
         v = out[:, :tokens].float()  # (B or 2B, L, 64): the source tokens' outputs are discarded
@@ -616,13 +676,12 @@ class QwenEditPolicy(FlowLoraPolicy):
         return v_cfg * (v_cond.norm(dim=-1, keepdim=True) / v_cfg.norm(dim=-1, keepdim=True))
 
     @torch.no_grad()
-    def decode(self, latents, height, width):
+    def decode_pixels(self, latents, height, width):
         vae = self.pipe.vae
-        z = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)  # (B, 16, 1, H/8, W/8)
+        z = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)  # (b, 16, 1, H/8, W/8)
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
-        image = vae.decode((z * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]  # (B, 3, H, W)
-        return self.pipe.image_processor.postprocess(image, output_type="pil")
+        return vae.decode((z * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]  # (b, 3, H, W)
 
 
 def _pad_tokens(tensor, length):
@@ -636,67 +695,3 @@ def _rgb(image):
         with Image.open(image) as opened:
             return opened.convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-_QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-@torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state
-def build_tiny_qwen_edit(path, seed=0):
-    """Write a tiny random-weight Qwen-Image-Edit-2509-shaped diffusers directory to `path` (no download), return it.
-
-    Real classes: QwenImageTransformer2DModel (no guidance embedding, 2 blocks), AutoencoderKLQwenImage (z_dim 16,
-    factor 8, non-trivial latents_mean / latents_std), Qwen2_5_VLForConditionalGeneration with a vision tower and
-    a byte-level Qwen2Tokenizer built in code, and the processor written to `processor/` by hand (it cannot be
-    saved without torchvision; `load_qwen_edit_processor` reads it back). The image processor caps the VL input
-    at 56 x 56 pixels. The scheduler has no shift, so `QwenImageEditPlusPipeline(sigmas=...)` uses the sigmas
-    unchanged (the policies never use the scheduler). Refuses to overwrite a non-empty `path`; written atomically.
-    """
-    from tokenizers import AddedToken
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; build_tiny_qwen_edit never overwrites a directory")
-    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}  # one token per byte
-    for token in _QWEN_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=1024, unk_token=None, bos_token=None,
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIAL_TOKENS])  # never split
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL_TOKENS}
-    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[round(-0.3 + 0.04 * i, 4) for i in range(16)],
-        latents_std=[round(0.7 + 0.05 * i, 4) for i in range(16)])
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(tok), rope_theta=1e6,
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"],
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                           fullatt_block_indexes=[1], window_size=112),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
-    pipe = QwenImageEditPlusPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
-        text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    pipe.save_pretrained(tmp)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(tmp / "processor")
-    tok.save_pretrained(tmp / "processor")
-    index = json.loads((tmp / "model_index.json").read_text())
-    index["processor"] = ["transformers", "Qwen2VLProcessor"]  # save_pretrained wrote [null, null]
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    if path.exists():
-        path.rmdir()
-    os.replace(tmp, path)
-    return str(path)

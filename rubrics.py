@@ -1,18 +1,19 @@
-"""Auto-Rubric induction (generate -> verify -> refine -> structure), zero-shot prompt rubrics, and the
-l1-regularised rubric selector.
+"""Auto-Rubric induction (generate -> verify -> refine -> structure) and zero-shot prompt rubrics.
 
 Paper: "Auto-Rubric as Reward: From Implicit Preferences to Explicit Multimodal Generative Criteria",
 arXiv 2605.08354, §3.2 (rubric generation M_gen, verification M_verify, refinement M_refine, hierarchical
-structuring; zero-shot prompt-specific rubrics). The selector is the l1-regularised logistic-regression refiner of
-AutoRubric-T2I (`select_rubrics_l1`).
+structuring; zero-shot prompt-specific rubrics). The l1-regularised selector of AutoRubric-T2I is rubric_select.py
+(`python rubrics.py select` runs it).
 
-Run (the API key, if the server needs one, is read from OPENAI_API_KEY by judge.VLMClient):
+Run (the API key, if the server needs one, is read from OPENAI_API_KEY by vlm_client.VLMClient):
     python rubrics.py induce --data seed_pairs.json --base_url http://localhost:8000/v1 \
         --model Qwen/Qwen3-VL-8B-Instruct --out rubrics.txt [--num_rubrics 5] [--max_refine 3] [--categories 5] \
         [--task t2i|edit] [--concurrency 8] [--cache rubrics.txt.cache.sqlite] [--force]
     python rubrics.py select --data pairs.json --rubrics candidates.txt --base_url URL --model NAME --top_n 5 \
         --out selected.txt [--l1 0.01] [--holdout 0.3] [--mode pairwise|pointwise] [--seed 0]
     python rubrics.py prompt --data prompts.txt --base_url URL --model NAME --out prompt_rubrics.json
+    every command also takes [--max_tokens N] [--min_confidence 0.95] [--multi_image error|first|skip]; induce
+    prints the skipped items, the failure reasons with counts and the requests and tokens spent (stderr)
 `induce` writes the rubric text (what `judge.py eval --rubrics` and `train.py --rubrics` read) and a provenance
 sidecar `rubrics.json`; `select` writes the selected rubrics and `selected.json` with their weights and held-out
 accuracies; `prompt` writes the zero-shot rubrics per prompt that `judge.py eval --prompt_rubrics` reads.
@@ -39,40 +40,35 @@ Deliberate deviations from the paper and the official code
     4. Bounded concurrency: items run on a pool of `client.max_concurrency` threads (the official code starts every
        item at once). A judge failure on one item is recorded in its outcome and counted; the run goes on.
     5. Resumable: every answered request (generation, each verification order, refinement, structuring) is kept in
-       judge.py's sqlite answer cache, keyed by a hash of the request, so a rerun after an interruption re-sends
-       nothing that was already answered. Malformed replies are re-asked with the bad answer and the complaint
-       appended (a new request), never by repeating the identical request.
+       vlm_client's sqlite answer cache (ResponseCache), keyed by a hash of the request, so a rerun after an
+       interruption re-sends nothing that was already answered. Malformed replies are re-asked with the bad answer
+       and the complaint appended (a new request), never by repeating the identical request.
     6. Structuring merges in chunks, hierarchically, when the verified rubrics do not fit one request, retries
        malformed replies, and falls back to a deduplicated numbered list instead of failing (the official code makes
        one unretried call with every rubric in it).
     7. No MCR^2 diversity sampling of seed items (the official code uses it above 100 items only): every item is
        processed. Only ranking labels are supported (no pointwise `label_score` induction).
-    8. `select_rubrics_l1` fits the logistic model without an intercept: `diffs` flip sign when the two candidates
-       are swapped, so P(first preferred) = sigmoid(w . d) is symmetric, and an intercept could only learn the
-       position bias of the labels.
 """
 import argparse
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import sys
 import threading
 from pathlib import Path
 
-import torch
-
-from judge import (Judge, JudgeError, ReplyError, ResponseCache, VLMClient, extract_json, load_pairs, load_template,
-                   public_url, template_sha256)
+from arr_rpo import is_ranking
+from data import load_pairs, split_skipped
+from judge import (CANDIDATE_LABEL, Judge, add_data_options, labelled_images, load_template, print_report,
+                   template_sha256)
+from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, failure_reasons, map_concurrently,
+                        public_url, usage_report)
 
 TASKS = ("t2i", "edit")
 # What the text input of an item is called in our prompts, and the judge's labels for the images.
 INPUT_LABEL = {"t2i": "Prompt", "edit": "Editing instruction"}
 TASK_NAME = {"t2i": "text-to-image generation", "edit": "instruction-guided image editing"}
-CANDIDATE_LABEL = {"t2i": "Image", "edit": "Edited Image"}
-BASE_LABEL = "Image BASE (original image):"
 MAX_TOKENS = 2048  # K rubrics plus a reason; thinking models spend more before answering
 
 
@@ -87,24 +83,16 @@ THEMES_SCHEMA = _schema("themes", {
     "themes": {"type": "array", "items": _schema("theme", {
         "theme": {"type": "string"}, "tips": {"type": "array", "items": {"type": "string"}}}, ["theme", "tips"])},
     "reason": {"type": "string"}}, ["themes", "reason"])
-SCORE_SCHEMA = _schema("score", {"score": {"type": "integer", "minimum": 1, "maximum": 5},
-                                 "reason": {"type": "string"}}, ["score", "reason"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Message building and reply parsing
 # ----------------------------------------------------------------------------------------------------------------
 
-def _candidate_parts(client, item, task):
-    """Image content parts in the judge's layout: the base image first (editing), then labelled candidates."""
-    parts = []
-    if task == "edit" and item.source_image is not None:
-        parts += [{"type": "text", "text": BASE_LABEL},
-                  {"type": "image_url", "image_url": {"url": client.encode(item.source_image)}}]
-    for i, image in enumerate(item.images, start=1):
-        parts += [{"type": "text", "text": f"{CANDIDATE_LABEL[task]} {i}:"},
-                  {"type": "image_url", "image_url": {"url": client.encode(image)}}]
-    return parts
+def _image_parts(client, item, task, images, name):
+    """`images` of the item in the judge's layout (judge.labelled_images), after the source image when editing."""
+    source = client.encode(item.source_image) if task == "edit" and item.source_image is not None else None
+    return labelled_images([client.encode(image) for image in images], name, source)
 
 
 def _ranking_text(rank, task):
@@ -154,24 +142,16 @@ def _rubric_list(k, exact=False):
     return parse
 
 
-def _ask_json(client, messages, schema, parse, retries, cache, what):
-    """client.chat + extract_json + `parse`, re-asking up to `retries` times when the reply is unusable.
-
-    A re-ask appends the unusable answer and what was wrong with it, so it is a new request: the cache replays an
-    interrupted run faithfully and a temperature-0 model is not asked the identical question again. Transport
-    failures were already retried inside the client and propagate as JudgeError.
-    """
-    current, problem = messages, ""
-    for _ in range(1 + retries):
-        text = None
-        try:
-            text = client.chat(current, json_schema=schema, max_tokens=MAX_TOKENS, cache=cache)
-            return parse(extract_json(text))
-        except (ReplyError, ValueError) as exc:
-            problem = str(exc)
-        reask = {"role": "user", "content": load_template("rubric_reask").format(problem=problem)}
-        current = messages + ([{"role": "assistant", "content": text}] if text else []) + [reask]
-    raise ReplyError(f"{what}: unusable reply after {1 + retries} attempt(s): {problem}")
+def _ask(client, messages, schema, parse, retries, cache, what):
+    """`client.ask_json` with the rubric re-ask template (VLMClient.ask_json: the re-ask is a new request, so the
+    cache replays an interrupted run faithfully). A ReplyError names what was being asked."""
+    def reask(problem):
+        return load_template("rubric_reask").format(problem=problem)
+    try:
+        return client.ask_json(messages, parse, reask, json_schema=schema, retries=retries, max_tokens=MAX_TOKENS,
+                               cache=cache)
+    except ReplyError as exc:
+        raise ReplyError(f"{what}: {exc}") from None
 
 
 def _check_task(task):
@@ -181,7 +161,7 @@ def _check_task(task):
 
 def _check_label(item):
     n = len(item.images)
-    if n < 2 or sorted(item.label_rank) != list(range(1, n + 1)):
+    if len(item.label_rank) != n or not is_ranking(list(item.label_rank)):
         raise ValueError(f"item at line {item.line}: label_rank {item.label_rank} is not a permutation of 1..{n}")
 
 
@@ -200,8 +180,9 @@ def generate(client, item, k=5, task="t2i", retries=2, cache=None):
     text = load_template("rubric_generate").format(
         task=load_template(f"rubric_task_{task}"), n=len(item.images), ranking=_ranking_text(item.label_rank, task),
         k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
-    messages = [{"role": "user", "content": _candidate_parts(client, item, task) + [{"type": "text", "text": text}]}]
-    return _ask_json(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k, exact=True), retries, cache,
+    parts = _image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
+    messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+    return _ask(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k, exact=True), retries, cache,
                      f"rubric generation for item at line {item.line}")
 
 
@@ -254,8 +235,9 @@ def refine(client, item, rubrics, feedback, k=5, task="t2i", retries=2, cache=No
     text = load_template("rubric_refine").format(
         task=load_template(f"rubric_task_{task}"), n=len(item.images), ranking=_ranking_text(item.label_rank, task),
         rubrics=numbered(rubrics), feedback=feedback, k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
-    messages = [{"role": "user", "content": _candidate_parts(client, item, task) + [{"type": "text", "text": text}]}]
-    return _ask_json(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k, exact=True), retries, cache,
+    parts = _image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
+    messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+    return _ask(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k, exact=True), retries, cache,
                      f"rubric refinement for item at line {item.line}")
 
 
@@ -289,7 +271,7 @@ def _structure_once(client, rubrics, categories, task, retries, cache):
     text = load_template("rubric_structure").format(
         task_name=TASK_NAME[task], n=len(rubrics), rubrics=numbered(rubrics), categories=categories)
     try:
-        return _ask_json(client, [{"role": "user", "content": text}], THEMES_SCHEMA, _themes(categories), retries,
+        return _ask(client, [{"role": "user", "content": text}], THEMES_SCHEMA, _themes(categories), retries,
                          cache, "structuring")
     except JudgeError:
         return None
@@ -345,7 +327,7 @@ def prompt_rubrics(client, prompt, k=5, task="t2i", retries=2, cache=None):
     _check_task(task)
     text = load_template("rubric_prompt").format(
         task=load_template(f"rubric_task_{task}"), input_label=INPUT_LABEL[task], prompt=prompt, k=k)
-    return _ask_json(client, [{"role": "user", "content": text}], RUBRIC_LIST_SCHEMA, _rubric_list(k), retries,
+    return _ask(client, [{"role": "user", "content": text}], RUBRIC_LIST_SCHEMA, _rubric_list(k), retries,
                      cache, "prompt rubric generation")
 
 
@@ -421,18 +403,15 @@ def induce(client, items, num_rubrics=5, max_refine=3, categories=5, task="t2i",
     cache = ResponseCache(cache_path) if cache_path is not None else None
     try:
         outcomes = [None] * len(items)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
-            futures = {pool.submit(induce_item, client, item, num_rubrics, max_refine, task, cache): i
-                       for i, item in enumerate(items)}
-            try:
-                for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                    outcomes[futures[future]] = future.result()
-                    if progress is not None:
-                        progress(done, len(items), outcomes[futures[future]])
-            except BaseException:
-                # interrupted: start no new item; the running ones finish, so their answers land in the cache
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        results = map_concurrently(lambda item: induce_item(client, item, num_rubrics, max_refine, task, cache),
+                                   items, client.max_concurrency, name="induce")
+        try:
+            for done, (i, future) in enumerate(results, start=1):
+                outcomes[i] = future.result()
+                if progress is not None:
+                    progress(done, len(items), outcomes[i])
+        finally:
+            results.close()  # interrupted: start no new item; the running ones finish into the cache
         verified = _dedupe(r for outcome in outcomes if outcome.verified for r in outcome.rubrics)
         text = structure(client, verified, categories=categories, task=task,
                          max_rubrics_per_request=max_rubrics_per_request, cache=cache)
@@ -444,164 +423,6 @@ def induce(client, items, num_rubrics=5, max_refine=3, categories=5, task="t2i",
         n_pairs=len(items), n_verified=sum(o.verified for o in outcomes),
         n_discarded=sum(not o.verified and o.error is None for o in outcomes),
         n_errors=sum(o.error is not None for o in outcomes))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# AutoRubric-T2I: per-rubric scores and the l1-regularised logistic selector
-# ----------------------------------------------------------------------------------------------------------------
-
-def select_rubrics_l1(diffs, labels, top_n, l1=0.01, max_iter=10000, tol=1e-9):
-    r"""l1-regularised logistic regression over rubric score differences; returns (indices, weights).
-
-    diffs: (P, R) score of the first candidate minus score of the second under each rubric.
-    labels: (P,) 1.0 where the first candidate is preferred, else 0.0 (soft labels in [0, 1] also work).
-    Returns indices (n,) of the at most `top_n` rubrics with the largest |weight| among the nonzero weights,
-    largest first, and the full weight vector (R,) (zeros for rubrics the l1 penalty removed).
-
-    Objective (AutoRubric-T2I refiner), z_p = d_p . w:
-        F(w) = f(w) + l1 * ||w||_1,   f(w) = (1/P) sum_p [ log(1 + exp(z_p)) - y_p z_p ]
-    f is the mean logistic negative log-likelihood of P(first preferred) = sigmoid(z_p). It is convex and smooth:
-        grad f(w) = D^T (sigmoid(D w) - y) / P,   hess f(w) = D^T S D / P,   S = diag(s_p (1 - s_p)) <= 1/4,
-    so grad f is Lipschitz with L = ||D||_2^2 / (4 P) (largest singular value squared). Proximal gradient
-    (ISTA) minimises the quadratic upper bound f(v) + grad f(v).(w - v) + L/2 ||w - v||^2 + l1 ||w||_1, which
-    separates per coordinate and is solved by soft-thresholding:
-        w+ = soft(v - grad f(v) / L, l1 / L),   soft(u, t) = sign(u) * max(|u| - t, 0).
-    FISTA evaluates the step at the extrapolated point v = w_k + (t_k - 1) / t_{k+1} (w_k - w_{k-1}),
-    t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2, which improves the rate from O(1/k) to O(1/k^2); we restart the momentum
-    (t = 1) whenever F increases, which keeps the iteration monotone. It stops when max|w+ - w| <= tol.
-    At the optimum the subgradient conditions (KKT) hold: grad_j f + l1 sign(w_j) = 0 where w_j != 0 and
-    |grad_j f| <= l1 where w_j = 0; `l1 >= max_j |grad_j f(0)| = ||D^T (1/2 - y)||_inf / P` gives w = 0.
-    No feature standardisation: all rubrics are scored on the same scale, so one penalty treats them alike.
-    """
-    diffs = torch.as_tensor(diffs)
-    labels = torch.as_tensor(labels)
-    if diffs.dim() != 2 or labels.shape != (diffs.shape[0],):
-        raise ValueError(f"diffs must be (P, R) and labels (P,), got {tuple(diffs.shape)} and {tuple(labels.shape)}")
-    if not torch.isfinite(diffs).all() or not torch.isfinite(labels).all():
-        raise ValueError("diffs and labels must be finite (drop pairs whose scoring failed)")
-    if top_n < 1 or l1 < 0:
-        raise ValueError("top_n must be >= 1 and l1 >= 0")
-    out_dtype = diffs.dtype if diffs.is_floating_point() else torch.get_default_dtype()
-    D = diffs.to(torch.float64)  # (P, R)
-    y = labels.to(torch.float64)  # (P,)
-    P, R = D.shape
-
-    def smooth(w):
-        z = D @ w  # (P,)
-        return (torch.nn.functional.softplus(z) - y * z).mean()
-
-    def objective(w):
-        return smooth(w) + l1 * w.abs().sum()
-
-    def grad(w):
-        return D.T @ (torch.sigmoid(D @ w) - y) / P  # (R,)
-
-    lipschitz = max(torch.linalg.matrix_norm(D, ord=2).item() ** 2 / (4 * P), 1e-12)
-    step = 1.0 / lipschitz
-    w = torch.zeros(R, dtype=torch.float64)
-    v, t, value = w.clone(), 1.0, objective(w).item()
-    for _ in range(max_iter):
-        u = v - step * grad(v)
-        w_next = torch.sign(u) * torch.clamp(u.abs() - step * l1, min=0.0)
-        value_next = objective(w_next).item()
-        if value_next > value and t > 1.0:
-            # momentum overshot: restart from the last iterate with a plain ISTA step (always accepted, monotone)
-            v, t = w.clone(), 1.0
-            continue
-        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        v = w_next + ((t - 1.0) / t_next) * (w_next - w)
-        converged = (w_next - w).abs().max().item() <= tol
-        w, t, value = w_next, t_next, value_next
-        if converged:
-            break
-    order = torch.argsort(w.abs(), descending=True, stable=True)
-    indices = order[: min(top_n, int((w != 0).sum()))]
-    return indices, w.to(out_dtype)
-
-
-def score_rubrics(client, items, rubrics, mode="pairwise", task="t2i", retries=2, cache=None, progress=None):
-    """Score every rubric on every labelled pair with the judge; returns (diffs (P, R), labels (P,)).
-
-    mode "pairwise": one order-swapped judgment per (pair, rubric) with that rubric alone as the judge's rubric;
-        diff = +1 if the first candidate wins in both orders, -1 if the second does, 0 if the orders disagree.
-    mode "pointwise": a 1-5 score per (candidate, rubric) with prompts/rubric_score.txt; diff = s_first - s_second.
-    A (pair, rubric) whose judgment failed is NaN, never a silent 0. labels[p] = 1.0 where the first candidate is
-    preferred. cache: a judge.ResponseCache (None: the client's own). progress: optional callable(done, total).
-    """
-    _check_task(task)
-    if mode not in ("pairwise", "pointwise"):
-        raise ValueError(f"mode must be 'pairwise' or 'pointwise', got {mode!r}")
-    for item in items:
-        _check_label(item)
-        if len(item.images) != 2:
-            raise ValueError(f"item at line {item.line}: rubric scoring needs pairs, got {len(item.images)} images")
-    labels = torch.tensor([1.0 if item.label_rank[0] < item.label_rank[1] else 0.0 for item in items])  # (P,)
-    diffs = torch.full((len(items), len(rubrics)), float("nan"), dtype=torch.float64)  # (P, R)
-    judges = [Judge(client, rubric, task=task, swap=True, cache=cache) for rubric in rubrics] if mode == "pairwise" \
-        else []
-
-    def run(p, r):
-        item = items[p]
-        if mode == "pairwise":
-            verdict = judges[r].compare(item.prompt, list(item.images), source_image=item.source_image)
-            if verdict.error is not None:
-                return float("nan")
-            return 0.0 if verdict.rank is None else (1.0 if verdict.rank[0] < verdict.rank[1] else -1.0)
-        scores = [_pointwise_score(client, item, c, rubrics[r], task, retries, cache) for c in range(2)]
-        return float("nan") if None in scores else scores[0] - scores[1]
-
-    cells = [(p, r) for p in range(len(items)) for r in range(len(rubrics))]
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
-            futures = {pool.submit(run, p, r): (p, r) for p, r in cells}
-            try:
-                for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                    diffs[futures[future]] = future.result()
-                    if progress is not None:
-                        progress(done, len(cells))
-            except BaseException:
-                # interrupted: start no new cell; the running ones finish, so their answers land in the cache
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    finally:
-        for judge in judges:
-            judge.close()
-    return diffs, labels
-
-
-def _score(obj):
-    score = obj.get("score")
-    if isinstance(score, str) and score.strip().isdigit():
-        score = int(score)
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 1 <= score <= 5:
-        raise ValueError(f'"score" must be a number from 1 to 5, got {score!r}')
-    return float(score)
-
-
-def _pointwise_score(client, item, candidate, rubric, task, retries, cache):
-    """1-5 score of one candidate under one rubric, or None when the judge failed."""
-    parts = []
-    if task == "edit" and item.source_image is not None:
-        parts += [{"type": "text", "text": BASE_LABEL},
-                  {"type": "image_url", "image_url": {"url": client.encode(item.source_image)}}]
-    parts += [{"type": "text", "text": "Candidate image:"},
-              {"type": "image_url", "image_url": {"url": client.encode(item.images[candidate])}}]
-    text = load_template("rubric_score").format(
-        task=load_template(f"rubric_task_{task}"), rubric=rubric, input_label=INPUT_LABEL[task], prompt=item.prompt)
-    messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-    try:
-        return _ask_json(client, messages, SCORE_SCHEMA, _score, retries, cache,
-                         f"pointwise score of item at line {item.line}")
-    except JudgeError:
-        return None
-
-
-def weighted_accuracy(diffs, labels, weights):
-    """Accuracy of sign(diffs @ weights) against labels; a zero score (no preference) counts as half right."""
-    score = diffs.to(torch.float64) @ weights.to(torch.float64)  # (P,)
-    first = (labels > 0.5).to(torch.float64)  # (P,)
-    correct = torch.where(score == 0, torch.full_like(score, 0.5), ((score > 0).to(torch.float64) == first).double())
-    return correct.mean().item() if len(correct) else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -664,8 +485,18 @@ def _client(args):
     if extra_body is not None and not isinstance(extra_body, dict):
         raise ValueError("--extra_body must be a JSON object")
     return VLMClient(args.base_url, args.model, timeout=args.timeout, max_retries=args.max_retries,
-                     max_concurrency=args.concurrency, max_side=args.max_side,
+                     max_concurrency=args.concurrency, max_side=args.max_side, max_tokens=args.max_tokens,
                      image_format="JPEG" if args.jpeg else "PNG", extra_body=extra_body)
+
+
+def load_labelled(args):
+    """(the labelled pairs of --data to use, {skip reason: count} of the others), as --min_confidence and
+    --multi_image say; ValueError when none is left."""
+    items, skipped = split_skipped(load_pairs(args.data, task=args.task, min_confidence=args.min_confidence,
+                                              multi_image=args.multi_image))
+    if not items:
+        raise ValueError(f"{args.data}: no pair left to use (skipped: {skipped})")
+    return items, skipped
 
 
 def _rubric_sources(result):
@@ -685,9 +516,10 @@ def cmd_induce(args):
     _prepare_outputs(data, [out, sidecar], args.force)
     if cache_path.resolve() in (data.resolve(), out.resolve(), sidecar.resolve()):
         raise ValueError(f"--cache {cache_path} is the data file or an output file")
-    items = load_pairs(data, task=args.task)
+    items, skipped = load_labelled(args)
     args.task = _task_of(args.task, items)
     client = _client(args)
+    before = client.usage()
     print(f"inducing rubrics from {len(items)} items of {data} with {args.model}: k={args.num_rubrics}, "
           f"max_refine={args.max_refine}, categories={args.categories}, concurrency={args.concurrency}, "
           f"cache={cache_path} (rerun with it to resume)", flush=True)
@@ -704,6 +536,8 @@ def cmd_induce(args):
                         categories=args.categories, task=args.task, cache_path=cache_path, progress=progress)
     print(f"{result.n_verified} verified, {result.n_discarded} discarded, {result.n_errors} judge errors of "
           f"{result.n_pairs} items; {len(result.rubrics)} distinct verified rubrics", flush=True)
+    print_report({"skipped": skipped, "failure_reasons": failure_reasons(o.error for o in result.outcomes),
+                  **usage_report(before, client.usage(), {"item": len(items)})}, "items", tag="rubrics")
     if not result.rubrics:
         print("error: no rubric passed verification; nothing written", file=sys.stderr)
         return 1
@@ -739,107 +573,6 @@ def cmd_induce(args):
     return 0
 
 
-def cmd_select(args):
-    data, out = Path(args.data), Path(args.out)
-    sidecar = _sidecar_path(out)
-    _prepare_outputs(data, [out, sidecar], args.force)
-    if Path(args.rubrics).resolve() in (out.resolve(), sidecar.resolve()):
-        raise ValueError(f"--out {out} would overwrite the candidate rubrics {args.rubrics}")
-    if not 0.0 <= args.holdout < 1.0:
-        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
-    candidates = read_rubric_list(args.rubrics)
-    if not 1 <= args.top_n <= len(candidates):
-        raise ValueError(f"--top_n must be in 1..{len(candidates)} (the number of candidate rubrics)")
-    items = load_pairs(data, task=args.task)
-    args.task = _task_of(args.task, items)
-    if len(items) < 2:
-        raise ValueError(f"{data}: need at least 2 pairs, got {len(items)}")
-    client = _client(args)
-    cache = ResponseCache(args.cache) if args.cache else None
-    print(f"scoring {len(candidates)} rubrics on {len(items)} pairs ({args.mode}) with {args.model}", flush=True)
-    step = max(1, len(items) * len(candidates) // 10)
-
-    def progress(done, total):
-        if done % step == 0 or done == total:
-            print(f"[{done}/{total}] judgments", flush=True)
-
-    try:
-        with client:
-            diffs, labels = score_rubrics(client, items, candidates, mode=args.mode, task=args.task, cache=cache,
-                                          progress=progress)
-    finally:
-        if cache is not None:
-            cache.close()
-    ok = torch.isfinite(diffs).all(dim=1)  # (P,)
-    n_dropped = int((~ok).sum())
-    diffs, labels = diffs[ok], labels[ok]  # (P', R), (P',)
-    if len(labels) < 2:
-        raise ValueError(f"only {len(labels)} pairs were scored without judge errors; need at least 2")
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
-    n_hold = round(args.holdout * len(labels))
-    hold, train = perm[:n_hold], perm[n_hold:]
-    evaluation = hold if n_hold else train
-    indices, weights = select_rubrics_l1(diffs[train], labels[train], args.top_n, l1=args.l1)
-    if len(indices) == 0:
-        raise ValueError(f"--l1 {args.l1} set every weight to zero; lower it")
-    selected = torch.zeros(len(candidates), dtype=torch.bool)
-    selected[indices] = True
-    accuracy = {}
-    for name, mask in (("selected", selected), ("unselected", ~selected), ("all", torch.ones_like(selected))):
-        columns = mask.nonzero().flatten()
-        if len(columns) == 0:
-            continue
-        if name == "unselected":
-            # the unselected rubrics get their own best weights (same penalty), so the comparison is fair to them
-            _, subset_weights = select_rubrics_l1(diffs[train][:, columns], labels[train], len(columns), l1=args.l1)
-        else:
-            subset_weights = weights[columns]
-        accuracy[name] = {
-            "n_rubrics": len(columns),
-            "weighted": weighted_accuracy(diffs[evaluation][:, columns], labels[evaluation], subset_weights),
-            "unweighted": weighted_accuracy(diffs[evaluation][:, columns], labels[evaluation],
-                                            torch.ones(len(columns))),
-        }
-    split = "held-out" if n_hold else "training (no --holdout)"
-    print(f"{split} accuracy on {len(evaluation)} pairs ({n_dropped} pairs dropped for judge errors):")
-    for name, row in accuracy.items():
-        print(f"  {name:<10} {row['n_rubrics']:>3} rubrics   weighted {row['weighted']:.3f}   "
-              f"unweighted {row['unweighted']:.3f}")
-    out.write_text(numbered([candidates[i] for i in indices.tolist()]) + "\n", encoding="utf-8")
-    if args.mode == "pairwise":
-        with Judge(client, "", task=args.task) as judge:
-            templates = judge.templates()
-    else:
-        templates = _templates_used(["rubric_score", "rubric_reask", f"rubric_task_{args.task}"])
-    sidecar.write_text(json.dumps({
-        "rubrics_file": out.name,
-        "task": args.task,
-        "mode": args.mode,
-        "judge_model": client.model,
-        "judge_base_url": public_url(args.base_url),
-        "data": str(data),
-        "data_sha256": file_sha256(data),
-        "candidates": str(args.rubrics),
-        "candidates_sha256": file_sha256(args.rubrics),
-        "templates_sha256": templates,
-        "l1": args.l1,
-        "top_n": args.top_n,
-        "holdout": args.holdout,
-        "seed": args.seed,
-        "n_pairs": len(items),
-        "n_dropped": n_dropped,
-        "n_train": len(train),
-        "n_holdout": n_hold,
-        "selected": [{"index": i, "rubric": candidates[i], "weight": weights[i].item()} for i in indices.tolist()],
-        "weights": weights.tolist(),
-        "rubrics": candidates,
-        "accuracy_split": "holdout" if n_hold else "train",
-        "accuracy": accuracy,
-    }, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out} and {sidecar}")
-    return 0
-
-
 def cmd_prompt(args):
     """Zero-shot rubrics for every prompt of a file, as the JSON {prompt: rubric text} `judge.py eval
     --prompt_rubrics` reads."""
@@ -849,7 +582,7 @@ def cmd_prompt(args):
         prompts = [line.strip() for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
         args.task = args.task or "t2i"
     else:
-        items = load_pairs(data, task=args.task)
+        items = load_pairs(data, task=args.task, multi_image=args.multi_image)
         args.task = _task_of(args.task, items)
         prompts = [item.prompt for item in items]
     prompts = list(dict.fromkeys(prompts))
@@ -859,19 +592,19 @@ def cmd_prompt(args):
     cache = ResponseCache(args.cache) if args.cache else None
     texts, failures = {}, 0
     try:
-        with client, concurrent.futures.ThreadPoolExecutor(max_workers=client.max_concurrency) as pool:
-            futures = {pool.submit(prompt_rubrics, client, prompt, args.num_rubrics, args.task, cache=cache): prompt
-                       for prompt in prompts}
+        with client:
+            results = map_concurrently(lambda prompt: prompt_rubrics(client, prompt, args.num_rubrics, args.task,
+                                                                     cache=cache),
+                                       prompts, client.max_concurrency, name="prompt")
             try:
-                for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                for done, (i, future) in enumerate(results, start=1):
                     try:
-                        texts[futures[future]] = numbered(future.result())
+                        texts[prompts[i]] = numbered(future.result())
                     except JudgeError as exc:
                         failures += 1
                         print(f"[{done}/{len(prompts)}] failed: {exc}", flush=True)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # interrupted: start no new prompt
-                raise
+            finally:
+                results.close()  # interrupted: start no new prompt
     finally:
         if cache is not None:
             cache.close()
@@ -902,6 +635,9 @@ def build_parser():
         p.add_argument("--max_side", type=int, default=None, help="downscale images to this longest side")
         p.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
         p.add_argument("--extra_body", default=None, help="JSON object merged into each request")
+        p.add_argument("--max_tokens", type=int, default=None, help="completion tokens per request at most "
+                       "(default 2048 for rubric requests, 1024 for judgments)")
+        add_data_options(p)
         p.add_argument("--force", action="store_true", help="overwrite existing output files")
         if name in ("induce", "prompt"):
             p.add_argument("--num_rubrics", type=int, default=5, help="K rubrics per item / prompt")
@@ -923,7 +659,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    command = {"induce": cmd_induce, "select": cmd_select, "prompt": cmd_prompt}[args.command]
+    if args.command == "select":
+        from rubric_select import cmd_select  # the selector imports this module: import it only when asked
+        command = cmd_select
+    else:
+        command = {"induce": cmd_induce, "prompt": cmd_prompt}[args.command]
     try:
         return command(args)
     except (ValueError, OSError, JudgeError) as exc:

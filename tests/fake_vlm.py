@@ -10,7 +10,9 @@ For editing requests (a text part "Image BASE (original image):" before an image
         fake.reject_json_schema = True    # answer 400 to response_format json_schema
 
 Attributes read by tests: requests (JSON bodies), headers, times (arrival, time.monotonic), connections,
-max_in_flight. Settings: latency, handler, reject_json_schema, reject_json_object, retry_after, hang_seconds.
+max_in_flight, usage (the usage object of every 200 answer that carried one: prompt_tokens grows with the request's
+size, completion_tokens with the answer's, so sums over requests are distinctive). Settings: latency, handler,
+reject_json_schema, reject_json_object, retry_after, hang_seconds.
 
 As a separate process (bench.py, or trying the CLI by hand): `python tests/fake_vlm.py --latency 0.1` prints its
 URL, serves until stdin closes, then prints {"requests": ..., "max_in_flight": ..., "connections": ...}.
@@ -46,6 +48,7 @@ BEHAVIOURS = (
     "error_flat",      # HTTP 400, flat envelope {"object": "error", "message": ...}
     "error_nested",    # HTTP 400, nested envelope {"error": {"message": ...}}
     "401",             # HTTP 401 whose message echoes the bearer token (as some providers do)
+    "no_usage",        # a normal answer without the usage object (some servers omit it)
 )
 BASE_LABEL = "Image BASE (original image):"
 
@@ -98,6 +101,7 @@ class FakeVLM:
         self.retry_after = "1"
         self.hang_seconds = 5.0
         self.requests = []
+        self.usage = []
         self.headers = []
         self.times = []
         self.connections = 0
@@ -208,9 +212,22 @@ class FakeVLM:
             message["content"] = "Both images are lovely and I cannot choose between them."
         elif behaviour == "invalid_rank":
             message["content"] = json.dumps({"reason": "both equal", "rank": [1] * max(2, len(candidate_images(body)))})
-        return 200, {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
-                     "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}, {}
+        payload = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
+                   "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+        if behaviour != "no_usage":
+            payload["usage"] = usage(body, message)
+            with self._lock:
+                self.usage.append(payload["usage"])
+        return 200, payload, {}
+
+
+def usage(body, message):
+    """A made-up but deterministic usage object: about one token per 4 characters of the request (data URLs
+    included) and of the answer."""
+    prompt = len(json.dumps(body.get("messages", []))) // 4
+    answer = sum(len(str(message.get(key) or "")) for key in ("content", "reasoning", "reasoning_content"))
+    completion = answer // 4 + 1
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _nested(message, kind):

@@ -1,5 +1,6 @@
-"""arr_rpo.py against closed forms, torch.distributions and diffusers' FlowMatchEulerDiscreteScheduler."""
+"""arr_rpo.py against closed forms, torch.distributions, the statistics module and diffusers' Euler scheduler."""
 import math
+import statistics
 
 import pytest
 import torch
@@ -30,6 +31,123 @@ def test_bradley_terry():
     p = arr_rpo.bradley_terry_prob(torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.5]))
     assert torch.allclose(p + arr_rpo.bradley_terry_prob(torch.tensor([0.5, 0.5]), torch.tensor([2.0, -1.0])),
                           torch.ones(2))
+
+
+# ----- groups: mean-rank aggregation, tournament win rates, advantages ------------------------------------------
+
+def test_win_rates_map_onto_the_paper_reward_scale():
+    assert arr_rpo.win_rate_to_reward([1.0, 0.0]) == [1.0, -0.1]  # exactly r_w / r_l at the ends
+    assert arr_rpo.win_rate_to_reward([0.5], win=2.0, lose=0.0) == [1.0]
+    assert arr_rpo.places_to_win_rates([1, 2, 3, 4]) == [1.0, 2 / 3, 1 / 3, 0.0]
+    assert arr_rpo.places_to_win_rates([1.5, 1.5, 3]) == [0.75, 0.75, 0.0]
+
+
+@pytest.mark.parametrize("rankings,expected", [
+    ([[1, 2, 3, 4], [2, 1, 3, 4]], [1.5, 1.5, 3.0, 4.0]),   # one swapped neighbour pair: the rest stays informative
+    ([[1, 2, 3, 4], [1, 3, 2, 4]], [1.0, 2.5, 2.5, 4.0]),
+    ([[1, 2, 3], [2, 3, 1]], [1.0, 3.0, 2.0]),               # mean places 1.5, 2.5, 2: no tie, a strict order
+    ([[1, 2, 3], [1, 2, 3], [2, 1, 3]], [1.0, 2.0, 3.0]),    # three orders: mean 4/3, 5/3, 3
+    ([[3, 1, 2]], [3.0, 1.0, 2.0]),                           # one order: the ranking itself
+    ([[2, 1], [2, 1]], [2.0, 1.0]),
+    ([[1, 2], [2, 1]], None),                                 # a pair whose two orders disagree is masked (paper rule)
+    ([[1, 2, 3], [3, 2, 1]], None),                           # all mean places equal: no preference, masked
+    ([[1, 2, 3, 4], [2, 1, 4, 3]], [1.5, 1.5, 3.5, 3.5]),
+])
+def test_mean_rank_places_by_hand(rankings, expected):
+    assert arr_rpo.mean_rank_places(rankings) == expected
+
+
+@pytest.mark.parametrize("bad", [[], [[1, 2], [1, 2, 3]], [[1, 1]], [[0, 1]]])
+def test_mean_rank_places_rejects_non_permutations(bad):
+    with pytest.raises(ValueError):
+        arr_rpo.mean_rank_places(bad)
+
+
+def test_tournament_win_rates_by_hand():
+    # 0 beats 1, 0 and 2 tie (orders disagreed), 2 beats 1
+    assert arr_rpo.tournament_win_rates({(0, 1): 1.0, (0, 2): 0.5, (1, 2): 0.0}, 3) == [0.75, 0.0, 0.75]
+    # a failed pair is left out of both candidates' denominators
+    assert arr_rpo.tournament_win_rates({(0, 1): 1.0, (0, 2): None, (1, 2): 0.5}, 3) == [1.0, 0.25, 0.5]
+    # candidate 2 has no judged pair: the group is masked
+    assert arr_rpo.tournament_win_rates({(0, 1): 0.0, (0, 2): None, (1, 2): None}, 3) is None
+    # no preference at all (a pair seen both ways differently; a cycle): masked, not an equal reward for everyone
+    assert arr_rpo.tournament_win_rates({(0, 1): 0.5}, 2) is None
+    assert arr_rpo.tournament_win_rates({(0, 1): 1.0, (1, 2): 1.0, (0, 2): 0.0}, 3) is None
+    with pytest.raises(ValueError):
+        arr_rpo.tournament_win_rates({(1, 0): 1.0}, 2)
+    with pytest.raises(ValueError):
+        arr_rpo.tournament_win_rates({(0, 1): 0.7}, 2)
+
+
+def test_tournament_of_a_strict_order_gives_the_listwise_rewards():
+    rank = [2, 4, 1, 3]
+    outcomes = {(i, j): float(rank[i] < rank[j]) for i in range(4) for j in range(i + 1, 4)}
+    rates = arr_rpo.tournament_win_rates(outcomes, 4)
+    assert rates == arr_rpo.places_to_win_rates(rank)
+    assert arr_rpo.win_rate_to_reward(rates) == pytest.approx(arr_rpo.rank_to_reward(rank))
+
+
+def test_advantages_closed_forms_for_a_pair():
+    r = torch.tensor([[1.0, -0.1], [-0.1, 1.0]])
+    assert torch.equal(arr_rpo.advantages(r, "paper"), r)
+    assert torch.allclose(arr_rpo.advantages(r, "centered"), torch.tensor([[0.55, -0.55], [-0.55, 0.55]]))
+    z = 0.55 / (0.55 + 1e-4)  # population std of a pair = half its gap
+    assert torch.allclose(arr_rpo.advantages(r, "group_norm"), torch.tensor([[z, -z], [-z, z]]))
+    assert torch.allclose(arr_rpo.advantages(r, "group_norm", eps=0.0), torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+
+
+def test_advantages_group_of_equal_rewards_and_groups_are_independent():
+    r = torch.tensor([[0.45, 0.45, 0.45], [1.0, 0.45, -0.1]])
+    assert torch.equal(arr_rpo.advantages(r, "paper")[0], r[0])
+    assert torch.equal(arr_rpo.advantages(r, "centered")[0], torch.zeros(3))
+    assert torch.equal(arr_rpo.advantages(r, "group_norm")[0], torch.zeros(3))  # 0 / (0 + eps), no division by 0
+    assert torch.allclose(arr_rpo.advantages(r, "centered")[1], torch.tensor([0.55, 0.0, -0.55]), atol=1e-6)
+
+
+def test_group_norm_against_the_statistics_module():
+    g = torch.Generator().manual_seed(7)
+    r = torch.rand(5, 4, generator=g)
+    a = arr_rpo.advantages(r, "group_norm", eps=1e-3)
+    for row, got in zip(r.tolist(), a):
+        expected = [(x - statistics.fmean(row)) / (statistics.pstdev(row) + 1e-3) for x in row]
+        assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    assert torch.allclose(a.mean(dim=1), torch.zeros(5), atol=1e-6)
+
+
+@pytest.mark.parametrize("rewards,kind", [([1.0, -0.1], "paper"), ([[1.0]], "paper"), ([[1.0, 0.0]], "zscore")])
+def test_advantages_reject_bad_shapes_and_kinds(rewards, kind):
+    with pytest.raises(ValueError):
+        arr_rpo.advantages(rewards, kind)
+
+
+# ----- evaluation interval and EMA -------------------------------------------------------------------------------
+
+def test_wilson_interval_by_hand():
+    # 8 / 10: p = 0.8, z^2 = 3.8416, denominator 1.38416, centre 0.99208 / 1.38416, half 1.96 sqrt(0.025604) / 1.38416
+    lo, hi = arr_rpo.wilson_interval(8, 10)
+    assert (lo, hi) == pytest.approx(((0.99208 - 1.96 * 0.025604**0.5) / 1.38416,
+                                      (0.99208 + 1.96 * 0.025604**0.5) / 1.38416))
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert arr_rpo.wilson_interval(64, 64) == pytest.approx((64 / (64 + 1.96**2), 1.0))  # not empty at p = 1
+    assert arr_rpo.wilson_interval(0, 10)[0] == 0.0
+    lo, hi = arr_rpo.wilson_interval(32.5, 64)  # a tie counts half
+    assert lo < 32.5 / 64 < hi and hi - 0.5078 == pytest.approx(0.5078 - lo, abs=1e-3)
+    for bad in [(1, 0), (11, 10), (-1, 10)]:
+        with pytest.raises(ValueError):
+            arr_rpo.wilson_interval(*bad)
+
+
+def test_ema_update_closed_form():
+    theta = [torch.tensor([2.0, -4.0]), torch.full((2, 2), 3.0)]
+    ema = [torch.zeros(2), torch.ones(2, 2)]
+    for _ in range(5):
+        arr_rpo.ema_update(ema, theta, 0.9)
+    w = 0.9**5
+    assert torch.allclose(ema[0], (1 - w) * theta[0]) and torch.allclose(ema[1], torch.full((2, 2), w + (1 - w) * 3.0))
+    arr_rpo.ema_update(ema, theta, 0.0)  # decay 0 copies
+    assert all(torch.equal(e, t) for e, t in zip(ema, theta))
+    with pytest.raises(ValueError):
+        arr_rpo.ema_update(ema, theta, 1.0)
 
 
 # ----- schedule and SDE step ---------------------------------------------------------------------------------------

@@ -364,6 +364,51 @@ def test_swap_disagreement_is_a_tie_not_an_error():
     assert [p.rank for p in presentations] == [[1, 2], [2, 1]]  # both mapped back to the given order
 
 
+# ------------------------------------------------------------------------------- groups of N candidates
+
+def test_listwise_group_keeps_a_one_swap_disagreement_by_mean_rank():
+    answers = iter([[1, 2, 3, 4], [3, 4, 2, 1]])  # the reversed order swaps the two last candidates back
+
+    def handler(body):
+        return json.dumps({"reason": "by redness, mostly", "rank": next(answers)})
+    with FakeVLM(handler=handler) as fake:
+        judge_ = make_judge(fake, client_options={"max_concurrency": 1})
+        group = judge.submit_group(judge_, "red", [solid(RED), solid(PINK), solid(GREY), solid(BLUE)]).result()
+        judge_.close()
+    (verdict,) = group.verdicts
+    assert verdict.rank is None and not verdict.consistent  # the strict rule would mask the whole group
+    assert verdict.ranks == [[1, 2, 3, 4], [1, 2, 4, 3]] and group.calls == 2 and group.error is None
+    assert group.win_rates == [1.0, 2 / 3, 1 / 6, 1 / 6]  # mean places 1, 2, 3.5, 3.5
+
+
+def test_listwise_group_of_a_position_biased_judge_is_masked():
+    with FakeVLM(handler=lambda body: json.dumps({"reason": "the first", "rank": [1, 2, 3]})) as fake:
+        judge_ = make_judge(fake)
+        group = judge.submit_group(judge_, "red", [solid(RED), solid(PINK), solid(BLUE)]).result()
+        judge_.close()
+    assert group.win_rates is None and group.error is None  # every mean place is 2: no preference, a masked tie
+
+
+def test_pairs_group_is_a_tournament_with_every_pair_judged_both_ways(fake):
+    judge_ = make_judge(fake)
+    group = judge.submit_group(judge_, "red", [solid(PINK), solid(BLUE), solid(RED)], mode="pairs").result()
+    judge_.close()
+    assert group.win_rates == [0.5, 0.0, 1.0] and group.error is None
+    assert group.calls == 6 and len(fake.requests) == 6  # 3 pairs x 2 orders
+    shown_pairs = {tuple(p[1] for p in shown(body) if p[0] == "image") for body in fake.requests}
+    assert shown_pairs == {(PINK, BLUE), (BLUE, PINK), (PINK, RED), (RED, PINK), (BLUE, RED), (RED, BLUE)}
+
+
+def test_group_whose_requests_fail_is_masked_with_the_error(fake):
+    fake.script("401")
+    judge_ = make_judge(fake)
+    group = judge.submit_group(judge_, "red", [solid(PINK), solid(BLUE)], mode="pairs").result()
+    judge_.close()
+    assert group.win_rates is None and "401" in group.error
+    with pytest.raises(ValueError, match="group judging"):
+        judge.submit_group(judge_, "red", [solid(PINK), solid(BLUE)], mode="triples")
+
+
 # -------------------------------------------------------------------------------------- robustness of compare
 
 def test_compare_never_raises_on_bad_input(fake, tmp_path):
@@ -527,7 +572,12 @@ GOOD = {"query": "q", "response": ["imgs/red.png", "imgs/blue.png"], "label_rank
     ("broken.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD) + '\n{"query": "q", "response": [\n',
      ["broken.jsonl", "line 3", "malformed JSON"]),
     ("unknown.json", json.dumps([{"text": "q", "pictures": []}]), ["unknown.json", "item 1", "unknown format"]),
-    ("tie.json", json.dumps([{**GOOD, "label_rank": [1, 1]}]), ["tie.json", "item 1", "'label_rank'", "bad label"]),
+    ("gap.json", json.dumps([{**GOOD, "label_rank": [1, 3]}]), ["gap.json", "item 1", "'label_rank'", "bad label"]),
+    ("multi.json", json.dumps({"pairs": [{"prompt_content": [["text", "q"]], "chosen": "A",
+                                          "response_a": {"response_content": [["image", "imgs/red.png"]]},
+                                          "response_b": {"response_content": [["image", "imgs/blue.png"],
+                                                                              ["image", "imgs/red.png"]]}}]}),
+     ["multi.json", "pair 1", "'response_b'", "holds 2 images", "--multi_image skip", "--multi_image first"]),
     ("short.jsonl", json.dumps({**GOOD, "label_rank": [1]}), ["short.jsonl", "line 1", "bad label"]),
     ("pointwise.json", json.dumps([{"query": "q", "response": "imgs/red.png", "label_score": 4}]),
      ["pointwise.json", "item 1", "label_score"]),
@@ -566,6 +616,15 @@ def dataset(tmp_path, images):
     return write(tmp_path / "pairs.jsonl", records, jsonl=True), tmp_path / "rubrics.txt"
 
 
+FIGURES = ("n", "accuracy", "accuracy_first", "accuracy_second", "position_gap", "tie_rate", "failure_rate")
+
+
+def figures(result):
+    """The accuracy figures (judge.summarize's keys) of the JSON summary on a CLI run's last stdout line."""
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return {key: summary[key] for key in FIGURES}
+
+
 def eval_args(fake, data, rubrics, *extra):
     return ["eval", "--data", data, "--rubrics", rubrics, "--base_url", fake.url, "--model", "fake-model",
             "--api_key_env", "ARR_TEST_KEY", "--concurrency", "4", *extra]
@@ -576,7 +635,7 @@ def test_cli_eval_end_to_end_with_resume(fake, dataset, tmp_path):
     out = tmp_path / "results.jsonl"
     result = run_cli(*eval_args(fake, data, rubrics, "--out", out))
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = figures(result)
     assert summary == {"n": 4, "accuracy": 0.75, "accuracy_first": 0.75, "accuracy_second": 0.75,
                        "position_gap": 0.0, "tie_rate": 0.0, "failure_rate": 0.0}
     assert "[judge] 4/4" in result.stderr and "Traceback" not in result.stderr
@@ -587,13 +646,15 @@ def test_cli_eval_end_to_end_with_resume(fake, dataset, tmp_path):
     assert KEY not in out.read_text() + result.stdout + result.stderr
 
     again = run_cli(*eval_args(fake, data, rubrics, "--out", out))  # everything done: nothing asked
-    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary and len(fake.requests) == 8
+    assert figures(again) == summary and len(fake.requests) == 8
 
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:2]) + '\n{"line": 3, "prom')  # a run killed mid-write
     resumed = run_cli(*eval_args(fake, data, rubrics, "--out", out))
-    assert json.loads(resumed.stdout.strip().splitlines()[-1]) == summary
+    assert figures(resumed) == summary
     assert len(fake.requests) == 12  # only the 2 missing items, both orders
+    cost = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert cost["requests"] == 4 and cost["requests_per_item"] == 2.0  # this run's cost: 2 items judged
     assert len([json.loads(line) for line in out.read_text().splitlines()]) == 4
 
 
@@ -616,11 +677,11 @@ def test_cli_measures_position_bias(dataset, tmp_path):
     data, rubrics = dataset
     with FakeVLM(handler=lambda body: json.dumps({"reason": "first", "rank": [1, 2]})) as fake:
         swapped = run_cli(*eval_args(fake, data, rubrics))
-        assert json.loads(swapped.stdout.strip().splitlines()[-1]) == {
+        assert figures(swapped) == {
             "n": 4, "accuracy": 0.0, "accuracy_first": 1.0, "accuracy_second": 0.0, "position_gap": 1.0,
             "tie_rate": 1.0, "failure_rate": 0.0}
         single = run_cli(*eval_args(fake, data, rubrics, "--no_swap"))
-        assert json.loads(single.stdout.strip().splitlines()[-1]) == {
+        assert figures(single) == {
             "n": 4, "accuracy": 0.5, "accuracy_first": 1.0, "accuracy_second": 0.0, "position_gap": 1.0,
             "tie_rate": 0.0, "failure_rate": 0.0}
         assert len(fake.requests) == 8 + 4

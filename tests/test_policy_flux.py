@@ -6,8 +6,10 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 import arr_rpo
+import demo
 import policy
-from image_checks import as_float, randomise_lora
+from image_checks import (as_float, assert_disabled_adapters_are_the_base, assert_only_lora_gets_gradients,
+                          assert_ratio_one_at_init, randomise_lora)
 
 SIZE = 64
 PROMPTS = ["a red apple on a table", "a blue car"]
@@ -15,7 +17,7 @@ PROMPTS = ["a red apple on a table", "a blue car"]
 
 @pytest.fixture(scope="module")
 def tiny_flux_dir(tmp_path_factory):
-    return policy.build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
+    return demo.build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
 
 
 @pytest.fixture()
@@ -31,7 +33,7 @@ def pipeline_images(pipe, prompt, sigmas, seed):
 def test_build_tiny_flux_refuses_to_overwrite(tmp_path):
     (tmp_path / "mine.txt").write_text("user data")
     with pytest.raises(FileExistsError):
-        policy.build_tiny_flux(tmp_path)
+        demo.build_tiny_flux(tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "user data"
 
 
@@ -39,9 +41,9 @@ def test_build_tiny_flux_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    a = policy.build_tiny_flux(tmp_path / "a", seed=3)
+    a = demo.build_tiny_flux(tmp_path / "a", seed=3)
     assert torch.equal(torch.rand(3), expected)  # a cold cache must not change the LoRA init that follows it
-    b = policy.build_tiny_flux(tmp_path / "b", seed=3)
+    b = demo.build_tiny_flux(tmp_path / "b", seed=3)
     weights = [load_file(f"{d}/transformer/diffusion_pytorch_model.safetensors") for d in (a, b)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
@@ -68,14 +70,7 @@ def test_recompute_gives_ratio_one_and_reference_equals_policy_at_init(flux):
     traj = flux.rollout(PROMPTS, num_steps=4, eta=0.7, height=SIZE, width=SIZE,
                         generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(traj.log_probs).all()
-    for k in range(traj.log_probs.shape[1]):
-        stats = flux.recompute(traj, k)
-        ratio = torch.exp(stats.log_prob - traj.log_probs[:, k])
-        assert torch.allclose(ratio, torch.ones(2), atol=1e-5)
-        assert torch.allclose(stats.mean, stats.ref_mean, atol=1e-6)  # lora_B = 0 at init
-        assert stats.log_prob.requires_grad and not stats.ref_mean.requires_grad
-    with pytest.raises(IndexError):
-        flux.recompute(traj, 3)  # the final Euler step has no log-prob
+    assert_ratio_one_at_init(flux, traj)
 
 
 def test_recomputed_log_prob_matches_distribution_of_stored_transition(flux):
@@ -89,11 +84,7 @@ def test_recomputed_log_prob_matches_distribution_of_stored_transition(flux):
 def test_only_lora_parameters_get_gradients_and_disabled_adapters_are_the_base(flux, tiny_flux_dir):
     traj = flux.rollout(PROMPTS, num_steps=4, eta=0.7, height=SIZE, width=SIZE,
                         generator=torch.Generator().manual_seed(2))
-    flux.recompute(traj, 1).log_prob.sum().backward()
-    named = dict(flux.transformer.named_parameters())
-    with_grad = {n for n, p in named.items() if p.grad is not None}
-    assert with_grad and all("lora_" in n for n in with_grad)
-    assert {n for n, p in named.items() if p.requires_grad} == with_grad
+    assert_only_lora_gets_gradients(flux, traj)
     randomise_lora(flux, seed=0)
     base = FluxPipeline.from_pretrained(tiny_flux_dir).transformer.eval()
     x, cond = traj.latents[:, 1], traj.cond
@@ -101,12 +92,7 @@ def test_only_lora_parameters_get_gradients_and_disabled_adapters_are_the_base(f
         expected = base(hidden_states=x, timestep=torch.full((2,), 0.75), guidance=cond.guidance,
                         pooled_projections=cond.pooled, encoder_hidden_states=cond.prompt_embeds,
                         txt_ids=cond.text_ids, img_ids=cond.img_ids, return_dict=False)[0]
-        with flux.adapters_disabled():
-            disabled = flux.velocity(cond, x, torch.tensor(0.75))
-        enabled = flux.velocity(cond, x, torch.tensor(0.75))
-    assert torch.equal(disabled, expected)
-    assert not torch.allclose(enabled, expected, atol=1e-4)
-    assert all(p.requires_grad for p in flux.trainable_parameters())
+    assert_disabled_adapters_are_the_base(flux, cond, x, expected)
 
 
 def test_saved_lora_loads_in_diffusers_with_alpha_and_restores_bitwise(flux, tiny_flux_dir, tmp_path):

@@ -13,8 +13,10 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 import arr_rpo
+import demo
 import policy
-from image_checks import as_float, randomise_lora
+from image_checks import (as_float, assert_disabled_adapters_are_the_base, assert_only_lora_gets_gradients,
+                          assert_ratio_one_at_init, randomise_lora)
 
 SIZE = 64
 CONDITION_AREA = 56 * 56  # the VL encoder's view of the source; the tiny image processor caps it there anyway
@@ -34,7 +36,7 @@ def scene(width, height, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory):
-    return policy.build_tiny_qwen_edit(tmp_path_factory.mktemp("qwen") / "tiny-qwen-edit", seed=0)
+    return demo.build_tiny_qwen_edit(tmp_path_factory.mktemp("qwen") / "tiny-qwen-edit", seed=0)
 
 
 @pytest.fixture()
@@ -72,7 +74,7 @@ def test_build_tiny_qwen_edit_loads_offline_and_refuses_to_overwrite(tiny_qwen_d
     assert "mm_token_type_ids" in inputs  # what the policy forwards to the text encoder
     (tmp_path / "mine.txt").write_text("user data")
     with pytest.raises(FileExistsError):
-        policy.build_tiny_qwen_edit(tmp_path)
+        demo.build_tiny_qwen_edit(tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "user data"
 
 
@@ -105,16 +107,10 @@ def test_qwen_recompute_gives_ratio_one_and_reference_equals_policy_at_init(qwen
                         width=SIZE, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(traj.log_probs).all() and traj.cond.text_mask.shape[0] == 2
     assert not bool(traj.cond.text_mask.all())  # the two instructions differ in length: padded and masked
-    for k in range(traj.log_probs.shape[1]):
-        stats = qwen.recompute(traj, k)
-        ratio = torch.exp(stats.log_prob - traj.log_probs[:, k])
-        assert torch.allclose(ratio, torch.ones(2), atol=1e-5)
-        assert torch.allclose(stats.mean, stats.ref_mean, atol=1e-6)  # lora_B = 0 at init
-        assert stats.log_prob.requires_grad and not stats.ref_mean.requires_grad
+    stats = assert_ratio_one_at_init(qwen, traj)
+    k = traj.log_probs.shape[1] - 1
     expected = torch.distributions.Normal(stats.mean, stats.std).log_prob(traj.latents[:, k + 1]).flatten(1).mean(1)
     assert torch.allclose(stats.log_prob, expected, atol=1e-5)
-    with pytest.raises(IndexError):
-        qwen.recompute(traj, 3)  # the final Euler step has no log-prob
 
 
 def test_qwen_true_cfg_matches_pipeline_changes_the_mean_and_keeps_ratio_one(qwen, qwen_pipe, monkeypatch):
@@ -146,11 +142,7 @@ def test_qwen_only_lora_parameters_get_gradients_and_disabled_adapters_are_the_b
     source = scene(64, 64)
     traj = qwen.rollout([INSTRUCTION] * 2, [source, source], num_steps=4, eta=0.7, height=SIZE, width=SIZE,
                         generator=torch.Generator().manual_seed(2))
-    qwen.recompute(traj, 1).log_prob.sum().backward()
-    named = dict(qwen.transformer.named_parameters())
-    with_grad = {n for n, p in named.items() if p.grad is not None}
-    assert with_grad and all("lora_" in n for n in with_grad)
-    assert {n for n, p in named.items() if p.requires_grad} == with_grad
+    assert_only_lora_gets_gradients(qwen, traj)
     assert not any(p.requires_grad for p in qwen.pipe.text_encoder.parameters())
     assert not any(p.requires_grad for p in qwen.pipe.vae.parameters())
     randomise_lora(qwen, seed=0)
@@ -161,12 +153,7 @@ def test_qwen_only_lora_parameters_get_gradients_and_disabled_adapters_are_the_b
         expected = base(hidden_states=torch.cat([x, cond.image_latents], dim=1), timestep=torch.full((2,), 0.75),
                         encoder_hidden_states=cond.text_embeds, encoder_hidden_states_mask=cond.text_mask,
                         img_shapes=cond.img_shapes, return_dict=False)[0][:, :x.shape[1]]
-        with qwen.adapters_disabled():
-            disabled = qwen.velocity(cond, x, torch.tensor(0.75))
-        enabled = qwen.velocity(cond, x, torch.tensor(0.75))
-    assert torch.equal(disabled, expected)
-    assert not torch.allclose(enabled, expected, atol=1e-4)
-    assert all(p.requires_grad for p in qwen.trainable_parameters())
+    assert_disabled_adapters_are_the_base(qwen, cond, x, expected)
 
 
 def test_qwen_saved_lora_loads_in_diffusers_with_alpha_and_restores_bitwise(qwen, qwen_pipe, tiny_qwen_dir,

@@ -12,11 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import arr_rpo
+import data
+import demo
+import judge
 import policy as policy_lib
+import runtime
 import train
+from data import DataError
+import shipped_data
 from fake_vlm import FakeVLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,15 +32,11 @@ TRAIN_KEYS = {"step", "loss", "reward_mean", "judge_failure_rate", "tie_rate", "
               "judge_latency_p50", "judge_latency_p95"}
 
 
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def demo_args(out, cache, *extra):
-    """The demo config, shortened: no eval unless asked, 2 eval prompts, 2 prompts per rank."""
+    """The demo config, shortened: no eval unless asked, 2 eval prompts, 2 prompts per rank, 2 candidates each
+    (the demo's 4 run in the demo test and under torchrun)."""
     return ["--output_dir", str(out), "--cache_dir", cache, "--eval_every", "0", "--eval_size", "2",
-            "--prompts_per_rank", "2", *extra]
+            "--prompts_per_rank", "2", "--num_candidates", "2", *extra]
 
 
 def records(out, key="loss"):
@@ -41,11 +44,11 @@ def records(out, key="loss"):
     return [r for r in lines if key in r]
 
 
-class ScriptedJudge(train.DemoJudge):
+class ScriptedJudge(demo.DemoJudge):
     """The demo judge, but the n-th submitted pair gets `outcome(n)`: None (judge it), "fail" or "tie"."""
 
     def __init__(self, outcome):
-        super().__init__(train.warmth, swap=False)
+        super().__init__(demo.warmth, swap=False)
         self.outcome, self.calls = outcome, 0
 
     def submit(self, prompt, images, source_image=None):
@@ -53,7 +56,7 @@ class ScriptedJudge(train.DemoJudge):
         kind = self.outcome(n)
         if kind is None:
             return super().submit(prompt, images, source_image)
-        verdict = train.judge_lib.Verdict(rank=None, reason=kind, consistent=kind != "tie",
+        verdict = judge.Verdict(rank=None, reason=kind, consistent=kind != "tie",
                                           error="scripted failure" if kind == "fail" else None)
         return self._pool.submit(lambda: verdict)
 
@@ -61,7 +64,7 @@ class ScriptedJudge(train.DemoJudge):
 def prepared(out, cache, judge, *extra):
     """A Run ready for train_step, in this process (world size 1)."""
     cfg = train.make_config(demo_args(out, cache, *extra))
-    return train.prepare(cfg, train.init_distributed(cfg.device), judge)
+    return train.prepare(cfg, runtime.init_distributed(cfg.device), judge)
 
 
 def window_gradients(run):
@@ -78,7 +81,7 @@ def window_gradients(run):
 # ----- the embedded default and its outputs -----------------------------------------------------------------------
 
 def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsys):
-    assert train.main(demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "1")) == 0
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "1", "--num_candidates", "4")) == 0
     steps, evals = records(tmp_path), records(tmp_path, "eval_win_rate")
     assert [r["step"] for r in steps] == [1, 2] and TRAIN_KEYS <= set(steps[0])
     assert all(r["reward_mean"] == pytest.approx(0.45) for r in steps)  # +1 / -0.1 per judged pair (paper)
@@ -90,22 +93,26 @@ def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsy
     assert {p.name for p in ckpt.iterdir()} == {"pytorch_lora_weights.safetensors", "trainer_state.pt", "config.json"}
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"].startswith(cache) and (Path(config["model"]) / "model_index.json").is_file()
-    assert (config["height"], config["num_steps"], config["lr"]) == (64, 4, 1e-2)  # the demo's overrides
+    assert (config["height"], config["num_steps"], config["lr"], config["num_candidates"]) == (64, 4, 3e-2, 4)
     out = capsys.readouterr().out
     assert "eval win rate by step" in out and "step     2/2" in out
 
 
-def test_torchrun_two_ranks_gloo(tmp_path, cache):
+def test_torchrun_two_ranks_gloo_with_groups_of_4_and_2_minibatches(tmp_path, cache):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "2", "--prompts_per_rank", "1")]
+           *demo_args(tmp_path, cache, "--max_steps", "2", "--eval_every", "2", "--prompts_per_rank", "2",
+                      "--num_candidates", "4", "--minibatches", "2", "--advantage", "group_norm")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     steps = records(tmp_path)
-    assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 2 for r in steps)  # 2 ranks x 1 prompt
+    assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 4 for r in steps)  # 2 ranks x 2 prompts
+    # each minibatch holds one group of each rank (global indices 0-1, then 2-3): two steps in lockstep
+    assert all(r["optimizer_steps"] == 2 and r["terms"] == 4 * 4 * 3 and r["judge_calls"] == 2 for r in steps)
+    assert all(r["reward_mean"] == pytest.approx(0.45) for r in steps)  # ranks 1..4 -> 1.0, 0.63, 0.27, -0.1
     assert records(tmp_path, "eval_win_rate")[-1]["eval_n"] == 2
     state = torch.load(tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
-    assert state["world_size"] == 2 and state["position"] == 4
+    assert state["world_size"] == 2 and state["position"] == 8
     assert len(state["lora_digests"]) == 2 and len(set(state["lora_digests"])) == 1  # same LoRA on both ranks
     assert not torch.equal(state["rng"][0]["rollout"], state["rng"][1]["rollout"])  # different noise per rank
 
@@ -122,7 +129,7 @@ def test_qwen_edit_demo_two_steps(tmp_path, cache, capsys):
     assert (config["model_type"], config["lora_rank"], config["guidance"]) == ("qwen_edit", 8, None)
     lora = load_file(tmp_path / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
-    with train.Image.open(tmp_path / "samples" / "step-000002.png") as grid:
+    with Image.open(tmp_path / "samples" / "step-000002.png") as grid:
         assert grid.size == (2 * 64, 3 * 64)  # source row, policy row, reference row
 
 
@@ -172,14 +179,14 @@ def merged(t1, t2):
 
 
 def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth))
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--kl_beta", "0.01")
     try:
         cfg, params, rng = run.cfg, run.policy.trainable_parameters(), torch.Generator().manual_seed(0)
         with torch.no_grad():  # away from the identity init, so the KL term and every LoRA matrix get gradients
             for p in params:
                 p.normal_(0.0, 0.05, generator=rng)
-        trajs = [run.policy.rollout([p] * 2, **train.rollout_kwargs(cfg, cfg.eta), generator=rng)
-                 for p in ("a red apple", "a campfire")]
+        trajs = [run.policy.rollout([p] * 2, **runtime.sampler(cfg), generator=rng)
+                 for p in ("a red apple on a table", "a campfire at night")]  # demo prompts: encoded up front
         advs = [torch.tensor([1.0, -0.1]), torch.tensor([-0.1, 1.0])]
         # reference: ONE batch of 4 samples; every (sample, transition) term divided by the number of terms
         both, adv = merged(*trajs), torch.cat(advs)
@@ -193,7 +200,7 @@ def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
         reference = torch.cat([p.grad.flatten() for p in params])
         run.optimizer.zero_grad(set_to_none=True)
         # the window: the two prompts accumulated one after the other, then normalised once
-        sums = sum(train.accumulate(run.policy, t, a, cfg, rng) for t, a in zip(trajs, advs))
+        sums = sum(train.backward_pair_loss(run.policy, t, a, cfg, rng) for t, a in zip(trajs, advs))
         captured = []
         run.optimizer.register_step_pre_hook(
             lambda opt, args, kwargs: captured.append(torch.cat([p.grad.flatten() for p in params])))
@@ -224,7 +231,7 @@ def test_masked_pair_contributes_exactly_nothing(tmp_path, cache):
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the counting wrapper
 def test_optimizer_steps_exactly_once_per_window(tmp_path, cache):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth), "--max_steps", "3", "--prompts_per_rank", "3")
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--max_steps", "3", "--prompts_per_rank", "3")
     calls, step = [], run.optimizer.step
     run.optimizer.step = lambda *args, **kwargs: (calls.append(run.step), step(*args, **kwargs))[1]
     try:
@@ -235,6 +242,129 @@ def test_optimizer_steps_exactly_once_per_window(tmp_path, cache):
     state = torch.load(tmp_path / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=True)
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {3.0}
     assert state["scheduler"]["last_epoch"] == 3 and state["position"] == 9
+
+
+# ----- groups, minibatches, EMA (beyond the paper) ----------------------------------------------------------------
+
+def test_second_minibatch_is_off_policy_and_a_tiny_clip_zeroes_the_clipped_terms(tmp_path, cache, monkeypatch):
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--minibatches", "2", "--clip_range", "1e-7",
+                   "--kl_beta", "0", "--advantage", "centered")
+    eps, params, expected, captured = run.cfg.clip_range, run.policy.trainable_parameters(), [], []
+    original = train.backward_pair_loss
+
+    def with_reference(policy, traj, adv, cfg, rng):  # the PPO-clip gradient by its closed form: only the terms
+        total = 0.0                                     # whose ratio is inside the clip, or moved against A, count
+        for k in range(traj.log_probs.shape[1]):
+            ratio = torch.exp(policy.recompute(traj, k, reference=False).log_prob - traj.log_probs[:, k])
+            clipped = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))
+            expected.append(clipped)
+            total = total + (-adv * ratio)[~clipped].sum()
+        grads = torch.autograd.grad(total, params, allow_unused=True) if torch.is_tensor(total) else None
+        captured.append(None if grads is None else [torch.zeros_like(p) if g is None else g for g, p in
+                                                    zip(grads, params)])
+        return original(policy, traj, adv, cfg, rng)
+    monkeypatch.setattr(train, "backward_pair_loss", with_reference)
+    steps = []
+    run.optimizer.register_step_pre_hook(lambda opt, a, k: steps.append([p.grad.clone() for p in params]))
+    try:
+        record = train.train_step(run)
+    finally:
+        run.judge.close()
+    assert record["optimizer_steps"] == 2 and len(steps) == 2 and len(captured) == 2
+    first, second = torch.cat(expected[:3]), torch.cat(expected[3:])
+    assert not first.any()  # the first minibatch is on-policy: ratio 1, nothing clipped
+    assert second.any() and not second.all()  # after one step the tiny clip binds for some terms, not all
+    assert record["clipfrac"] > 0 and record["approx_kl"] > 0
+    terms = run.cfg.num_candidates * 3  # N x (K - 1) of the second minibatch's one group
+    for got, ref in zip(steps[1], captured[1]):
+        torch.testing.assert_close(got, ref / terms, rtol=1e-4, atol=1e-12)
+
+
+def test_masked_groups_contribute_nothing_with_minibatches_and_epochs(tmp_path, cache):
+    def step_gradients(name, outcome, *extra):
+        run = prepared(tmp_path / name, cache, ScriptedJudge(outcome), "--inner_epochs", "2", *extra)
+        steps = []
+        run.optimizer.register_step_pre_hook(lambda opt, a, k: steps.append(
+            torch.cat([p.grad.flatten() for p in run.policy.trainable_parameters()])))
+        try:
+            return steps, train.train_step(run)
+        finally:
+            run.judge.close()
+    # the first prompt is the same in both runs; with M = 2 the second prompt is masked, so its minibatch skips
+    masked, record = step_gradients("masked", lambda n: "fail" if n % 2 else None, "--minibatches", "2")
+    alone, alone_record = step_gradients("alone", lambda n: None, "--prompts_per_rank", "1")
+    assert record["optimizer_steps"] == alone_record["optimizer_steps"] == len(masked) == len(alone) == 2
+    assert record["masked_pairs"] == 1 and record["terms"] == alone_record["terms"]  # the masked group adds none
+    torch.testing.assert_close(masked[0], alone[0], rtol=1e-5, atol=1e-10)  # only the k order differs (float sums)
+    torch.testing.assert_close(masked[1], alone[1], rtol=1e-3, atol=1e-9)  # ... and Adam's first step amplifies it
+
+
+def test_ema_is_the_closed_form_of_the_live_weights(tmp_path, cache):
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--ema_decay", "0.5", "--prompts_per_rank", "1")
+    params = run.policy.trainable_parameters()
+    seen = [[p.detach().clone() for p in params]]
+    run.optimizer.register_step_post_hook(lambda *_: seen.append([p.detach().clone() for p in params]))
+    try:
+        train.train_step(run)
+        train.train_step(run)
+        for ema, t0, t1, t2 in zip(run.ema, *seen):
+            torch.testing.assert_close(ema, 0.25 * t0 + 0.25 * t1 + 0.5 * t2)
+        with runtime.ema_weights(run):  # evaluation sees the EMA, and the live weights come back bitwise
+            assert all(torch.equal(p, e) for p, e in zip(params, run.ema))
+        assert all(torch.equal(p, t) for p, t in zip(params, seen[-1]))
+    finally:
+        run.judge.close()
+
+
+def test_resume_is_bitwise_with_minibatches_epochs_and_ema(tmp_path, cache):
+    extra = ("--minibatches", "2", "--inner_epochs", "2", "--ema_decay", "0.9", "--clip_range", "1e-4",
+             "--save_every", "4")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(demo_args(straight, cache, "--max_steps", "4", *extra)) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "2", *extra)) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "4", "--resume", "auto", *extra)) == 0
+    for sub in ("", "ema"):
+        a, b = (load_file(run / "checkpoints" / "step-000004" / sub / "pytorch_lora_weights.safetensors")
+                for run in (straight, split))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    live, ema = (load_file(straight / "checkpoints" / "step-000004" / sub / "pytorch_lora_weights.safetensors")
+                 for sub in ("", "ema"))
+    assert any(not torch.equal(live[k], ema[k]) for k in live)  # the EMA lags the live LoRA
+    assert all(r["optimizer_steps"] == 4 for r in records(straight))
+
+
+def test_evaluation_uses_the_eval_sampler_and_reports_a_wilson_interval(tmp_path, cache, monkeypatch):
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--eval_num_steps", "3", "--eval_shift", "1.5")
+    calls, rollout = [], run.policy.rollout
+    monkeypatch.setattr(run.policy, "rollout", lambda *a, **k: (calls.append(k), rollout(*a, **k))[1])
+    try:
+        record = train.evaluate(run)
+    finally:
+        run.judge.close()
+    assert [(c["num_steps"], c["shift"], c["eta"]) for c in calls] == [(3, 1.5, 0.0)] * 4  # 2 prompts x 2 models
+    assert record["eval_win_rate"] == 0.5 and record["eval_n"] == 2  # identical models: two ties
+    assert (record["eval_win_rate_lo"], record["eval_win_rate_hi"]) == pytest.approx(arr_rpo.wilson_interval(1, 2))
+
+
+def test_held_out_eval_prompts_are_never_trained_on(tmp_path):
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(12)))
+    (tmp_path / "r.txt").write_text("1. Redder is better.\n")
+    cfg = train.make_config(["--model", "m", "--judge_url", "http://x/v1", "--rubrics", str(tmp_path / "r.txt"),
+                             "--prompts", str(tmp_path / "p.txt")])
+    items, eval_items, rubric, eval_rubric, _ = runtime.load_inputs(cfg, None, "t2i")
+    assert len(eval_items) == 3 and len(items) == 9 and rubric == eval_rubric
+    assert {i.prompt for i in items} | {i.prompt for i in eval_items} == {f"prompt {i}" for i in range(12)}
+    assert [i.prompt for i in items] == sorted((i.prompt for i in items), key=lambda t: int(t.split()[1]))
+
+
+def test_independent_eval_judge_is_asked_for_evaluation_only(tmp_path, cache):
+    (tmp_path / "rubrics.txt").write_text("1. The warmer image wins.\n")
+    with FakeVLM() as fake:
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "1", "--eval_every", "1", "--eval_judge_url",
+                         fake.url, "--eval_rubrics", str(tmp_path / "rubrics.txt"))
+        assert train.main(argv) == 0
+        assert len(fake.requests) == 2 + 2 * 2 * 2  # its startup check + 2 evals x 2 prompts x 2 orders
+    assert [r["eval_n"] for r in records(tmp_path / "run", "eval_win_rate")] == [2, 2]
 
 
 # ----- faults ------------------------------------------------------------------------------------------------------
@@ -256,29 +386,32 @@ def test_judge_masking_too_often_saves_and_stops(kind, tmp_path, cache, capsys):
         train.train(cfg, judge=ScriptedJudge(lambda n: kind))
     steps = records(tmp_path)
     assert [r["skipped"] for r in steps] == ["no valid pairs"] * 2  # no gradient at all: the step is skipped
-    assert train.latest_checkpoint(tmp_path).name == "step-000002"
+    assert runtime.latest_checkpoint(tmp_path).name == "step-000002"
 
 
 def test_k1_estimator_and_train_fraction(tmp_path, cache):
     cfg = train.make_config(demo_args(tmp_path, cache, "--max_steps", "1", "--kl_estimator", "k1",
                                       "--train_fraction", "0.5", "--kl_beta", "0.5"))
-    assert train.train(cfg, judge=train.DemoJudge(train.warmth)) == 0
+    assert train.train(cfg, judge=demo.DemoJudge(demo.warmth)) == 0
     (step,) = records(tmp_path)
-    # 2 prompts x 2 samples x round(0.5 * 3) = 2 of the K - 1 = 3 transitions; k1 is exactly 0 at the identity init
-    assert step["terms"] == 8 and step["kl"] == 0.0 and step["grad_norm"] > 0
+    # 2 prompts x N samples x round(0.5 * 3) = 2 of the K - 1 = 3 transitions; k1 is exactly 0 at the identity init
+    assert step["terms"] == 2 * cfg.num_candidates * 2 and step["kl"] == 0.0 and step["grad_norm"] > 0
 
 
-@pytest.mark.parametrize("flag,value", [("eta", "0"), ("clip_range", "0"), ("kl_beta", "-1"), ("lr", "0")])
+@pytest.mark.parametrize("flag,value", [("eta", "0"), ("clip_range", "0"), ("kl_beta", "-1"), ("lr", "0"),
+                                        ("num_candidates", "1"), ("minibatches", "0"), ("inner_epochs", "0"),
+                                        ("ema_decay", "1"), ("ema_decay", "-0.1"), ("advantage", "zscore"),
+                                        ("group_judging", "triples")])
 def test_out_of_range_options_are_rejected(flag, value):
     with pytest.raises(train.ConfigError, match=f"--{flag}"):
         train.make_config([f"--{flag}", value])
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeypatch):
-    run = prepared(tmp_path, cache, train.DemoJudge(train.warmth))
+    run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth))
     try:
         before = [p.detach().clone() for p in run.policy.trainable_parameters()]
-        monkeypatch.setattr(train.arr_rpo, "ppo_clip_loss", lambda *a: torch.full_like(a[0], float("nan")))
+        monkeypatch.setattr(train.arr_rpo, "ppo_clip_loss", lambda *a: a[0] * float("nan"))
         record = train.train_step(run)
         assert record["skipped"] == "nonfinite loss" and record["nonfinite_skips"] == 1 and record["grad_norm"] is None
         assert all(torch.equal(a, b) for a, b in zip(before, run.policy.trainable_parameters()))
@@ -296,7 +429,7 @@ def test_ctrl_c_saves_a_checkpoint_then_resumes(tmp_path, cache):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    ckpt = train.latest_checkpoint(tmp_path)
+    ckpt = runtime.latest_checkpoint(tmp_path)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) == records(tmp_path)[-1]["step"]
     assert "--resume auto" in out
     stop = int(ckpt.name.split("-")[1]) + 1
@@ -329,11 +462,19 @@ def bad_inputs(tmp):
         "model without judge": (["--model", "m", "--prompts", ok], "--judge_url is required"),
         "bad estimator": (["--kl_estimator", "k3"], "--kl_estimator"),
         "missing checkpoint": (["--resume", str(tmp / "ckpt")], "ckpt"),
+        "minibatches over prompts": (["--prompts_per_rank", "2", "--minibatches", "3"], "--minibatches 3 is more"),
+        "eval rubrics without eval judge": (["--eval_rubrics", ok], "need --eval_judge_url"),
+        "check without judge": (["--judge_check_data", ok], "--judge_check_data needs --judge_url"),
+        "check data missing": (["--judge_url", "http://x/v1", "--rubrics", ok, "--judge_check_data",
+                                str(tmp / "pairs.json")], "pairs.json: data file not found"),
+        "bad judge_max_tokens": (["--judge_max_tokens", "0"], "--judge_max_tokens 0 is out of range"),
     }
 
 
 BAD_CASES = ["missing prompts", "empty prompts", "non-utf8 prompts", "unknown model type", "missing rubrics",
-             "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint"]
+             "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint",
+             "minibatches over prompts", "eval rubrics without eval judge",
+             "check without judge", "check data missing", "bad judge_max_tokens"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -350,17 +491,17 @@ def test_edit_jsonl_errors_name_the_line(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": "make it blue"}\n'
                                          '{"source_image": "missing.png", "instruction": "x"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:2: cannot read source_image .*missing.png"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:2: cannot read source_image .*missing.png"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": "make it blue"}\n\n'
                                          '{"source_image": "broken.png", "instruction": "x"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:3: cannot read source_image"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:3: cannot read source_image"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"image": "a.png"}\n')
-    with pytest.raises(train.ConfigError, match=r"edit.jsonl:1: expected JSON with source_image and instruction"):
-        train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    with pytest.raises(DataError, match=r"edit.jsonl:1: expected JSON with source_image and instruction"):
+        data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     (tmp_path / "edit.jsonl").write_text('{"source_image": "a.png", "instruction": " make it blue "}\n')
-    [item] = train.load_items(tmp_path / "edit.jsonl", "edit", "prompts")
+    [item] = data.load_prompts(tmp_path / "edit.jsonl", "edit", "prompts")
     assert (item.prompt, Path(item.source_image), item.line) == ("make it blue", tmp_path / "a.png", 1)
 
 
@@ -371,15 +512,59 @@ def test_real_judge_path_against_fake_vlm(tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv("ARR_TEST_KEY", "sk-very-secret")
     with FakeVLM() as fake:
         argv = demo_args(tmp_path / "run", cache, "--max_steps", "2", "--judge_url", fake.url, "--judge_model",
-                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_TEST_KEY")
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_TEST_KEY",
+                         "--judge_max_tokens", "55")
         assert train.main(argv) == 0
         assert len(fake.requests) == 2 + 2 * 2 * 2  # startup check + 2 steps x 2 pairs, both orders each
+        assert {body["max_tokens"] for body in fake.requests} == {55}
     steps = records(tmp_path / "run")
     assert all(r["judge_failure_rate"] == 0 and r["skipped"] is None for r in steps)
     assert all(r["first_position_win_rate"] is not None for r in steps)
+    # requests and tokens per step, per judged pair and per kept pair: what the server reported, summed
+    assert [(r["judge_requests"], r["judge_requests_per_pair"], r["judge_requests_per_kept_pair"]) for r in steps] \
+        == [(4, 2.0, 2.0)] * 2
+    after_check = fake.usage[2:]  # the startup check's two answers came first
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert sum(r[f"judge_{key}"] for r in steps) == sum(u[key] for u in after_check) > 0
+        assert steps[0][f"judge_{key}_per_kept_pair"] == steps[0][f"judge_{key}"] / 2
     out = capsys.readouterr().out
     saved = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*.json*"))
     assert "sk-very-secret" not in out + saved and "ARR_TEST_KEY" in saved
+
+
+def test_judge_failure_reasons_are_printed_and_logged_per_step(tmp_path, cache, capsys):
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    with FakeVLM() as fake:
+        fake.handler = lambda body: "nope" if len(fake.requests) > 2 else None  # fine for the startup check only
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "1", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"))
+        assert train.main(argv) == 0
+    reason = "unusable reply after 3 attempt(s): no JSON object in the answer: 'nope'"
+    (step,) = records(tmp_path / "run", "judge_failure_reasons")
+    assert step["judge_failure_reasons"] == [[2, reason]] and step["judge_failure_rate"] == 1.0
+    assert f"  judge failed 2 x: {reason}" in capsys.readouterr().out.splitlines()
+
+
+def test_drift_alarm_follows_a_judge_that_changes_mid_run(tmp_path, cache, capsys):
+    """--judge_check_data: accuracy and position gap at steps 0, 2, 4; the server turns into an always-first judge
+    after the check at step 2 (request 18: 2 startup + 4 per check + 4 per step)."""
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    check_data = shipped_data.ties(tmp_path / "check")  # 2 labelled pairs (red wins) and 2 ties (skipped)
+    with FakeVLM() as fake:
+        fake.handler = lambda body: json.dumps({"reason": "first", "rank": [1, 2]}) if len(fake.requests) > 18 \
+            else None
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "4", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_check_data",
+                         str(check_data), "--judge_check_every", "2")
+        assert train.main(argv) == 0
+        assert len(fake.requests) == 2 + 3 * 4 + 4 * 4
+    checks = records(tmp_path / "run", "judge_check_accuracy")
+    assert [(r["step"], r["judge_check_accuracy"], r["judge_check_position_gap"], r["judge_check_tie_rate"],
+             r["judge_check_n"]) for r in checks] == [(0, 1.0, 0.0, 0.0, 2), (2, 1.0, 0.0, 0.0, 2),
+                                                      (4, 0.0, 1.0, 1.0, 2)]
+    out = capsys.readouterr().out
+    assert "warning: the judge's accuracy on --judge_check_data fell from 1.000 (step 0) to 0.000" in out
+    assert [r["tie_rate"] for r in records(tmp_path / "run")][2:] == [1.0, 1.0]  # the swapped server in training
 
 
 def test_judge_startup_check_names_url_and_model(tmp_path, cache, capsys, no_model_load):
@@ -397,7 +582,11 @@ def test_judge_startup_check_names_url_and_model(tmp_path, cache, capsys, no_mod
 
 def test_config_resolution_user_then_demo_then_recipe():
     demo = train.make_config([])
-    assert (demo.model, demo.height, demo.num_steps, demo.eta, demo.lr, demo.lora_rank) == (None, 64, 4, 0.7, 1e-2, 8)
+    assert (demo.model, demo.height, demo.num_steps, demo.eta, demo.lr, demo.lora_rank) == (None, 64, 4, 0.7, 3e-2, 8)
+    assert (demo.num_candidates, demo.advantage, demo.kl_beta, demo.eval_size) == (4, "group_norm", 0.0, 64)
+    paper = train.make_config(["--model", "black-forest-labs/FLUX.1-dev"])  # beyond-the-paper options are off
+    assert (paper.num_candidates, paper.advantage, paper.minibatches, paper.inner_epochs, paper.ema_decay,
+            paper.group_judging, paper.same_noise) == (2, "paper", 1, 1, 0.0, "listwise", True)
     assert demo.judge_swap is True and train.make_config(["--no_judge_swap"]).judge_swap is False
     flux = train.make_config(["--model", "black-forest-labs/FLUX.1-dev", "--lr", "1e-4"])
     assert (flux.lr, flux.num_steps, flux.lora_rank, flux.lora_alpha, flux.kl_beta, flux.guidance, flux.height) == (
@@ -405,7 +594,7 @@ def test_config_resolution_user_then_demo_then_recipe():
     qwen = train.make_config(["--model", "Qwen/Qwen-Image-Edit-2509", "--model_type", "qwen_edit"])
     assert (qwen.lr, qwen.num_steps, qwen.lora_rank, qwen.lora_alpha, qwen.kl_beta, qwen.guidance) == (
         1e-5, 10, 32, 64, 0.02, None)
-    help_text = train.build_parser().format_help()
+    help_text = runtime.build_parser(train.Config, train.RECIPES, "").format_help()
     assert "--no_judge_swap" in help_text and "recipe: flux 5e-05, qwen_edit 1e-05" in help_text
     with pytest.raises(SystemExit):
         train.make_config(["--no_such_flag", "1"])

@@ -1,0 +1,328 @@
+"""Data files of ARR / RPO (arXiv 2605.08354): preference pairs for rubric induction and judge evaluation, and the
+prompt files RPO trains on.
+
+- `load_pairs(path)`: preference pairs (or N-way rankings) in the official ARR format (JSON list or JSONL, every key
+  alias, text-to-image and editing), HPDv3 (prompt, path1 preferred, path2, confidence) and MMRB2 ({"pairs": [...]},
+  chosen "A" / "B"), as `PairItem`s. What `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and
+  `train_judge.py` read. Items that carry no usable preference stay in the list with `skip` set (a tied label, a
+  confidence under min_confidence, a multi-image response with multi_image="skip"); `split_skipped` separates them
+  and counts them.
+- `load_prompts(path, task)`: RPO's training / eval prompts: a text file with one prompt per line (text-to-image) or
+  JSONL {"source_image", "instruction"} (editing), as `Item`s.
+Bad input raises `DataError` naming the file, the line or item, and the field.
+
+Run: nothing to run; `python -m pytest tests/test_judge.py -k pairs` and `tests/test_train.py -k edit_jsonl`.
+    items = load_pairs("examples/seed_pairs.json")        # [PairItem(prompt, images, label_rank, source_image)]
+
+Image paths: a URL passes through; an absolute path is used as it is; a relative one is looked up next to the data
+file, then in the working directory (the official loader only tries the working directory, and its own examples
+are written relative to its repository root); a missing image is an error naming every place tried.
+
+Deliberate deviations from the official code
+    1. A label is a permutation of 1..N (`arr_rpo.is_ranking`) or a tie such as [1, 1]; a tie is loaded but
+       skipped (no preference to judge against), where the official code scores it like a preference.
+    2. MMRB2 editing items with several input images use the first one as the source image; a response holding
+       several images is an error unless multi_image says "first" (its first image stands for it) or "skip".
+    3. min_confidence drops HPDv3 pairs whose annotator agreement is lower (HPSv3 trains on confidence >= 0.95).
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from arr_rpo import is_ranking
+from vlm_client import is_url
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line or item, and the field."""
+
+
+# ------------------------------------------------------------------------------------------ preference pairs
+
+@dataclass
+class PairItem:
+    prompt: str
+    images: list                     # candidate image paths (absolute) or URLs
+    label_rank: list[int]            # human ranking over the candidates (smaller = better)
+    source_image: str | None = None  # editing: the original image
+    line: int = 0                    # 1-based line (JSONL) or item index (JSON list / MMRB2 pairs), for messages
+    skip: str | None = None          # why it is not judged: "tied label", "confidence < X", "multi-image response"
+
+
+PROMPT_KEYS = ("query", "prompt", "instruction")
+T2I_IMAGE_KEYS = ("image_paths", "response", "responses", "images", "image", "generated_image", "generated_images")
+BASE_KEYS = ("source_image", "base_image", "original_image", "input_image", "reference_image", "ref_image")
+EDITED_KEYS = ("edited_image", "edited_images", "target_image", "target_images", "output_image", "output_images",
+               "result_image", "result_images")
+EDIT_FALLBACK_KEYS = ("response", "responses", "images", "image_paths", "image")
+
+
+MULTI_IMAGE = ("error", "first", "skip")
+
+
+def load_pairs(path, task=None, min_confidence=None, multi_image="error"):
+    """Preference pairs (or N-way rankings) from the official ARR format (JSON list or JSONL, every key alias, T2I
+    and editing), HPDv3 (prompt, path1 preferred, path2, confidence) or MMRB2 ({"pairs": [...]}, chosen "A" / "B").
+
+    task None decides per item (a source image makes it an editing item); "t2i" ignores source images.
+    min_confidence: items with a `confidence` below it get skip "confidence < X" (an item without one is an error).
+    multi_image: an MMRB2 response with several images is an error ("error"), judged by its first image ("first"),
+    or skipped ("skip"). Image paths: see the module docstring. Bad input raises DataError."""
+    if task not in (None, "t2i", "edit"):
+        raise ValueError(f"task must be None, 't2i' or 'edit', got {task!r}")
+    if multi_image not in MULTI_IMAGE:
+        raise ValueError(f"multi_image must be one of {MULTI_IMAGE}, got {multi_image!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    items = [_to_pair(path, where, obj, task, min_confidence, multi_image) for where, obj in _read_records(path)]
+    if not items:
+        raise DataError(f"{path}: no items")
+    return items
+
+
+def split_skipped(items):
+    """(the items to judge, {skip reason: count} of the others), the reasons in order of first appearance."""
+    skipped = {}
+    for item in items:
+        if item.skip is not None:
+            skipped[item.skip] = skipped.get(item.skip, 0) + 1
+    return [item for item in items if item.skip is None], skipped
+
+
+def _read_records(path):
+    """[(location, object)] where location = (kind, number) with kind "item" (JSON list), "pair" (MMRB2), "line"."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if text.lstrip().startswith("[") or "\n" not in text.strip():
+                raise DataError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            data = None  # several lines that are not one JSON document: read as JSONL
+        if isinstance(data, list):
+            return [(("item", i + 1), obj) for i, obj in enumerate(data)]
+        if isinstance(data, dict) and "pairs" in data:
+            if not isinstance(data["pairs"], list):
+                raise DataError(f"{path}: field 'pairs': expected a list, got {type(data['pairs']).__name__}")
+            return [(("pair", i + 1), obj) for i, obj in enumerate(data["pairs"])]
+        if isinstance(data, dict):
+            return [(("item", 1), data)]
+        if data is not None:
+            raise DataError(f"{path}: unknown format: expected a JSON list of items, an object with 'pairs', "
+                            f"or one JSON object per line; got a top-level {type(data).__name__}")
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((("line", lineno), json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+    return records
+
+
+def _to_pair(path, location, obj, task, min_confidence, multi_image):
+    where = f"{path}: {location[0]} {location[1]}"
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "chosen" in obj and ("response_a" in obj or "response_b" in obj):
+        item = _mmrb2_pair(path, where, obj, task, multi_image)
+    elif "path1" in obj or "path2" in obj:
+        item = _hpdv3_pair(path, where, obj)
+    elif any(key in obj for key in PROMPT_KEYS):
+        item = _arr_pair(path, where, obj, task)
+    else:
+        raise DataError(f"{where}: unknown format: expected ARR keys (query + response + label_rank), HPDv3 keys "
+                        f"(prompt, path1, path2) or an MMRB2 pair (chosen, response_a, response_b); "
+                        f"found keys {sorted(obj)}")
+    item.line = location[1]
+    if min_confidence is not None and item.skip is None:
+        confidence = obj.get("confidence")
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+            raise DataError(f"{where}: field 'confidence': expected a number for --min_confidence, "
+                            f"got {_short(confidence)}")
+        if confidence < min_confidence:
+            item.skip = f"confidence < {min_confidence:g}"
+    return item
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _resolve_image(path, where, key, value):
+    if isinstance(value, dict):
+        value = next((value[k] for k in ("path", "url", "image", "image_path") if isinstance(value.get(k), str)), value)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field '{key}': expected an image path or URL, got {_short(value)}")
+    if is_url(value):
+        return value
+    image = Path(value.removeprefix("file://")).expanduser()
+    tried = [image] if image.is_absolute() else list(dict.fromkeys([path.parent / image, Path.cwd() / image]))
+    for candidate in tried:
+        if candidate.is_file():
+            return str(candidate)
+    places = " and ".join(f"{candidate} ({'absolute' if image.is_absolute() else where_from})"
+                          for candidate, where_from in zip(tried, ("next to the data file", "working directory")))
+    raise DataError(f"{where}: field '{key}': image file not found: {value!r}; tried {places}")
+
+
+def _check_label(where, key, label, n):
+    """(label, skip): a permutation of 1..n is a preference; a tie like [1, 1] loads with skip "tied label"."""
+    if isinstance(label, list) and len(label) == n and is_ranking(label):
+        return list(label), None
+    if isinstance(label, list) and len(label) == n >= 2 and all(type(v) is int for v in label) \
+            and min(label) == 1 and max(label) <= n:
+        return list(label), "tied label"
+    raise DataError(f"{where}: field '{key}': bad label {_short(label)}: expected a permutation of 1..{n} over the "
+                    f"{n} candidates (smaller = better) or a tie such as {[1] * n}")
+
+
+def _first_key(obj, keys):
+    return next((key for key in keys if obj.get(key) not in (None, "", [])), None)
+
+
+def _arr_pair(path, where, obj, task):
+    prompt_key = _first_key(obj, PROMPT_KEYS)
+    if prompt_key is None or not isinstance(obj[prompt_key], str):
+        raise DataError(f"{where}: field 'query': expected a text prompt in one of {PROMPT_KEYS}")
+    if "label_rank" not in obj:
+        kind = "a pointwise item (label_score), not a preference" if "label_score" in obj else "no field 'label_rank'"
+        raise DataError(f"{where}: field 'label_rank': {kind}")
+    base_key = None if task == "t2i" else _first_key(obj, BASE_KEYS)
+    image_key = None if task == "t2i" else _first_key(obj, EDITED_KEYS)
+    if image_key is None and (base_key is not None or task == "edit"):
+        image_key = _first_key(obj, EDIT_FALLBACK_KEYS)
+    if image_key is None:
+        image_key = _first_key(obj, T2I_IMAGE_KEYS)
+    if image_key is None:
+        raise DataError(f"{where}: field 'response': no candidate images in any of "
+                        f"{sorted(set(T2I_IMAGE_KEYS + EDITED_KEYS))}")
+    raw = obj[image_key] if isinstance(obj[image_key], list) else [obj[image_key]]
+    label = obj["label_rank"]
+    base = obj[base_key] if base_key is not None else None
+    # no explicit base: one image more than ranks (or response_includes_base) means the first image is the base,
+    # as long as two candidates remain (a pair needs two)
+    if base is None and task != "t2i" and len(raw) >= 3 and isinstance(label, list) \
+            and (len(raw) == len(label) + 1 or obj.get("response_includes_base") is True):
+        base, raw, base_key = raw[0], raw[1:], image_key
+    if len(raw) < 2:
+        raise DataError(f"{where}: field '{image_key}': need at least 2 candidate images, got {len(raw)}")
+    label, skip = _check_label(where, "label_rank", label, len(raw))
+    images = [_resolve_image(path, where, image_key, value) for value in raw]
+    source = _resolve_image(path, where, base_key, base) if base is not None else None
+    return PairItem(obj[prompt_key], images, label, source, skip=skip)
+
+
+def _hpdv3_pair(path, where, obj):
+    if not isinstance(obj.get("prompt"), str):
+        raise DataError(f"{where}: field 'prompt': expected the text prompt of the HPDv3 pair")
+    images = [_resolve_image(path, where, key, obj.get(key)) for key in ("path1", "path2")]
+    return PairItem(obj["prompt"], images, [1, 2])  # HPDv3: path1 is the preferred image
+
+
+def _mmrb2_parts(value):
+    """[(kind, value)] from MMRB2 content in any shape seen: [["text", s], ["image", p]], {"type": ..}, strings."""
+    if isinstance(value, str):
+        return [("text", value)]
+    if isinstance(value, dict):
+        if isinstance(value.get("text"), str):
+            return [("text", value["text"])]
+        for key in ("image", "path", "image_path", "url", "image_url"):
+            found = value.get(key)
+            found = found.get("url") if isinstance(found, dict) else found
+            if isinstance(found, str):
+                return [("image", found)]
+        for key in ("response_content", "content"):
+            if key in value:
+                return _mmrb2_parts(value[key])
+        return []
+    if isinstance(value, list):
+        if len(value) == 2 and value[0] in ("text", "image") and isinstance(value[1], str):
+            return [(value[0], value[1])]
+        return [part for element in value for part in _mmrb2_parts(element)]
+    return []
+
+
+def _mmrb2_pair(path, where, obj, task, multi_image):
+    prompt_parts = _mmrb2_parts(obj.get("prompt_content", obj.get("prompt")))
+    prompt = "\n".join(v for kind, v in prompt_parts if kind == "text").strip()
+    if not prompt:
+        raise DataError(f"{where}: field 'prompt_content': no text prompt (the *_response_only.json files have "
+                        "none; use t2i.json / edit.json)")
+    images, skip = [], None
+    for key in ("response_a", "response_b"):
+        found = [v for kind, v in _mmrb2_parts(obj.get(key)) if kind == "image"]
+        if not found:
+            raise DataError(f"{where}: field '{key}': no image in the response")
+        if len(found) > 1 and multi_image == "error":
+            raise DataError(f"{where}: field '{key}': the response holds {len(found)} images, and a pair compares "
+                            "one image per response; pass --multi_image skip to leave such pairs out, or "
+                            "--multi_image first to judge each response by its first image")
+        skip = skip or ("multi-image response" if len(found) > 1 and multi_image == "skip" else None)
+        images.append(_resolve_image(path, where, key, found[0]))
+    chosen = str(obj.get("chosen", "")).strip().upper()
+    if chosen not in ("A", "B"):
+        raise DataError(f"{where}: field 'chosen': bad label {_short(obj.get('chosen'))}: expected 'A' or 'B'")
+    inputs = [v for kind, v in prompt_parts if kind == "image"]
+    source = _resolve_image(path, where, "prompt_content", inputs[0]) if inputs and task != "t2i" else None
+    return PairItem(prompt, images, [1, 2] if chosen == "A" else [2, 1], source, skip=skip)
+
+
+# ------------------------------------------------------------------------------------------------ prompt files
+
+@dataclass
+class Item:
+    """A training or eval prompt of RPO; editing items carry a source image (a file path, or a PIL image in demos)."""
+    prompt: str
+    source_image: object = None
+    line: int = 0
+
+
+def read_text(path, flag):
+    """The UTF-8 text of a non-empty file given by option `flag` (named in the error)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--{flag}: no such file {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--{flag}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise DataError(f"--{flag}: {path} is empty")
+    return text
+
+
+def load_prompts(path, task, flag):
+    """Prompt file -> [Item]. t2i: one prompt per line. edit: JSONL {source_image, instruction}, with source paths
+    relative to the file, every image opened now (a broken one fails before any model loads)."""
+    items = []
+    for n, line in enumerate(read_text(path, flag).splitlines(), start=1):
+        if not line.strip():
+            continue
+        if task == "t2i":
+            items.append(Item(line.strip(), None, n))
+            continue
+        try:
+            record = json.loads(line)
+            source, instruction = Path(path).parent / record["source_image"], str(record["instruction"]).strip()
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"--{flag}: {path}:{n}: expected JSON with source_image and instruction ({e})") from None
+        try:
+            with Image.open(source) as image:
+                image.verify()
+        except Exception as e:  # PIL raises several types for truncated or foreign files
+            raise DataError(f"--{flag}: {path}:{n}: cannot read source_image {source} ({e})") from None
+        items.append(Item(instruction, str(source), n))
+    return items
+
+
+def open_source(item):
+    """The item's source image as an RGB PIL image (None for text-to-image items)."""
+    if item.source_image is None or isinstance(item.source_image, Image.Image):
+        return item.source_image
+    with Image.open(item.source_image) as image:
+        return image.convert("RGB")

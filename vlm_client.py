@@ -1,0 +1,639 @@
+"""A raw-HTTP OpenAI-compatible chat client for VLM judges: the transport under ARR's judge (arXiv 2605.08354).
+
+Everything here is about talking to a server, nothing about judging: `VLMClient` (requests; retries with backoff,
+jitter and Retry-After; structured-output fallbacks; every answer and error shape of vLLM, SGLang, llama.cpp,
+Ollama, OpenAI and Gemini; a bound on requests in flight across threads; no API key in any log or error),
+`ResponseCache` (sqlite answers keyed by request, for resuming), answer parsing (`extract_text`, `extract_json`,
+`strip_thinking`), `encode_image`, `VLMClient.ask_json` (the one re-ask loop for malformed replies),
+`VLMClient.usage` (requests sent and the tokens the servers reported, summed), `failure_reasons` (errors counted by
+kind, for the console) and `map_concurrently` (the one thread pool that stops cleanly on Ctrl-C). `judge.py`,
+`rubrics.py` and `train_judge.py` build on it; copy it alone into another project that needs a robust VLM client.
+
+Run: nothing to run; `python -m pytest tests/test_judge.py -k client` checks it against tests/fake_vlm.py.
+    client = VLMClient("http://localhost:8000/v1", "Qwen/Qwen3-VL-8B-Instruct", max_concurrency=8)
+    answer = client.chat_json([{"role": "user", "content": "..."}], json_schema={...})
+The API key: api_key=None reads OPENAI_API_KEY (the library's one environment read); api_key="" sends no key.
+
+Deliberate deviations from the official code (its OpenAI-SDK client)
+    1. Structured output: response_format json_schema first, then json_object, then prompt-only JSON when a server
+       answers 400 to it (remembered per client). The official client picks json_object or the SDK's strict parse
+       by model name, and sends DashScope's enable_thinking to every "qwen" model; here such extras go in
+       extra_body.
+    2. Failures are explicit and bounded: a request that fails for good raises JudgeError naming the URL, model,
+       HTTP status and server message; 400/401/403/404 and quota errors are not retried; the total time of one
+       request's retries is capped. The official client retries nothing and crashes the trainer on an error.
+    3. A malformed reply is re-asked with the bad answer and the complaint appended (a new request), so a
+       temperature-0 model is not asked the identical question again and a cache replays a run faithfully.
+"""
+import base64
+import email.utils
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+FORMAT_LEVELS = ("json_schema", "json_object", "prompt_only")  # structured-output fallbacks, in order
+RETRY_STATUS = (408, 409, 429)  # plus every 5xx
+QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "billing_not_active")
+USAGE_KEYS = ("requests", "prompt_tokens", "completion_tokens", "unreported", "cache_hits")
+
+
+class JudgeError(Exception):
+    """A request that failed for good: the message names the URL, the model, the HTTP status and the server's
+    message (never the API key)."""
+
+
+class ReplyError(JudgeError):
+    """The server answered, but the answer holds nothing usable (empty, or no JSON object). Worth re-asking."""
+
+
+class _FormatRejected(JudgeError):
+    """A 400 that rejects the response_format we sent (internal: triggers the next structured-output fallback)."""
+
+
+class _Secret:
+    """Holds the API key so that repr(), vars() dumps and tracebacks show a placeholder instead."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return "<hidden>"
+
+
+# -------------------------------------------------------------------------------------------------------- images
+
+def is_url(value):
+    return isinstance(value, str) and value.startswith(("http://", "https://", "data:"))
+
+
+def encode_image(image, image_format="PNG", max_side=None, jpeg_quality=95):
+    """A data URL for a PIL image, encoded bytes or a file path; http(s) and data URLs are returned unchanged.
+
+    Files and bytes already in image_format and within max_side are sent as they are (no re-encoding), so their
+    digest, and hence the cache key, is the digest of the file.
+    """
+    if is_url(image):
+        return image
+    image_format = image_format.upper().replace("JPG", "JPEG")
+    raw = None
+    if isinstance(image, (str, os.PathLike)):
+        raw = Path(image).read_bytes()
+    elif isinstance(image, (bytes, bytearray)):
+        raw = bytes(image)
+    pil = Image.open(io.BytesIO(raw)) if raw is not None else image
+    if not isinstance(pil, Image.Image):
+        raise TypeError(f"cannot encode {type(image).__name__} as an image (PIL image, bytes, path or URL expected)")
+    too_big = max_side is not None and max(pil.size) > max_side
+    if raw is None or too_big or pil.format != image_format:
+        if too_big:
+            scale = max_side / max(pil.size)
+            pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.LANCZOS)
+        if image_format == "JPEG" and pil.mode != "RGB":
+            pil = pil.convert("RGB")  # JPEG has no alpha
+        elif pil.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+            pil = pil.convert("RGB")
+        buffer = io.BytesIO()
+        pil.save(buffer, format=image_format, **({"quality": jpeg_quality} if image_format == "JPEG" else {}))
+        raw = buffer.getvalue()
+    mime = "image/jpeg" if image_format == "JPEG" else f"image/{image_format.lower()}"
+    return f"data:{mime};base64,{base64.b64encode(raw).decode('ascii')}"
+
+
+def _digest_images(messages):
+    """A copy of messages with every data URL replaced by its sha256 (cache keys must not hold megabytes)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                url = (part.get("image_url") or {}).get("url", "") if part.get("type") == "image_url" else ""
+                if url.startswith("data:"):
+                    part = {**part, "image_url": {"url": "sha256:" + hashlib.sha256(url.encode()).hexdigest()}}
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- answer parsing
+
+_THINK_BLOCK = re.compile(r"<(think|thought|thinking)>.*?</\1\s*>", re.S | re.I)
+_THINK_CLOSE = re.compile(r"</(think|thought|thinking)\s*>", re.I)
+_THINK_OPEN = re.compile(r"<(think|thought|thinking)>", re.I)
+_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)```", re.S)
+
+
+def strip_thinking(text):
+    """text without <think>/<thought> blocks; also handles a lone closing tag (chat templates that open the block
+    themselves) and an unclosed opening tag (an answer cut off while thinking)."""
+    text = _THINK_BLOCK.sub("", text)
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:
+        text = text[closes[-1].end():]
+    opening = _THINK_OPEN.search(text)
+    if opening:
+        text = text[:opening.start()]
+    return text
+
+
+def _content_text(content):
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") if isinstance(content.get("text"), str) else ""
+    if isinstance(content, list):
+        return "".join(_content_text(part) for part in content)
+    return ""
+
+
+def extract_text(payload):
+    """The answer text of a chat-completions response: content as str, null or a list of parts; the reasoning /
+    reasoning_content field when content is empty; think blocks stripped. Raises ReplyError when nothing is left."""
+    if not isinstance(payload, dict) or not payload.get("choices"):
+        message = server_message(payload)
+        raise ReplyError(f"response has no choices{': ' + message if message else ''}")
+    choice = payload["choices"][0]
+    message = choice.get("message") or {}
+    text = strip_thinking(_content_text(message.get("content"))).strip()
+    if not text:
+        for key in ("reasoning_content", "reasoning"):  # reasoning parsers move the whole reply here on some servers
+            value = message.get(key)
+            if isinstance(value, str) and value.strip():
+                text = strip_thinking(value).strip() or value.strip()
+                break
+    if not text:
+        finish = choice.get("finish_reason")
+        hint = "; raise max_tokens (thinking models spend it before answering)" if finish == "length" else ""
+        raise ReplyError(f"empty answer (finish_reason={finish}){hint}")
+    return text
+
+
+def extract_json(text):
+    """The JSON object in an answer: the whole text, the last ```fenced``` block, or the last top-level {...} inside
+    prose (the last, because models that draft before answering put the final verdict at the end)."""
+    text = strip_thinking(text).strip()
+    candidates = [text] + _FENCE.findall(text)[::-1]
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    decoder, found, i = json.JSONDecoder(), None, text.find("{")
+    while i != -1:
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except ValueError:
+            i = text.find("{", i + 1)
+            continue
+        if isinstance(value, dict):
+            found = value
+        i = text.find("{", end)  # skip the object's insides: only top-level objects count
+    if found is None:
+        raise ReplyError(f"no JSON object in the answer: {text[:200]!r}")
+    return found
+
+
+def server_message(payload):
+    """The server's error message from either envelope: nested {"error": {"message": ..}} (OpenAI, vLLM >= 0.10.1,
+    SGLang, Ollama) or flat {"object": "error", "message": ..} (vLLM < 0.10.1); "" when there is none."""
+    if not isinstance(payload, dict):
+        return ""
+    error = payload.get("error", payload)
+    if isinstance(error, str):
+        return error
+    if not isinstance(error, dict):
+        return ""
+    message = error.get("message") or error.get("detail") or payload.get("message") or payload.get("detail") or ""
+    if not isinstance(message, str):
+        message = json.dumps(message)
+    kind = error.get("code") or error.get("type")
+    return f"{message} [{kind}]" if message and kind and str(kind) not in message else message
+
+
+def _is_quota(payload):
+    error = payload.get("error", payload) if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        return False
+    return any(str(error.get(key)) in QUOTA_CODES for key in ("code", "type"))
+
+
+def _rejects_format(message):
+    message = message.lower()
+    return any(word in message for word in ("response_format", "response format", "json_schema", "json_object",
+                                            "structured output", "schema"))
+
+
+def _hint(status, message):
+    lower = message.lower()
+    if "at most" in lower and "image" in lower:
+        return " (hint: the server caps images per request; start vLLM with --limit-mm-per-prompt.image N)"
+    if "context length" in lower or "context_length" in lower or "exceed_context" in lower:
+        return " (hint: downscale images with max_side, shorten the rubric, or raise the server's context length)"
+    if status in (401, 403):
+        return " (hint: check the API key; the CLI reads it from --api_key_env)"
+    if status == 404:
+        return " (hint: check the model name and that base_url ends in /v1)"
+    return ""
+
+
+def _retry_after(headers):
+    """Seconds from Retry-After (seconds or an HTTP date) or retry-after-ms; None when absent or unreadable."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def public_url(url):
+    """url without credentials (user:password@) or query string, for errors, logs and sidecars."""
+    match = re.match(r"^([a-z]+://)(?:[^@/]*@)?([^?#]*)", url, re.IGNORECASE)
+    return match.group(1) + match.group(2) if match else ""
+
+
+# --------------------------------------------------------------------------------------------------------- cache
+
+def request_key(model, messages, params):
+    """sha256 of (model, request parameters, messages with images replaced by their digests). Requests carry no
+    credentials, so neither do keys."""
+    blob = json.dumps({"model": model, "params": params, "messages": _digest_images(messages)}, sort_keys=True,
+                      ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    """An sqlite3 file mapping request keys to answer texts, so an interrupted evaluation or rubric induction
+    resumes without re-asking. Thread-safe (one connection behind a lock); stores no API key."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+        with self._lock:
+            self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT, answer TEXT, "
+                             "created REAL)")
+            self._db.commit()
+
+    def get(self, key):
+        with self._lock:
+            row = self._db.execute("SELECT answer FROM answers WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key, answer, model):
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)", (key, model, answer, time.time()))
+            self._db.commit()
+
+    def __len__(self):
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+
+# -------------------------------------------------------------------------------------------------------- client
+
+class VLMClient:
+    """OpenAI chat-completions client over requests, safe to share between threads.
+
+    Retries connection errors, timeouts, 408/409/429/5xx with exponential backoff and jitter (honouring
+    Retry-After), at most max_retries times and within max_total_time seconds of the first attempt; fails at once on
+    other statuses and on quota errors. At most max_concurrency requests are in flight across all threads (the bound
+    is held only while a request is on the wire, not during backoff). Each thread reuses its own keep-alive session.
+    """
+
+    def __init__(self, base_url, model, api_key=None, timeout=60.0, max_retries=4, max_concurrency=8, *,
+                 connect_timeout=10.0, backoff_base=0.5, backoff_max=30.0, max_total_time=300.0, temperature=0.0,
+                 structured_output="json_schema", image_format="PNG", max_side=None, jpeg_quality=95,
+                 token_param="max_tokens", max_tokens=None, extra_body=None, cache=None, seed=None):
+        if not str(base_url).startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if structured_output not in FORMAT_LEVELS:
+            raise ValueError(f"structured_output must be one of {FORMAT_LEVELS}, got {structured_output!r}")
+        self.base_url = str(base_url).rstrip("/").removesuffix("/chat/completions")
+        self.model = model
+        self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
+        self.max_retries, self.max_concurrency = int(max_retries), int(max_concurrency)
+        self.backoff_base, self.backoff_max, self.max_total_time = backoff_base, backoff_max, max_total_time
+        self.temperature, self.token_param = temperature, token_param
+        if max_tokens is not None and int(max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        self.image_format, self.max_side, self.jpeg_quality = image_format, max_side, jpeg_quality
+        self.extra_body = dict(extra_body or {})
+        self._owns_cache = isinstance(cache, (str, os.PathLike))
+        self.cache = ResponseCache(cache) if self._owns_cache else cache
+        # documented fallback: the one environment read of the library
+        # stripped: a key read from a file keeps its newline, which requests rejects in an error quoting the header
+        self._key = _Secret((os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip())
+        self._url = f"{self.base_url}/chat/completions"
+        # user:password@ and the query string of the URL are secrets too: requests' exceptions quote them
+        parts = re.match(r"^[a-z]+://(?:([^@/]*)@)?[^?#]*(?:\?([^#]*))?", self.base_url, re.IGNORECASE)
+        self._url_secrets = [part for part in parts.groups() if part]
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._sessions = []
+        self._format_level = FORMAT_LEVELS.index(structured_output)
+        self._rng = random.Random(seed)  # jitter only
+        self._usage = dict.fromkeys(USAGE_KEYS, 0)
+
+    def __repr__(self):
+        return (f"VLMClient(base_url={public_url(self.base_url)!r}, model={self.model!r}, "
+                f"max_concurrency={self.max_concurrency})")
+
+    __str__ = __repr__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+        if self._owns_cache:
+            self.cache.close()
+
+    @property
+    def structured_output(self):
+        """The structured-output mode in use now (it only moves down the fallback list)."""
+        return FORMAT_LEVELS[self._format_level]
+
+    def encode(self, image):
+        return encode_image(image, self.image_format, self.max_side, self.jpeg_quality)
+
+    def usage(self):
+        """What this client has cost so far, summed over threads: {requests: HTTP requests sent (retries
+        included), prompt_tokens, completion_tokens: the servers' usage figures summed, unreported: answers
+        without a usage object, cache_hits: answers served from a ResponseCache (no request)}."""
+        with self._lock:
+            return dict(self._usage)
+
+    def _count(self, **increments):
+        with self._lock:
+            for key, value in increments.items():
+                self._usage[key] += value
+
+    # -- public calls
+    def chat(self, messages, json_schema=None, max_tokens=1024, cache=None):
+        """The answer text (think blocks stripped). JSON is requested through response_format only when
+        json_schema is given. The client's max_tokens, when set, replaces the caller's. Raises JudgeError on final
+        failure, ReplyError when the answer is empty."""
+        return self._complete(messages, json_schema, json_schema is not None, max_tokens, cache)
+
+    def chat_json(self, messages, json_schema=None, max_tokens=1024, cache=None):
+        """The JSON object of the answer (json_schema, else json_object, is requested). Raises ReplyError when the
+        answer holds no JSON object, JudgeError on final failure."""
+        return extract_json(self._complete(messages, json_schema, True, max_tokens, cache))
+
+    def ask_json(self, messages, parse, reask, json_schema=None, retries=2, max_tokens=1024, cache=None):
+        """parse(JSON object of the answer), re-asking up to `retries` times while the reply is unusable.
+
+        parse: dict -> value, raising ValueError that says what is wrong; reask: that problem -> the text of the
+        follow-up user message. A re-ask is the first request plus the unusable answer and the complaint, so it is
+        a new request (deviation 3). Raises ReplyError when no reply was usable, JudgeError when the transport
+        failed for good (the client already retried it).
+        """
+        current, problem = messages, ""
+        for _ in range(1 + retries):
+            text = None
+            try:
+                text = self.chat(current, json_schema=json_schema, max_tokens=max_tokens, cache=cache)
+                return parse(extract_json(text))
+            except (ReplyError, ValueError) as exc:
+                problem = str(exc)
+            follow_up = {"role": "user", "content": reask(problem)}
+            current = messages + ([{"role": "assistant", "content": text}] if text else []) + [follow_up]
+        raise ReplyError(f"unusable reply after {1 + retries} attempt(s): {problem}")
+
+    # -- internals
+    def _redact(self, text):
+        secrets = list(self._url_secrets)
+        if self._key.value:
+            # exceptions often quote the header with repr(), which escapes characters the raw key holds
+            secrets += [self._key.value, repr(self._key.value)[1:-1]]
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _fail(self, detail):
+        return self._redact(f"{public_url(self._url)} (model {self.model!r}): {detail}")
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # requests re-reads proxy / CA-bundle variables on every call (a third of the client's CPU per request
+            # in bench.py): resolve them once per session, with requests' own rules, and then stop looking
+            settings = session.merge_environment_settings(self._url, {}, None, None, None)
+            session.trust_env = False
+            session.proxies.update(settings["proxies"])
+            session.verify = settings["verify"]
+            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _response_format(self, level, json_schema, want_json):
+        if json_schema is not None and level == 0:
+            name = re.sub(r"[^a-zA-Z0-9_-]", "_", str(json_schema.get("title", "answer")))
+            return {"type": "json_schema", "json_schema": {"name": name, "schema": json_schema}}
+        if want_json and level <= 1:
+            return {"type": "json_object"}
+        return None
+
+    def _downgrade(self, level, message):
+        with self._lock:
+            if self._format_level == level:
+                self._format_level = level + 1
+                log.warning("%s", self._redact(f"{public_url(self.base_url)} rejected response_format "
+                                               f"{FORMAT_LEVELS[level]} ({message}); "
+                                               f"using {FORMAT_LEVELS[level + 1]} from now on"))
+
+    def _complete(self, messages, json_schema, want_json, max_tokens, cache):
+        cache = self.cache if cache is None else cache
+        max_tokens = self.max_tokens or max_tokens  # the user's --max_tokens beats every call site's default
+        key = None
+        if cache is not None:
+            key = request_key(self.model, messages, {"base_url": public_url(self.base_url),
+                                                     "temperature": self.temperature, "max_tokens": max_tokens,
+                                                     "json_schema": json_schema, "want_json": want_json,
+                                                     "extra_body": self.extra_body})
+            hit = cache.get(key)
+            if hit is not None:
+                self._count(cache_hits=1)
+                return hit
+        while True:
+            level = self._format_level
+            body = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                    self.token_param: max_tokens, **self.extra_body}
+            response_format = self._response_format(level, json_schema, want_json)
+            if response_format is not None:
+                body["response_format"] = response_format
+            try:
+                payload = self._post(body)
+                break
+            except _FormatRejected as exc:
+                self._downgrade(level, str(exc))
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        if isinstance(usage, dict):
+            self._count(**{key: int(usage.get(key) or 0) for key in ("prompt_tokens", "completion_tokens")})
+        else:
+            self._count(unreported=1)
+        text = extract_text(payload)
+        if cache is not None:
+            cache.put(key, text, self.model)
+        return text
+
+    def _headers(self):
+        headers = {"Content-Type": "application/json"}
+        if self._key.value:
+            headers["Authorization"] = f"Bearer {self._key.value}"
+        return headers
+
+    def _post(self, body):
+        """POST with the retry table; the parsed JSON body of a 200 answer."""
+        attempts, started, last = self.max_retries + 1, None, ""
+        for attempt in range(1, attempts + 1):
+            response, retry_after = None, None
+            with self._slots:
+                if started is None:
+                    started = time.monotonic()  # waiting for a slot is not the server's fault: start the clock here
+                self._count(requests=1)
+                remaining = max(0.01, self.max_total_time - (time.monotonic() - started))
+                try:
+                    response = self._session().post(self._url, json=body, headers=self._headers(),
+                                                    timeout=(min(self.connect_timeout, remaining),
+                                                             min(self.timeout, remaining)))
+                except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                except requests.RequestException as exc:
+                    raise JudgeError(self._fail(f"{type(exc).__name__}: {exc}")) from None
+            if response is not None:
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise JudgeError(self._fail(f"HTTP 200 but the body is not JSON ({response.text[:200]!r}); "
+                                                    "does base_url end in /v1?")) from None
+                try:
+                    payload = response.json()
+                except ValueError:
+                    payload = None
+                message = server_message(payload) or response.text[:300].strip() or str(response.reason)
+                status = response.status_code
+                last = f"HTTP {status}: {message}"
+                if status in (400, 422) and "response_format" in body and _rejects_format(message):
+                    raise _FormatRejected(self._redact(message))
+                if not (status in RETRY_STATUS or 500 <= status < 600) or _is_quota(payload):
+                    raise JudgeError(self._fail(last + _hint(status, message)))
+                retry_after = _retry_after(response.headers)
+            if attempt == attempts:
+                break
+            delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * (0.5 + 0.5 * self._rng.random())
+            if retry_after is not None:
+                delay = max(delay, retry_after)  # the server knows when it will have room again
+            if time.monotonic() - started + delay > self.max_total_time:
+                last += f" (next retry would pass max_total_time={self.max_total_time:g} s)"
+                break
+            log.warning("%s", self._fail(f"{last}; retry {attempt}/{self.max_retries} in {delay:.2f} s"))
+            time.sleep(delay)
+        elapsed = time.monotonic() - started
+        raise JudgeError(self._fail(f"{last}; gave up after {attempt} attempt(s) in {elapsed:.1f} s"))
+
+
+# ------------------------------------------------------------------------------------------------- run reports
+
+# a quoted answer (a repr: inner quotes escaped) of 24+ characters ending a message part: garbage answers differ,
+# their failure kind does not
+_LONG_QUOTE = re.compile(r"(: )(?:'(?:[^'\\]|\\.){24,}'" + r'|"(?:[^"\\]|\\.){24,}")(?=; |$)')
+_NUMBERED = re.compile(r"\b(line|item|pair) \d+\b")
+
+
+def failure_kind(error):
+    """An error message reduced to its kind: long quoted answers become '...', "line 12" becomes "line N", and
+    repeated "; "-separated parts (both orders of one judgment failing alike) are kept once."""
+    text = _NUMBERED.sub(r"\1 N", _LONG_QUOTE.sub(r"\1'...'", error))
+    return "; ".join(dict.fromkeys(text.split("; ")))[:400]
+
+
+def failure_reasons(errors, limit=5):
+    """[[count, reason], ...] over the distinct kinds (failure_kind) of `errors` (None and "" skipped), most frequent
+    first, so a model that answers different garbage every time shows as one reason. Beyond `limit` reasons the rest
+    are summed into one entry. The errors are this module's (or built on them), hence already redacted."""
+    counts = {}
+    for error in errors:
+        if error:
+            reason = failure_kind(error)
+            counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    if len(ranked) > limit:
+        rest = ranked[limit:]
+        ranked = ranked[:limit] + [(f"({len(rest)} other reasons)", sum(count for _, count in rest))]
+    return [[count, reason] for reason, count in ranked]
+
+
+def usage_report(before, after, units):
+    """{requests, prompt_tokens, completion_tokens, cache_hits, unreported} spent between two VLMClient.usage()
+    snapshots, plus each of the first three per unit ("_per_<name>" for every name -> count in `units`; None when
+    the count is 0)."""
+    spent = {key: after[key] - before[key] for key in USAGE_KEYS}
+    for name, count in units.items():
+        for key in ("requests", "prompt_tokens", "completion_tokens"):
+            spent[f"{key}_per_{name}"] = round(spent[key] / count, 3) if count else None
+    return spent
+
+
+def map_concurrently(fn, items, max_workers, name="vlm"):
+    """Run fn(item) for every item on max_workers threads; yield (index, finished Future) in completion order.
+
+    When the consumer stops early (an exception, Ctrl-C), calls not yet started are cancelled and the running ones
+    finish, so every answer already paid for still lands in a ResponseCache and a rerun resumes from it.
+    """
+    pool = ThreadPoolExecutor(max_workers, thread_name_prefix=name)
+    try:
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        for future in as_completed(futures):
+            yield futures[future], future
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
