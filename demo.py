@@ -2,7 +2,9 @@
 
 - `build_tiny_flux` / `build_tiny_qwen_edit`: tiny random-weight diffusers directories with the real
   architectures (FLUX.1-dev and Qwen-Image-Edit-2509 classes, tokenizers built in code), so the demo and the
-  tests need no download. Built once into a cache folder (`tiny_model`).
+  tests need no download. Built once into a cache folder (`tiny_model`). `build_tiny_judge`: the same for the
+  Qwen2.5-VL judge that `python train_judge.py` trains (T2I-Eval-R1, arXiv 2505.17897), with its synthetic
+  single-wise data (`judge_demo_data`, scored by `vividness`).
 - `DemoJudge`: an in-process stand-in for judge.Judge (same compare / submit / close, same Verdict) whose rubric
   is a number computed from pixels, so learning shows in minutes without a VLM.
 - `DEMOS`: per model type, the config overrides, the built-in prompts (and, for editing, drawn source images) and
@@ -20,6 +22,7 @@ Deliberate deviations from the paper
 import hashlib
 import json
 import os
+import random
 import string
 import tempfile
 import time
@@ -164,12 +167,14 @@ def tiny_model_path(model_type, cache_dir):
 
 def build_tiny_model(model_type, path):
     """Build the demo model into `path` unless it is there; another process sharing the cache may build it too."""
-    if (Path(path) / "model_index.json").is_file():
+    builder, marker = {"flux": (build_tiny_flux, "model_index.json"), "judge": (build_tiny_judge, "config.json"),
+                       "qwen_edit": (build_tiny_qwen_edit, "model_index.json")}[model_type]
+    if (Path(path) / marker).is_file():
         return path
     try:
-        return {"flux": build_tiny_flux, "qwen_edit": build_tiny_qwen_edit}[model_type](path)
+        return builder(path)
     except OSError:  # another process sharing the cache built it first
-        if not (Path(path) / "model_index.json").is_file():
+        if not (Path(path) / marker).is_file():
             raise
     return path
 
@@ -252,6 +257,38 @@ _QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision
                         "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
+def _byte_qwen_tokenizer(extra=(), model_max_length=1024):
+    """(Qwen2Tokenizer, {special token: id}): one token per byte and no merges, built in code, with the Qwen special
+    tokens (never split) and `extra` single tokens that stay in decoded text."""
+    from tokenizers import AddedToken
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    for token in _QWEN_SPECIAL_TOKENS + list(extra):
+        vocab[token] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIAL_TOKENS])
+    if extra:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra])
+    return tok, {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL_TOKENS}
+
+
+def _tiny_qwen_vl(tok, ids, text, vision):
+    """A random-weight Qwen2_5_VLForConditionalGeneration over `tok` with 2 text layers and 2 vision blocks; `text`
+    and `vision` hold the sizes (and text's mrope_section)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    text = dict(text)
+    rope = {"mrope_section": text.pop("mrope_section"), "rope_type": "default", "type": "default"}
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(num_hidden_layers=2, vocab_size=len(tok), rope_theta=1e6, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], rope_scaling=rope,
+                         **text),
+        vision_config=dict(depth=2, fullatt_block_indexes=[1], window_size=112, **vision),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+
+
 @torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state
 def build_tiny_qwen_edit(path, seed=0):
     """Write a tiny random-weight Qwen-Image-Edit-2509-shaped diffusers directory to `path` (no download), return it.
@@ -263,18 +300,9 @@ def build_tiny_qwen_edit(path, seed=0):
     at 56 x 56 pixels. The scheduler has no shift, so `QwenImageEditPlusPipeline(sigmas=...)` uses the sigmas
     unchanged (the policies never use the scheduler). Refuses to overwrite a non-empty `path`; written atomically.
     """
-    from tokenizers import AddedToken
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     path = _refuse_to_overwrite(path, "build_tiny_qwen_edit")
-    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}  # one token per byte
-    for token in _QWEN_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=1024, unk_token=None, bos_token=None,
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIAL_TOKENS])  # never split
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL_TOKENS}
+    tok, ids = _byte_qwen_tokenizer()
     torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -283,16 +311,9 @@ def build_tiny_qwen_edit(path, seed=0):
         base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[round(-0.3 + 0.04 * i, 4) for i in range(16)],
         latents_std=[round(0.7 + 0.05 * i, 4) for i in range(16)])
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(tok), rope_theta=1e6,
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"],
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                           fullatt_block_indexes=[1], window_size=112),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+    text_encoder = _tiny_qwen_vl(tok, ids, dict(hidden_size=16, intermediate_size=16, num_attention_heads=2,
+                                                num_key_value_heads=2, mrope_section=[1, 1, 2]),
+                                 dict(hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16))
     pipe = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
         text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer)
@@ -304,3 +325,65 @@ def build_tiny_qwen_edit(path, seed=0):
         index["processor"] = ["transformers", "Qwen2VLProcessor"]  # save_pretrained wrote [null, null]
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return _save_pipeline(pipe, path, write_processor)
+
+
+@torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state
+def build_tiny_judge(path, seed=0):
+    """Write a tiny random-weight Qwen2.5-VL judge (a transformers folder) to `path` (no download) and return it.
+
+    Qwen2_5_VLForConditionalGeneration (text: hidden 64, 2 layers, 4 heads / 2 KV heads; vision: depth 2, hidden 32,
+    patch 14; 0.2 M parameters), a byte-level Qwen2Tokenizer built in code with the Qwen special tokens and the four
+    answer tags of train_judge.py as single tokens (short answers), TRL's Qwen2.5-VL chat template, and the PIL
+    image processor fixed at JUDGE_DEMO_SIZE^2 pixels (36 image tokens, about as many as the text: a tiny model
+    only reads what dominates its context). Refuses to overwrite a non-empty `path`; written atomically.
+    """
+    from importlib.resources import files
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    path = _refuse_to_overwrite(path, "build_tiny_judge")
+    tok, ids = _byte_qwen_tokenizer(["<think>", "</think>", "<answer>", "</answer>"], model_max_length=2048)
+    tok.chat_template = (files("trl") / "chat_templates" / "qwen2_5_vl.jinja").read_text(encoding="utf-8")
+    torch.manual_seed(seed)  # transformers initialises weights from the global RNG (forked above)
+    model = _tiny_qwen_vl(tok, ids, dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_key_value_heads=2, mrope_section=[2, 3, 3]),
+                          dict(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64))
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
+
+    def write_processor(folder):  # the processor cannot be saved without torchvision: write its parts by hand
+        tok.save_pretrained(folder)
+        pixels = JUDGE_DEMO_SIZE ** 2
+        Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels).save_pretrained(folder)
+        (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
+    return _save_pipeline(model, path, write_processor)
+
+
+JUDGE_DEMO_COLOURS = ("red", "green", "blue")
+JUDGE_DEMO_SIZE = 168  # pixels per side of the judge demo's images
+
+
+def vividness(image, prompt):
+    """The judge demo's ground truth, from pixels and prompt: how vivid the colour the prompt names is in the central
+    square, on 0..9 = round(9 * mean of that channel over the square / 255)."""
+    channel = next(k for k, colour in enumerate(JUDGE_DEMO_COLOURS) if colour in prompt)
+    w, h = image.size
+    return round(9 * ImageStat.Stat(image.convert("RGB").crop((w // 4, h // 4, 3 * w // 4, 3 * h // 4))).mean[
+        channel] / 255)
+
+
+def judge_demo_data(folder, n, seed):
+    """n single-wise items {"image", "prompt": "a <colour> square", "score": vividness} written to `folder` as PNG
+    files and scores.jsonl (returned). Each image is a "generation" that gets the colour right at a random
+    vividness: a square of that colour at intensity level / 9 (the other channels random in [0, 40)) on grey."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, lines, size = random.Random(seed), [], JUDGE_DEMO_SIZE
+    for k in range(n):
+        colour, level = rng.choice(JUDGE_DEMO_COLOURS), rng.randrange(10)
+        rgb = [rng.randrange(40) for _ in range(3)]
+        rgb[JUDGE_DEMO_COLOURS.index(colour)] = round(255 * level / 9)
+        image = Image.new("RGB", (size, size), (128, 128, 128))
+        image.paste(tuple(rgb), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+        image.save(folder / f"{k:04d}.png")
+        prompt = f"a {colour} square"
+        lines.append(json.dumps({"image": f"{k:04d}.png", "prompt": prompt, "score": vividness(image, prompt)}))
+    (folder / "scores.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder / "scores.jsonl"

@@ -8,6 +8,8 @@ edited results of one source image (editing). Smaller rank = better; [1, 2] mean
     submit_group(judge, prompt, images, mode) -> .result() -> GroupVerdict   N candidates of one prompt: a win
         rate per candidate from one listwise judgment (mean rank over the orders) or from every pair
     evaluate(judge, items) -> summary                                accuracy and position bias (paper Table 5)
+    ScoreJudge(client, low, high)                                    the same interface for a judge trained by
+        train_judge.py (T2I-Eval-R1, arXiv 2505.17897): each candidate scored alone, the higher score wins
 The HTTP transport is vlm_client.py; the data loaders are data.py (both re-exported here: `judge.VLMClient`,
 `judge.load_pairs`).
 
@@ -66,8 +68,8 @@ from arr_rpo import is_ranking, mean_rank_places, places_to_win_rates, tournamen
 from data import DataError, PairItem, load_pairs  # noqa: F401
 from data import MULTI_IMAGE, split_skipped
 from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, encode_image, extract_json,  # noqa: F401
-                        extract_text, failure_reasons, map_concurrently, public_url, server_message, strip_thinking,
-                        usage_report)
+                        extract_text, failure_reasons, map_concurrently, parse_answer, parse_scores, public_url,
+                        server_message, strip_thinking, usage_report)
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 BASE_LABEL = "Image BASE (original image):"
@@ -100,6 +102,25 @@ def labelled_images(urls, name, source_url=None):
         label = f"{name} {k}:" if len(urls) > 1 else f"{name}:"
         parts += [{"type": "text", "text": label}, {"type": "image_url", "image_url": {"url": url}}]
     return parts
+
+
+SCORE_CRITERION = "overall quality: faithfulness to the text prompt and visual quality"
+
+
+def score_messages(prompt, image_parts, low, high, criterion=None, templates="t2i_eval"):
+    """The request of a T2I-Eval-R1 score judge (train_judge.py trains it on exactly this): a system turn with the
+    instructions (prompts/{templates}_system.txt), then a user turn with the images laid out by labelled_images
+    ("Image:" for one, "Image 1:", "Image 2:" for a pair) and the request ({templates}_score.txt for one image,
+    _pair.txt for two). image_parts are the content parts of the images: image_url parts for a server, TRL
+    placeholders {"type": "image"} in training. The answer: <think>...</think><answer>score(s)</answer>."""
+    if len(image_parts) not in (1, 2):
+        raise ValueError(f"a score request shows 1 or 2 images, got {len(image_parts)}")
+    words = {"prompt": prompt, "low": f"{low:g}", "high": f"{high:g}", "criterion": criterion or SCORE_CRITERION}
+    labelled = labelled_images(["" for _ in image_parts], "Image")
+    parts = [image_parts[k // 2] if part["type"] == "image_url" else part for k, part in enumerate(labelled)]
+    request = load_template(f"{templates}_{'score' if len(image_parts) == 1 else 'pair'}").format(**words)
+    return [{"role": "system", "content": load_template(f"{templates}_system").format(**words).strip()},
+            {"role": "user", "content": parts + [{"type": "text", "text": request.strip()}]}]
 
 
 # ---------------------------------------------------------------------------------------------------- judge
@@ -154,20 +175,13 @@ def parse_rank(answer, n):
     return values
 
 
-class Judge:
-    """Rubric-conditioned judge over a VLMClient. compare() never raises; submit() runs compare() in a pool of
-    max_workers threads (default: the client's max_concurrency, so the pool never outruns the client's bound)."""
+class _PooledJudge:
+    """What the judges share: compare() (never raises) is compare_detailed()'s verdict; submit() runs compare() in a
+    pool of max_workers threads made on first use (default: the client's max_concurrency, so the pool never outruns
+    the client's bound); close() shuts the pool down and closes an answer cache the judge opened itself."""
 
-    def __init__(self, client, rubrics, task="t2i", swap=True, prompt_rubrics=None, cache=None, max_invalid=2,
-                 max_workers=None, max_tokens=1024):
-        if task not in ("t2i", "edit"):
-            raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
-        self.client, self.task, self.swap = client, task, swap
-        self.prompt_rubrics, self.max_invalid, self.max_tokens = prompt_rubrics, max_invalid, max_tokens
-        self.system_prompt = load_template(f"judge_system_{task}").format(rubrics=rubrics.strip())
-        self._user_template = load_template(f"judge_user_{task}")
-        self._extra_template = load_template("judge_prompt_rubrics")
-        self._reask_template = load_template("judge_reask")
+    def _start(self, client, cache, max_workers):
+        self.client = client
         self._owns_cache = isinstance(cache, (str, os.PathLike))
         self.cache = ResponseCache(cache) if self._owns_cache else cache
         self._max_workers = max_workers or client.max_concurrency
@@ -188,11 +202,6 @@ class Judge:
         if self._owns_cache:
             self.cache.close()
 
-    def templates(self):
-        """{template name: sha256} of the templates this judge uses (for provenance records)."""
-        names = [f"judge_system_{self.task}", f"judge_user_{self.task}", "judge_prompt_rubrics", "judge_reask"]
-        return {name: template_sha256(name) for name in names}
-
     def compare(self, prompt, images, source_image=None):
         """Verdict over the candidates in the order given; never raises."""
         return self.compare_detailed(prompt, images, source_image)[0]
@@ -203,6 +212,27 @@ class Judge:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="judge")
             return self._pool.submit(self.compare, prompt, images, source_image)
+
+
+class Judge(_PooledJudge):
+    """Rubric-conditioned judge over a VLMClient (compare / submit / close: _PooledJudge)."""
+
+    def __init__(self, client, rubrics, task="t2i", swap=True, prompt_rubrics=None, cache=None, max_invalid=2,
+                 max_workers=None, max_tokens=1024):
+        if task not in ("t2i", "edit"):
+            raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
+        self.task, self.swap = task, swap
+        self.prompt_rubrics, self.max_invalid, self.max_tokens = prompt_rubrics, max_invalid, max_tokens
+        self.system_prompt = load_template(f"judge_system_{task}").format(rubrics=rubrics.strip())
+        self._user_template = load_template(f"judge_user_{task}")
+        self._extra_template = load_template("judge_prompt_rubrics")
+        self._reask_template = load_template("judge_reask")
+        self._start(client, cache, max_workers)
+
+    def templates(self):
+        """{template name: sha256} of the templates this judge uses (for provenance records)."""
+        names = [f"judge_system_{self.task}", f"judge_user_{self.task}", "judge_prompt_rubrics", "judge_reask"]
+        return {name: template_sha256(name) for name in names}
 
     def compare_detailed(self, prompt, images, source_image=None):
         """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics."""
@@ -276,6 +306,61 @@ class Judge:
             return Verdict(rank=valid[0].rank, reason=valid[0].reason, **seen)
         reasons = " | ".join(f"order {p.order}: rank {p.rank}: {p.reason}" for p in valid)
         return Verdict(rank=None, reason=f"order-inconsistent: {reasons}", consistent=False, **seen)
+
+
+class ScoreJudge(_PooledJudge):
+    """The T2I-Eval-R1 protocol (arXiv 2505.17897; train_judge.py trains such a judge): each candidate is scored on
+    its own with score_messages, in the <think>/<answer> format; the higher score wins and equal scores are a tie
+    (rank None, consistent False: train.py masks the pair). A drop-in for Judge: compare / compare_detailed /
+    submit / close, the same Verdict, with `scores`. Text-to-image only. A score sees one image, so there is no
+    order to swap and no position to win from (first_position_wins stays empty)."""
+    task, swap, prompt_rubrics = "t2i", False, None  # what eval_settings reads
+
+    def __init__(self, client, low=0.0, high=10.0, criterion=None, templates="t2i_eval", max_invalid=2,
+                 max_workers=None, max_tokens=1024, cache=None):
+        if not high > low:
+            raise ValueError(f"the score range needs high > low, got [{low}, {high}]")
+        self.low, self.high, self.criterion, self.templates = low, high, criterion, templates
+        self.max_invalid, self.max_tokens = max_invalid, max_tokens
+        self.system_prompt = score_messages("", [{"type": "image"}], low, high, criterion, templates)[0]["content"]
+        self._reask_template = load_template(f"{templates}_reask")
+        self._start(client, cache, max_workers)
+
+    def score(self, prompt, image):
+        """One image's score in [low, high]; an answer without one is re-asked up to max_invalid times. Raises
+        ReplyError (no usable answer) or JudgeError (the transport failed for good)."""
+        part = {"type": "image_url", "image_url": {"url": self.client.encode(image)}}
+
+        def parse(text):
+            scores = parse_scores(parse_answer(text), 1, self.low, self.high)
+            if scores is None:
+                raise ValueError(f"no number in [{self.low:g}, {self.high:g}] inside <answer></answer>: "
+                                 f"{text[-200:]!r}")
+            return scores[0]
+        return self.client.ask_json(
+            score_messages(prompt, [part], self.low, self.high, self.criterion, self.templates), parse,
+            lambda problem: self._reask_template.format(problem=problem, low=f"{self.low:g}", high=f"{self.high:g}"),
+            retries=self.max_invalid, max_tokens=self.max_tokens, cache=self.cache, extract=str)
+
+    def compare_detailed(self, prompt, images, source_image=None):
+        """(Verdict, [one Presentation in the given order]), the shape judge.evaluate reads."""
+        started, scores, order = time.monotonic(), [], list(range(len(images)))
+        try:
+            if len(images) < 2 or source_image is not None:
+                raise ValueError(f"the score judge compares 2 or more text-to-image candidates, got {len(images)}"
+                                 + (" and a source image" if source_image is not None else ""))
+            for image in images:
+                scores.append(self.score(prompt, image))
+            if len(set(scores)) < len(scores):
+                verdict = Verdict(rank=None, reason=f"tie: scores {scores}", consistent=False, scores=scores)
+            else:
+                best_first = sorted(order, key=lambda i: -scores[i])
+                rank = [best_first.index(i) + 1 for i in order]
+                verdict = Verdict(rank=rank, reason=f"scores {scores}", ranks=[rank], scores=scores)
+        except Exception as exc:  # compare() must never take the training loop down
+            verdict = Verdict(rank=None, error=f"{type(exc).__name__}: {exc}")
+        verdict.calls, verdict.latency = len(images), time.monotonic() - started
+        return verdict, [Presentation(order, verdict.rank, verdict.reason, verdict.error)]
 
 
 # ------------------------------------------------------------------------------------- groups of N candidates

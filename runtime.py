@@ -45,7 +45,7 @@ from PIL import Image
 import memory
 from data import load_pairs, load_prompts, read_text, split_skipped
 from demo import DemoJudge
-from judge import GROUP_JUDGING, Judge, VLMClient, evaluate
+from judge import GROUP_JUDGING, Judge, ScoreJudge, VLMClient, evaluate
 from vlm_client import USAGE_KEYS, failure_reasons, usage_report
 
 
@@ -66,7 +66,7 @@ def opt(default, help):
 
 CHOICES = {"kl_estimator": ("exact", "k1"), "dtype": (None, "float32", "bfloat16"),
            "log_with": ("none", "wandb", "tensorboard"), "group_judging": GROUP_JUDGING,
-           "advantage": ("paper", "centered", "group_norm")}
+           "advantage": ("paper", "centered", "group_norm"), "judge_mode": ("rank", "score")}
 
 
 def build_parser(config_cls, recipes, description):
@@ -119,7 +119,23 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
             raise ConfigError(f"--{name} {getattr(cfg, name)} is out of range")
     if cfg.log_with != "none" and importlib.util.find_spec(cfg.log_with) is None:
         raise ConfigError(f"--log_with {cfg.log_with}: the package is not installed")
+    if cfg.judge_mode == "score":
+        score_scale(cfg)
+        if model_type != "flux" or cfg.rubrics or cfg.eval_rubrics:
+            raise ConfigError("--judge_mode score: the score judge (T2I-Eval-R1) judges text-to-image candidates "
+                              "without a rubric; drop --rubrics / --eval_rubrics and use --model_type flux")
     return cfg
+
+
+def score_scale(cfg):
+    """(low, high) of --judge_scale "low,high"; ConfigError unless two numbers with high > low."""
+    try:
+        low, high = (float(v) for v in cfg.judge_scale.split(","))
+    except ValueError:
+        raise ConfigError(f"--judge_scale {cfg.judge_scale!r}: expected two numbers low,high such as 0,10") from None
+    if not high > low:
+        raise ConfigError(f"--judge_scale {cfg.judge_scale!r}: needs high > low")
+    return low, high
 
 
 # ---- Inputs, checked before any model is loaded -----------------------------------------------------------------
@@ -134,12 +150,12 @@ def load_inputs(cfg, demo, task):
                           "every minibatch takes the same number of each rank's prompts, at least one")
     if cfg.eval_judge_url is None and (cfg.eval_rubrics or cfg.eval_judge_model):
         raise ConfigError("--eval_rubrics and --eval_judge_model need --eval_judge_url (the eval judge's server)")
-    if cfg.eval_judge_url is not None and not (cfg.eval_rubrics or cfg.rubrics):
+    if cfg.eval_judge_url is not None and not (cfg.eval_rubrics or cfg.rubrics) and cfg.judge_mode == "rank":
         raise ConfigError("--eval_rubrics is required with --eval_judge_url when training uses the demo judge")
     eval_rubric = read_text(cfg.eval_rubrics, "eval_rubrics") if cfg.eval_rubrics else None
     if demo is None and cfg.judge_url is None:
         raise ConfigError("--judge_url is required with --model (the in-process demo judge only runs the demo)")
-    if cfg.judge_url is not None and cfg.rubrics is None:
+    if cfg.judge_url is not None and cfg.rubrics is None and cfg.judge_mode == "rank":
         raise ConfigError("--rubrics is required with --judge_url: the rubric text conditions the judge")
     if cfg.rubrics is not None and cfg.judge_url is None:
         raise ConfigError("--rubrics needs --judge_url: the demo judge has a fixed rubric")
@@ -197,6 +213,8 @@ def make_judge(cfg, demo, rubric, task, url=None, model=None):
                 f"in-process demo judge ({demo.rubric.split(':')[0]})")
     client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env), max_concurrency=cfg.judge_concurrency,
                        max_tokens=cfg.judge_max_tokens)
+    if cfg.judge_mode == "score":
+        return ScoreJudge(client, *score_scale(cfg)), f"{url} model {model} (score judge)"
     return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{url} model {model}"
 
 
@@ -253,9 +271,12 @@ def judge_check(run):
     if not run.check_items or run.step % run.cfg.judge_check_every:
         return
     if run.d.rank == 0:
-        rubric = read_text(run.cfg.rubrics, "rubrics")
-        with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
-            summary = evaluate(check, run.check_items)
+        if run.cfg.judge_mode == "score":  # the run's score judge itself: a score sees one image, no order to swap
+            summary = evaluate(run.judge, run.check_items)
+        else:
+            rubric = read_text(run.cfg.rubrics, "rubrics")
+            with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
+                summary = evaluate(check, run.check_items)
         record = {"step": run.step, **{f"judge_check_{key}": summary[key] for key in (
             "accuracy", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons", "requests")}}
         log(run, record)

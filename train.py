@@ -106,6 +106,8 @@ class Config:
     judge_model: str = opt("Qwen/Qwen3-VL-8B-Instruct", "model name served at judge_url")
     judge_api_key_env: str = opt("OPENAI_API_KEY", "name of the environment variable holding the judge's API key")
     rubrics: str | None = opt(None, "rubric text file conditioning the judge (required with judge_url)")
+    judge_mode: str = opt("rank", "rank: the paper's rubric-conditioned judge; score: T2I-Eval-R1 (train_judge.py)")
+    judge_scale: str = opt("0,10", "score mode: the score range low,high the judge was trained on")
     judge_swap: bool = opt(True, "judge both candidate orders; disagreement is a tie and masks the pair")
     judge_concurrency: int = opt(8, "judge requests in flight per rank")
     judge_max_tokens: int | None = opt(None, "completion tokens per judge request (unset: 1024; <= 6 per judgment)")

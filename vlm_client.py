@@ -4,10 +4,11 @@ Everything here is about talking to a server, nothing about judging: `VLMClient`
 jitter and Retry-After; structured-output fallbacks; every answer and error shape of vLLM, SGLang, llama.cpp,
 Ollama, OpenAI and Gemini; a bound on requests in flight across threads; no API key in any log or error),
 `ResponseCache` (sqlite answers keyed by request, for resuming), answer parsing (`extract_text`, `extract_json`,
-`strip_thinking`), `encode_image`, `VLMClient.ask_json` (the one re-ask loop for malformed replies),
-`VLMClient.usage` (requests sent and the tokens the servers reported, summed), `failure_reasons` (errors counted by
-kind, for the console) and `map_concurrently` (the one thread pool that stops cleanly on Ctrl-C). `judge.py`,
-`rubrics.py` and `train_judge.py` build on it; copy it alone into another project that needs a robust VLM client.
+`strip_thinking`; `parse_answer` / `parse_scores` for <think>/<answer> replies), `encode_image`,
+`VLMClient.ask_json` (the one re-ask loop for malformed replies), `VLMClient.usage` (requests sent and the tokens
+the servers reported, summed), `failure_reasons` (errors counted by kind, for the console) and `map_concurrently`
+(the one thread pool that stops cleanly on Ctrl-C). `judge.py`, `rubrics.py` and `train_judge.py` build on it;
+copy it alone into another project that needs a robust VLM client.
 
 Run: nothing to run; `python -m pytest tests/test_judge.py -k client` checks it against tests/fake_vlm.py.
     client = VLMClient("http://localhost:8000/v1", "Qwen/Qwen3-VL-8B-Instruct", max_concurrency=8)
@@ -211,6 +212,43 @@ def extract_json(text):
     if found is None:
         raise ReplyError(f"no JSON object in the answer: {text[:200]!r}")
     return found
+
+
+# <think>...</think><answer>...</answer> answers (T2I-Eval-R1 judges: train_judge.py trains them, judge.ScoreJudge
+# asks them); the think block itself is stripped by extract_text
+ANSWER_TAG = re.compile(r"</?(?:think|answer)>")
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S)
+_SCORE = re.compile(r"(?:score\s*[:=]?\s*)?([+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:\s*/\s*(\d+(?:\.\d*)?))?", re.I)
+
+
+def parse_answer(text):
+    """The text inside the one <answer>...</answer> block of `text`, stripped; None when there is none, more than
+    one, or the block holds another think/answer tag."""
+    blocks = _ANSWER_BLOCK.findall(text)
+    if len(blocks) != 1 or text.count("<answer>") != 1 or ANSWER_TAG.search(blocks[0]):
+        return None
+    return blocks[0].strip()
+
+
+def parse_scores(answer, n, low, high):
+    """The n numbers of an answer as floats, each within [low, high]; None otherwise (also for answer None). A number
+    may read "7", "7.5", "score: 7" or "7/10" (only when the denominator is `high`); n > 1 numbers are separated by
+    "," or ";"."""
+    if answer is None:
+        return None
+    parts = re.split(r"[,;]", answer)
+    if len(parts) != n:
+        return None
+    scores = []
+    for part in parts:
+        match = _SCORE.fullmatch(part.strip())
+        if match is None or (match.group(2) is not None and float(match.group(2)) != high):
+            return None
+        value = float(match.group(1))
+        if not low <= value <= high:
+            return None
+        scores.append(value)
+    return scores
 
 
 def server_message(payload):
@@ -423,20 +461,23 @@ class VLMClient:
         answer holds no JSON object, JudgeError on final failure."""
         return extract_json(self._complete(messages, json_schema, True, max_tokens, cache))
 
-    def ask_json(self, messages, parse, reask, json_schema=None, retries=2, max_tokens=1024, cache=None):
-        """parse(JSON object of the answer), re-asking up to `retries` times while the reply is unusable.
+    def ask_json(self, messages, parse, reask, json_schema=None, retries=2, max_tokens=1024, cache=None,
+                 extract=extract_json):
+        """parse(extract(answer text)), by default of the answer's JSON object, re-asking up to `retries` times while
+        the reply is unusable.
 
-        parse: dict -> value, raising ValueError that says what is wrong; reask: that problem -> the text of the
-        follow-up user message. A re-ask is the first request plus the unusable answer and the complaint, so it is
-        a new request (deviation 3). Raises ReplyError when no reply was usable, JudgeError when the transport
-        failed for good (the client already retried it).
+        parse: extract's value -> value, raising ValueError that says what is wrong; reask: that problem -> the
+        text of the follow-up user message; extract: the answer text -> what parse reads (extract_json; the
+        identity for answers that are not JSON). A re-ask is the first request plus the unusable answer and the
+        complaint, so it is a new request (deviation 3). Raises ReplyError when no reply was usable, JudgeError
+        when the transport failed for good (the client already retried it).
         """
         current, problem = messages, ""
         for _ in range(1 + retries):
             text = None
             try:
                 text = self.chat(current, json_schema=json_schema, max_tokens=max_tokens, cache=cache)
-                return parse(extract_json(text))
+                return parse(extract(text))
             except (ReplyError, ValueError) as exc:
                 problem = str(exc)
             follow_up = {"role": "user", "content": reask(problem)}

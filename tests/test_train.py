@@ -4,6 +4,7 @@ Run: python -m pytest tests/test_train.py -q   (about 75 s on 2 cores; every run
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import runtime
 import train
 from data import DataError
 import shipped_data
-from fake_vlm import FakeVLM
+from fake_vlm import FakeVLM, candidate_images
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_KEYS = {"step", "loss", "reward_mean", "judge_failure_rate", "tie_rate", "first_position_win_rate", "approx_kl",
@@ -530,6 +531,38 @@ def test_real_judge_path_against_fake_vlm(tmp_path, cache, monkeypatch, capsys):
     out = capsys.readouterr().out
     saved = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*.json*"))
     assert "sk-very-secret" not in out + saved and "ARR_TEST_KEY" in saved
+
+
+def test_score_judge_mode_trains_against_fake_vlm(tmp_path, cache):
+    """--judge_mode score: each candidate scored alone in the <think>/<answer> format (a T2I-Eval-R1 judge as
+    train_judge.py trains it); the warmer image scores higher, equal scores would mask the pair."""
+    def warmth_score(body):
+        (image,) = candidate_images(body)
+        return f"<think>warm colours</think><answer>{min(10.0, max(0.0, 5 + demo.warmth(image) / 20)):.4f}</answer>"
+
+    with FakeVLM() as fake:
+        fake.handler = warmth_score
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "2", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--judge_mode", "score", "--judge_scale", "0,10")
+        assert train.main(argv) == 0
+        assert len(fake.requests) == 2 + 2 * 2 * 2  # startup check + 2 steps x 2 pairs, one request per image
+        assert all(sum(part["type"] == "image_url" for part in body["messages"][1]["content"]) == 1
+                   for body in fake.requests)
+    steps = records(tmp_path / "run")
+    assert all(r["judge_failure_rate"] == 0 and r["tie_rate"] == 0 and r["skipped"] is None for r in steps)
+    assert all(r["first_position_win_rate"] is None and r["judge_requests_per_pair"] == 2.0 for r in steps)
+    assert all(0 <= r["judge_score_mean"] <= 10 for r in steps)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--judge_scale", "10,0"], "--judge_scale '10,0': needs high > low"),
+    (["--judge_scale", "ten"], "--judge_scale 'ten': expected two numbers"),
+    (["--rubrics", "r.txt"], "without a rubric"),
+    (["--model_type", "qwen_edit"], "judges text-to-image candidates"),
+])
+def test_score_judge_mode_bad_options(tmp_path, cache, extra, message):
+    with pytest.raises(runtime.ConfigError, match=re.escape(message)):
+        train.make_config(demo_args(tmp_path, cache, "--judge_mode", "score", *extra))
 
 
 def test_judge_failure_reasons_are_printed_and_logged_per_step(tmp_path, cache, capsys):
