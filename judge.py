@@ -320,7 +320,7 @@ class ScoreJudge(_PooledJudge):
                  max_workers=None, max_tokens=1024, cache=None):
         if not high > low:
             raise ValueError(f"the score range needs high > low, got [{low}, {high}]")
-        self.low, self.high, self.criterion, self.templates = low, high, criterion, templates
+        self.low, self.high, self.criterion, self.template_set = low, high, criterion, templates
         self.max_invalid, self.max_tokens = max_invalid, max_tokens
         self.system_prompt = score_messages("", [{"type": "image"}], low, high, criterion, templates)[0]["content"]
         self._reask_template = load_template(f"{templates}_reask")
@@ -338,7 +338,7 @@ class ScoreJudge(_PooledJudge):
                                  f"{text[-200:]!r}")
             return scores[0]
         return self.client.ask_json(
-            score_messages(prompt, [part], self.low, self.high, self.criterion, self.templates), parse,
+            score_messages(prompt, [part], self.low, self.high, self.criterion, self.template_set), parse,
             lambda problem: self._reask_template.format(problem=problem, low=f"{self.low:g}", high=f"{self.high:g}"),
             retries=self.max_invalid, max_tokens=self.max_tokens, cache=self.cache, extract=str)
 

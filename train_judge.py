@@ -309,18 +309,31 @@ def load_processor(path, max_pixels=None):
     """AutoProcessor of a VLM folder or hub id. Without torchvision (no CPU wheel next to torch 2.13.0) a Qwen-VL
     processor cannot build its video part; it is rebuilt without it (judging never uses video). max_pixels caps
     the pixels per image."""
-    from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     size = {"max_pixels": max_pixels} if max_pixels else {}
     try:
-        return AutoProcessor.from_pretrained(path, **size)
-    except ImportError:  # "Qwen2VLVideoProcessor requires the Torchvision library"
-        class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
+        return transformers.AutoProcessor.from_pretrained(path, **size)
+    except (ImportError, OSError):  # "Qwen2VLVideoProcessor requires the Torchvision library"
+        class Qwen2_5_VLProcessor(transformers.Qwen2_5_VLProcessor):  # saved under the class it stands for
+            image_only = True
+
             def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
                 super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        return ImageOnlyQwenProcessor(Qwen2VLImageProcessorPil.from_pretrained(path, **size), tokenizer,
-                                      chat_template=tokenizer.chat_template)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        return Qwen2_5_VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path, **size), tokenizer,
+                                   chat_template=tokenizer.chat_template)
+
+
+def save_processor(processor, out):
+    """processor.save_pretrained(out); load_processor's torchvision-free rebuild is written in the layout of the
+    published Qwen2.5-VL folders (tokenizer, preprocessor_config.json, processor_class), which loads anywhere."""
+    if not getattr(processor, "image_only", False):
+        processor.save_pretrained(out)
+        return
+    processor.tokenizer.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+    (Path(out) / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
 
 
 def load_model(path, bf16):
@@ -400,7 +413,7 @@ def merge(base, adapter, out, bf16=False, max_pixels=None):
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; merge never overwrites a folder")
     PeftModel.from_pretrained(load_model(base, bf16), str(adapter)).merge_and_unload().save_pretrained(out)
-    load_processor(base, max_pixels).save_pretrained(out)
+    save_processor(load_processor(base, max_pixels), out)
     return str(out)
 
 
@@ -577,8 +590,7 @@ def run_demo(demo):
         torch.manual_seed(demo.seed)
         warm_up(model, processor, load_items(train_file, 0, 9), demo.warmup_steps, 1e-2, random.Random(demo.seed))
     model.save_pretrained(out / "warmup")  # GRPO starts from disk: its KL reference is reloaded from there
-    processor.tokenizer.save_pretrained(out / "warmup")
-    processor.image_processor.save_pretrained(out / "warmup")
+    save_processor(processor, out / "warmup")
     curve = [[0, held_out_spearman(model, processor, held_out, demo.samples, demo.seed)]]
     print(f"[demo] warm-up: {demo.warmup_steps} SFT steps, {time.monotonic() - started:.0f}s; held-out spearman "
           f"{curve[0][1]:+.3f} at GRPO step 0", flush=True)

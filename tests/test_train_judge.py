@@ -310,8 +310,7 @@ def warm_judge(tmp_path_factory, cache):
         torch.manual_seed(0)
         tj.warm_up(model, processor, items, steps=12, lr=1e-2, rng=random.Random(0), batch=8)
     model.save_pretrained(folder / "warm")
-    processor.tokenizer.save_pretrained(folder / "warm")
-    processor.image_processor.save_pretrained(folder / "warm")
+    tj.save_processor(processor, folder / "warm")
     return str(folder / "warm"), str(folder / "data" / "scores.jsonl"), items
 
 
@@ -327,6 +326,7 @@ def test_lora_grpo_changes_only_the_lora_then_merges_and_resumes(warm_judge, tmp
     model_dir, data_file, items = warm_judge
     base = {name: p.detach().clone() for name, p in tj.load_model(model_dir, False).named_parameters()}
     trainer = tj.train(tiny_config(model_dir, data_file, tmp_path / "run"))
+    assert hasattr(trainer.processing_class, "image_processor")        # TRL's vision-language path
     lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
     assert lora and all(p.requires_grad for p in lora.values())
     assert any(p.abs().max() > 0 for n, p in lora.items() if "lora_B" in n)   # B starts at zero: GRPO moved it
@@ -338,9 +338,12 @@ def test_lora_grpo_changes_only_the_lora_then_merges_and_resumes(warm_judge, tmp
     merged = tj.load_model(tmp_path / "run" / "merged", False).eval()
     processor = tj.load_processor(tmp_path / "run" / "merged")
     assert processor.image_processor.size["longest_edge"] == tj.TrainConfig.max_pixels  # the training's budget
+    assert json.loads((tmp_path / "run" / "merged" / "processor_config.json").read_text()) == {
+        "processor_class": "Qwen2_5_VLProcessor"}
     inputs = processor.apply_chat_template(tj._demo_chats(items[:2]), add_generation_prompt=True, tokenize=True,
                                            return_dict=True, return_tensors="pt", padding=True)
     trainer.model.eval()
+    assert inputs["pixel_values"].shape[0] == 2 * 144                    # both images, 12 x 12 patches each
     with torch.no_grad():
         assert torch.allclose(merged(**inputs).logits, trainer.model(**inputs).logits, atol=1e-5)
     with pytest.raises(FileExistsError):
