@@ -77,7 +77,7 @@ def load_pairs(path, task=None, min_confidence=None, multi_image="error"):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    items = [_to_pair(path, where, obj, task, min_confidence, multi_image) for where, obj in _read_records(path)]
+    items = [_to_pair(path, where, obj, task, min_confidence, multi_image) for where, obj in read_records(path)]
     if not items:
         raise DataError(f"{path}: no items")
     return items
@@ -92,7 +92,7 @@ def split_skipped(items):
     return [item for item in items if item.skip is None], skipped
 
 
-def _read_records(path):
+def read_records(path):
     """[(location, object)] where location = (kind, number) with kind "item" (JSON list), "pair" (MMRB2), "line"."""
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() != ".jsonl":
@@ -142,22 +142,22 @@ def _to_pair(path, location, obj, task, min_confidence, multi_image):
         confidence = obj.get("confidence")
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
             raise DataError(f"{where}: field 'confidence': expected a number for --min_confidence, "
-                            f"got {_short(confidence)}")
+                            f"got {short_repr(confidence)}")
         if confidence < min_confidence:
             item.skip = f"confidence < {min_confidence:g}"
     return item
 
 
-def _short(value):
+def short_repr(value):
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _resolve_image(path, where, key, value):
+def resolve_image(path, where, key, value):
     if isinstance(value, dict):
         value = next((value[k] for k in ("path", "url", "image", "image_path") if isinstance(value.get(k), str)), value)
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: field '{key}': expected an image path or URL, got {_short(value)}")
+        raise DataError(f"{where}: field '{key}': expected an image path or URL, got {short_repr(value)}")
     if is_url(value):
         return value
     image = Path(value.removeprefix("file://")).expanduser()
@@ -177,7 +177,7 @@ def _check_label(where, key, label, n):
     if isinstance(label, list) and len(label) == n >= 2 and all(type(v) is int for v in label) \
             and min(label) == 1 and max(label) <= n:
         return list(label), "tied label"
-    raise DataError(f"{where}: field '{key}': bad label {_short(label)}: expected a permutation of 1..{n} over the "
+    raise DataError(f"{where}: field '{key}': bad label {short_repr(label)}: expected a permutation of 1..{n} over the "
                     f"{n} candidates (smaller = better) or a tie such as {[1] * n}")
 
 
@@ -212,15 +212,15 @@ def _arr_pair(path, where, obj, task):
     if len(raw) < 2:
         raise DataError(f"{where}: field '{image_key}': need at least 2 candidate images, got {len(raw)}")
     label, skip = _check_label(where, "label_rank", label, len(raw))
-    images = [_resolve_image(path, where, image_key, value) for value in raw]
-    source = _resolve_image(path, where, base_key, base) if base is not None else None
+    images = [resolve_image(path, where, image_key, value) for value in raw]
+    source = resolve_image(path, where, base_key, base) if base is not None else None
     return PairItem(obj[prompt_key], images, label, source, skip=skip)
 
 
 def _hpdv3_pair(path, where, obj):
     if not isinstance(obj.get("prompt"), str):
         raise DataError(f"{where}: field 'prompt': expected the text prompt of the HPDv3 pair")
-    images = [_resolve_image(path, where, key, obj.get(key)) for key in ("path1", "path2")]
+    images = [resolve_image(path, where, key, obj.get(key)) for key in ("path1", "path2")]
     return PairItem(obj["prompt"], images, [1, 2])  # HPDv3: path1 is the preferred image
 
 
@@ -263,12 +263,12 @@ def _mmrb2_pair(path, where, obj, task, multi_image):
                             "one image per response; pass --multi_image skip to leave such pairs out, or "
                             "--multi_image first to judge each response by its first image")
         skip = skip or ("multi-image response" if len(found) > 1 and multi_image == "skip" else None)
-        images.append(_resolve_image(path, where, key, found[0]))
+        images.append(resolve_image(path, where, key, found[0]))
     chosen = str(obj.get("chosen", "")).strip().upper()
     if chosen not in ("A", "B"):
-        raise DataError(f"{where}: field 'chosen': bad label {_short(obj.get('chosen'))}: expected 'A' or 'B'")
+        raise DataError(f"{where}: field 'chosen': bad label {short_repr(obj.get('chosen'))}: expected 'A' or 'B'")
     inputs = [v for kind, v in prompt_parts if kind == "image"]
-    source = _resolve_image(path, where, "prompt_content", inputs[0]) if inputs and task != "t2i" else None
+    source = resolve_image(path, where, "prompt_content", inputs[0]) if inputs and task != "t2i" else None
     return PairItem(prompt, images, [1, 2] if chosen == "A" else [2, 1], source, skip=skip)
 
 

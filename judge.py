@@ -471,7 +471,7 @@ def summarize(records):
             "failure_rate": rate(sum(r["error"] is not None for r in records), n)}
 
 
-def _read_results(out, items, settings):
+def read_results(out, items, settings):
     """Finished records of an earlier run, keyed by item line. Failed items are dropped so they are judged again;
     a torn last line (a killed run) is dropped too, and the file is rewritten without it. A record made with other
     settings (eval_settings) raises DataError."""
@@ -510,7 +510,7 @@ def evaluate(judge, items, out=None, progress=False):
     settings = eval_settings(judge)
     items, skipped = split_skipped(items)
     spent_before = judge.client.usage()
-    done = _read_results(out, items, settings) if out is not None and Path(out).exists() else {}
+    done = read_results(out, items, settings) if out is not None and Path(out).exists() else {}
     todo = [item for item in items if item.line not in done]
     results = map_concurrently(lambda item: judge.compare_detailed(item.prompt, item.images, item.source_image),
                                todo, judge._max_workers, name="eval")
@@ -560,7 +560,7 @@ def ping_case(task):
     return "A red square on a white background.", [red, blue], None, [1, 2]
 
 
-def _client_from_args(args):
+def client_from_args(args):
     key = os.environ.get(args.api_key_env)
     if key is None and args.api_key_env != "OPENAI_API_KEY":
         print(f"warning: environment variable {args.api_key_env} is not set; sending no API key", file=sys.stderr)
@@ -584,7 +584,7 @@ def _cmd_eval(args):
         prompt_rubrics = json.loads(Path(args.prompt_rubrics).read_text(encoding="utf-8"))
         if not isinstance(prompt_rubrics, dict):
             raise DataError(f"{args.prompt_rubrics}: expected a JSON object mapping prompt -> rubric text")
-    with _client_from_args(args) as client, Judge(client, rubrics, task=task, swap=not args.no_swap,
+    with client_from_args(args) as client, Judge(client, rubrics, task=task, swap=not args.no_swap,
                                                   prompt_rubrics=prompt_rubrics, cache=args.cache,
                                                   max_invalid=args.max_invalid) as judge:
         print(f"[judge] {len(items)} items; at most {(1 + judge.swap) * (1 + judge.max_invalid)} requests per item "
@@ -611,7 +611,7 @@ def print_report(summary, unit, tag="judge"):
 def _cmd_ping(args):
     rubrics = Path(args.rubrics).read_text(encoding="utf-8") if args.rubrics else PING_RUBRIC
     prompt, images, source, expected = ping_case(args.task)
-    with _client_from_args(args) as client, Judge(client, rubrics, task=args.task, swap=not args.no_swap) as judge:
+    with client_from_args(args) as client, Judge(client, rubrics, task=args.task, swap=not args.no_swap) as judge:
         verdict = judge.compare(prompt, images, source)
     print(json.dumps({"task": args.task, "prompt": prompt, "expected": expected, **dataclasses.asdict(verdict)}))
     if verdict.rank != expected:

@@ -29,7 +29,6 @@ Deliberate deviations (from measuring on the device)
        plus the template tail and the instruction); true CFG doubles the transformer batch, like 2x candidates.
 """
 import functools
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -67,7 +66,8 @@ class ModelSpec:
 
 
 MODELS = {
-    "flux": ModelSpec("FluxPolicy", FLUX_DEV, FLUX_VAE, ("transformer_blocks", "single_transformer_blocks"), 16, 8, 0.01),
+    "flux": ModelSpec("FluxPolicy", FLUX_DEV, FLUX_VAE, ("transformer_blocks", "single_transformer_blocks"),
+                      16, 8, 0.01),
     "qwen_edit": ModelSpec("QwenEditPolicy", QWEN_IMAGE, QWEN_VAE, ("transformer_blocks",), 32, 10, 0.02),
 }
 DEPTH_KEYS = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
@@ -120,7 +120,7 @@ class PeakTracker(TorchDispatchMode):
         return out
 
 
-# ---- one fake RPO step of the real policy code ------------------------------------------------------------------------
+# ---- one fake RPO step of the real policy code --------------------------------------------------------------------
 
 def build_pipeline(model_type, depth=None, dtype=torch.bfloat16, device="meta", config=None, vae_config=None):
     """The diffusers pipeline of `model_type` without text encoders, over its published architecture (`config` /
@@ -395,7 +395,8 @@ def combine(model_type, params, measured, shard=1, encoders=0, prompts_per_rank=
     trajectories of one window. prepare: the weights and the text encoders while the prompts are encoded.
     """
     per_rank = prompts_per_rank or PROMPTS_PER_RANK[model_type]
-    weights = params["frozen"] if shard == 1 else params["frozen"] / shard + params["root"] + 3 * params["largest_block"]
+    weights = (params["frozen"] if shard == 1
+               else params["frozen"] / shard + params["root"] + 3 * params["largest_block"])
     resident = weights + params["vae"] + params["lora"] + 2 * params["lora"] + per_rank * measured["trajectory"]
     phases = {"prepare": weights + params["vae"] + params["lora"] + encoders,
               "rollout": resident + measured["rollout"],
@@ -501,7 +502,8 @@ def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu
     return (f"memory: one RPO step of {model_type} at {width}x{height} with {candidates} candidates, checkpointing "
             f"{'on' if checkpointing else 'off'}, base {'sharded over ' + str(shard) if shard > 1 else 'replicated'} "
             f"is estimated at {mine['peak'] / GIB:.1f} GiB per GPU ({worst} phase), above 90% of this GPU's "
-            f"{gpu_bytes / GIB:.1f} GiB. Estimates with one change: {helps}. (python bench.py memory prints the table.)")
+            f"{gpu_bytes / GIB:.1f} GiB. Estimates with one change: {helps}. "
+            "(python bench.py memory prints the table.)")
 
 
 # ---- validation against a real process ---------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def load_items(path, low, high, min_confidence=None, multi_image="error"):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    records = data._read_records(path)
+    records = data.read_records(path)
     if not records:
         raise DataError(f"{path}: no items")
     if isinstance(records[0][1], dict) and "score" in records[0][1]:
@@ -229,15 +229,15 @@ def _scored_item(path, where, number, obj, low, high):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     prompt, score, criterion = obj.get("prompt"), obj.get("score"), obj.get("criterion")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{where}: field 'prompt': expected the text prompt, got {data._short(prompt)}")
+        raise DataError(f"{where}: field 'prompt': expected the text prompt, got {data.short_repr(prompt)}")
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-        raise DataError(f"{where}: field 'score': expected a number, got {data._short(score)}")
+        raise DataError(f"{where}: field 'score': expected a number, got {data.short_repr(score)}")
     if not low <= score <= high:
         raise DataError(f"{where}: field 'score': {score:g} is outside the score range [{low:g}, {high:g}] "
                         "(set it with --low / --high)")
     if criterion is not None and not isinstance(criterion, str):
-        raise DataError(f"{where}: field 'criterion': expected a string, got {data._short(criterion)}")
-    return ScoredItem(prompt, data._resolve_image(path, where, "image", obj.get("image")), float(score), criterion,
+        raise DataError(f"{where}: field 'criterion': expected a string, got {data.short_repr(criterion)}")
+    return ScoredItem(prompt, data.resolve_image(path, where, "image", obj.get("image")), float(score), criterion,
                       number)
 
 
@@ -474,7 +474,7 @@ def evaluate(client, items, low, high, templates="t2i_eval", out=None, swap=True
     settings = {"model": client.model, "low": low, "high": high, "swap": swap, "max_tokens": client.max_tokens,
                 "templates": {name: judge.template_sha256(f"{templates}_{name}")[:16] for name in names}}
     spent_before = client.usage()
-    done = judge._read_results(out, items, settings) if out is not None and Path(out).exists() else {}
+    done = judge.read_results(out, items, settings) if out is not None and Path(out).exists() else {}
     todo = [item for item in items if item.line not in done]
     results = map_concurrently(lambda item: judge_item(client, item, low, high, templates, swap, settings), todo,
                                client.max_concurrency, name="eval")
@@ -658,7 +658,7 @@ def main(argv=None):
     try:
         if args.command == "eval":
             items = load_items(args.data, args.low, args.high, args.min_confidence, args.multi_image)
-            with judge._client_from_args(args) as client:
+            with judge.client_from_args(args) as client:
                 summary = evaluate(client, items, args.low, args.high, args.templates, args.out, not args.no_swap)
             judge.print_report(summary, "items", tag="train_judge")
             print(json.dumps(summary))
