@@ -19,7 +19,7 @@ The loop logs metrics (with the judge's requests, tokens, failure reasons), eval
 --judge_check_data and checkpoints. Equations: arr_rpo.py; models: policy.py; judge: judge.py; plumbing: runtime.py.
 
 Run
-    python train.py                        # the CPU demo (~2 min on 2 cores): tiny random-weight FLUX, demo judge
+    python train.py                        # the CPU demo (~75 s on 2 cores): tiny random-weight FLUX, demo judge
     python train.py --model black-forest-labs/FLUX.1-dev --prompts prompts.txt --rubrics rubrics.txt \
         --judge_url http://JUDGE_HOST:8000/v1 --judge_model Qwen/Qwen3-VL-8B-Instruct       # one GPU
     torchrun --standalone --nproc_per_node=8 train.py --model ... (same flags)             # 8 GPUs, one node

@@ -554,7 +554,8 @@ def held_out_spearman(model, processor, items, samples, seed):
     sampled answers (an item whose answers never parse counts at the middle, 4.5); 0.0 when every score is equal."""
     processor.tokenizer.padding_side = "left"
     inputs = processor.apply_chat_template(_demo_chats(items), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True, return_tensors="pt", padding=True).to(model.device)
+                                           return_dict=True, return_tensors="pt",
+                                           processor_kwargs={"padding": True}).to(model.device)
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):

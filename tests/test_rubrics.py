@@ -399,7 +399,7 @@ def test_prompt_rubric_provider_feeds_the_judge_once_per_prompt(tmp_path):
 def test_induce_cli_writes_rubrics_and_sidecar(tmp_path, capsys, monkeypatch):
     secret = "sk-test-secret-0123456789"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
-    red, blue = _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
+    _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
     data = tmp_path / "seed.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in [
         {"query": "keep red first", "response": ["red.png", "blue.png"], "label_rank": [1, 2]},

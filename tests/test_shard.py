@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -107,10 +108,13 @@ def test_sharded_base_trains_the_same_lora_as_the_replicated_policy(tmp_path):
         assert torch.equal(a, b)  # the replicated LoRA stays in sync across ranks
 
 
-def test_train_shard_base_on_two_ranks_trains_the_same_lora_as_replicated(tmp_path, cache):
+@pytest.mark.parametrize("updates", [[], ["--prompts_per_rank", "2", "--minibatches", "2", "--inner_epochs", "2"]],
+                         ids=["one-update", "minibatches-2-epochs-2"])
+def test_train_shard_base_on_two_ranks_trains_the_same_lora_as_replicated(updates, tmp_path, cache):
     """train.py under torchrun (2 ranks, gloo), the demo's tiny FLUX judged by the fake VLM server, which fails every
-    request about rank 1's prompt of step 1 (a masked pair on one rank only), 3 eval prompts over 2 ranks (one rank
-    short): with --shard_base the checkpointed LoRA equals the replicated run's bitwise."""
+    request about rank 1's first prompt of step 1 (a masked pair on one rank only; with 2 minibatches that rank makes
+    a zero-weight pass so both ranks step in lockstep), 3 eval prompts over 2 ranks (one rank short): with
+    --shard_base the checkpointed LoRA equals the replicated run's bitwise."""
     (tmp_path / "rubrics.txt").write_text("1. The warmer image wins.\n")
     masked = demo.FLUX_DEMO_PROMPTS[runtime.epoch_order(len(demo.FLUX_DEMO_PROMPTS), 42, 0)[1]]
     root = Path(__file__).resolve().parent.parent
@@ -120,7 +124,7 @@ def test_train_shard_base_on_two_ranks_trains_the_same_lora_as_replicated(tmp_pa
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                    "--output_dir", str(tmp_path / name), "--cache_dir", cache, "--max_steps", "2",
                    "--prompts_per_rank", "1", "--eval_every", "2", "--eval_size", "3", "--judge_url", fake.url,
-                   "--judge_model", "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), *extra]
+                   "--judge_model", "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), *updates, *extra]
             result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
             assert result.returncode == 0, result.stderr[-3000:]
@@ -128,6 +132,7 @@ def test_train_shard_base_on_two_ranks_trains_the_same_lora_as_replicated(tmp_pa
     for name in ("replicated", "sharded"):
         lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["masked_pairs"] for r in lines if "loss" in r] == [1, 0]
+        assert [r["optimizer_steps"] for r in lines if "loss" in r] == ([4, 4] if updates else [1, 1])
         assert [r["eval_n"] for r in lines if "eval_n" in r] == [3, 3]
         lora[name] = load_file(tmp_path / name / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
     assert lora["sharded"].keys() == lora["replicated"].keys()
