@@ -85,7 +85,6 @@ def build_parser(config_cls, recipes, description):
     return parser
 
 
-
 def make_config(config_cls, recipes, demos, argv=None, description=None):
     """CLI -> config: what the user set, else the demo's settings (no --model), else the recipe, else the default;
     then every option checked. Raises ConfigError naming the option."""

@@ -372,7 +372,8 @@ def make_trainer(cfg, items, callbacks=()):
         lr_scheduler_type=cfg.lr_scheduler, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
         reward_weights=[cfg.format_weight, cfg.task_weight], scale_rewards="group", bf16=bf16, use_cpu=not cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing, use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; the old one warns
+        use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode,
         save_steps=cfg.save_steps, logging_steps=cfg.logging_steps, seed=cfg.seed, report_to=[],
         remove_unused_columns=False, disable_dropout=True, disable_tqdm=True)
     targets = "|".join(re.escape(name.strip()) for name in cfg.lora_targets.split(",") if name.strip())
