@@ -15,8 +15,7 @@ adapters disabled) trains the LoRA. One rollout window (`train_step`) runs these
                    mean with adapters disabled; loss = PPO clip + kl_beta * KL; backward;
     5. step        one all-reduce of the LoRA gradients, divided by the global number of (sample, transition)
                    terms, grad-norm clip, AdamW, LR schedule, LoRA EMA; M x E times per window (default once).
-The loop logs metrics (with the judge's requests, tokens, failure reasons), evaluates, checks the judge on
---judge_check_data and checkpoints. Equations: arr_rpo.py; models: policy.py; judge: judge.py; plumbing: runtime.py.
+Then the loop logs, evaluates, checks the judge (drift alarm) and saves. Equations: arr_rpo.py; plumbing: runtime.py.
 
 Run
     python train.py                        # the CPU demo (~75 s on 2 cores): tiny random-weight FLUX, demo judge
@@ -80,8 +79,7 @@ class Config:
     dtype: str | None = opt(None, "bfloat16 (frozen base; LoRA and AdamW stay fp32) or float32; unset: bf16 on CUDA")
     # memory (python bench.py memory: the estimates per GPU)
     gradient_checkpointing: bool = opt(True, "recompute each transformer block in backward (same gradients)")
-    embed_cache: str | None = opt(None, "folder of prompt embeddings, computed once per prompt file and model and "
-                                        "reused by later runs and every rank")
+    embed_cache: str | None = opt(None, "folder of prompt embeddings (per prompt and model), reused by runs and ranks")
     shard_base: bool = opt(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA stays replicated)")
     # data
     prompts: str | None = opt(None, "training prompts: a text file, one per line (flux), or JSONL lines "
@@ -131,8 +129,7 @@ class Config:
     # lora
     lora_rank: int | None = opt(None, "LoRA rank r")
     lora_alpha: float | None = opt(None, "LoRA alpha (scale alpha / r)")
-    lora_targets: str | None = opt(None, "a preset (attn: to_q,to_k,to_v,to_out.0; wide: diffusers' list) or "
-                                         "comma-separated module-name suffixes; unset: attn")
+    lora_targets: str | None = opt(None, "attn (to_q,to_k,to_v,to_out.0; unset), wide (diffusers' list), or suffixes")
     # optimizer
     lr: float | None = opt(None, "AdamW learning rate (betas 0.9 / 0.999, eps 1e-8)")
     weight_decay: float = opt(1e-4, "AdamW weight decay")
@@ -203,10 +200,9 @@ def kl_term(stats, x_next, estimator):
 
 
 def backward_pair_loss(policy, traj, adv, cfg, rng, weight=1.0):
-    """Phase 4 for one kept group: sum over its trained transitions and N samples of [PPO clip + kl_beta * KL],
-    back-propagated UNnormalised (reduce_and_step divides by the global term count); returns its SUMS. old = the
-    rollout's log-probs: after a window's first step (M x E > 1) the ratio leaves 1. weight 0: the same transformer
-    calls without gradient, for a masked group under FSDP (--shard_base), where every rank must make them."""
+    """Phase 4 for one kept group: [PPO clip + kl_beta * KL] summed over its trained transitions and N samples,
+    back-propagated UNnormalised (reduce_and_step divides by the global term count); returns its SUMS. old = rollout
+    log-probs (ratio != 1 after a window's first step). weight 0: a masked group's calls under FSDP (--shard_base)."""
     num_transitions = traj.log_probs.shape[1]  # K - 1
     trained = max(1, round(cfg.train_fraction * num_transitions))
     sums = torch.zeros(len(SUMS), device=adv.device)
