@@ -181,6 +181,8 @@ class _PooledJudge:
     the client's bound); close() shuts the pool down and closes an answer cache the judge opened itself."""
 
     def _start(self, client, cache, max_workers):
+        if self.max_invalid < 0:
+            raise ValueError(f"max_invalid (re-asks of an unusable reply) must be >= 0, got {self.max_invalid!r}")
         self.client = client
         self._owns_cache = isinstance(cache, (str, os.PathLike))
         self.cache = ResponseCache(cache) if self._owns_cache else cache

@@ -10,7 +10,7 @@ the servers reported, summed), `failure_reasons` (errors counted by kind, for th
 (the one thread pool that stops cleanly on Ctrl-C). `judge.py`, `rubrics.py` and `train_judge.py` build on it;
 copy it alone into another project that needs a robust VLM client.
 
-Run: nothing to run; `python -m pytest tests/test_judge.py -k client` checks it against tests/fake_vlm.py.
+Run: nothing to run; `python -m pytest tests/test_judge.py tests/test_data_and_costs.py` checks it (tests/fake_vlm.py).
     client = VLMClient("http://localhost:8000/v1", "Qwen/Qwen3-VL-8B-Instruct", max_concurrency=8)
     answer = client.chat_json([{"role": "user", "content": "..."}], json_schema={...})
 The API key: api_key=None reads OPENAI_API_KEY (the library's one environment read); api_key="" sends no key.
@@ -288,7 +288,7 @@ def _hint(status, message):
     if "context length" in lower or "context_length" in lower or "exceed_context" in lower:
         return " (hint: downscale images with max_side, shorten the rubric, or raise the server's context length)"
     if status in (401, 403):
-        return " (hint: check the API key; the CLI reads it from --api_key_env)"
+        return " (hint: check the API key and the variable it is read from)"
     if status == 404:
         return " (hint: check the model name and that base_url ends in /v1)"
     return ""
@@ -381,6 +381,9 @@ class VLMClient:
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if structured_output not in FORMAT_LEVELS:
             raise ValueError(f"structured_output must be one of {FORMAT_LEVELS}, got {structured_output!r}")
+        if int(max_concurrency) < 1 or int(max_retries) < 0:  # 0 slots would wait forever
+            raise ValueError(f"max_concurrency must be >= 1 and max_retries >= 0, got {max_concurrency!r} and "
+                             f"{max_retries!r}")
         self.base_url = str(base_url).rstrip("/").removesuffix("/chat/completions")
         self.model = model
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
@@ -397,6 +400,11 @@ class VLMClient:
         # documented fallback: the one environment read of the library
         # stripped: a key read from a file keeps its newline, which requests rejects in an error quoting the header
         self._key = _Secret((os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip())
+        try:  # else every request fails inside requests, with a message about the header's encoding
+            self._key.value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError("the API key holds a character an HTTP header cannot carry (a typographic dash or quote "
+                             "pasted from a web page?); check the key's variable") from None
         self._url = f"{self.base_url}/chat/completions"
         # user:password@ and the query string of the URL are secrets too: requests' exceptions quote them
         parts = re.match(r"^[a-z]+://(?:([^@/]*)@)?[^?#]*(?:\?([^#]*))?", self.base_url, re.IGNORECASE)
@@ -472,14 +480,19 @@ class VLMClient:
         complaint, so it is a new request (deviation 3). Raises ReplyError when no reply was usable, JudgeError
         when the transport failed for good (the client already retried it).
         """
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries!r}")
         current, problem = messages, ""
         for _ in range(1 + retries):
-            text = None
-            try:
+            try:  # only an unusable ANSWER is re-asked: a transport or client error propagates as it is
                 text = self.chat(current, json_schema=json_schema, max_tokens=max_tokens, cache=cache)
-                return parse(extract(text))
-            except (ReplyError, ValueError) as exc:
-                problem = str(exc)
+            except ReplyError as exc:  # an empty answer
+                text, problem = None, str(exc)
+            else:
+                try:
+                    return parse(extract(text))
+                except (ReplyError, ValueError) as exc:
+                    problem = str(exc)
             follow_up = {"role": "user", "content": reask(problem)}
             current = messages + ([{"role": "assistant", "content": text}] if text else []) + [follow_up]
         raise ReplyError(f"unusable reply after {1 + retries} attempt(s): {problem}")
@@ -557,9 +570,11 @@ class VLMClient:
             except _FormatRejected as exc:
                 self._downgrade(level, str(exc))
         usage = payload.get("usage") if isinstance(payload, dict) else None
-        if isinstance(usage, dict):
-            self._count(**{key: int(usage.get(key) or 0) for key in ("prompt_tokens", "completion_tokens")})
-        else:
+        tokens = {key: usage.get(key) or 0 for key in ("prompt_tokens", "completion_tokens")} \
+            if isinstance(usage, dict) else None
+        if tokens is not None and all(isinstance(v, (int, float)) for v in tokens.values()):
+            self._count(**{key: int(v) for key, v in tokens.items()})
+        else:  # no usage object, or one whose figures are not numbers: the answer itself is fine
             self._count(unreported=1)
         text = extract_text(payload)
         if cache is not None:

@@ -49,6 +49,7 @@ BEHAVIOURS = (
     "error_nested",    # HTTP 400, nested envelope {"error": {"message": ...}}
     "401",             # HTTP 401 whose message echoes the bearer token (as some providers do)
     "no_usage",        # a normal answer without the usage object (some servers omit it)
+    "bad_usage",       # a normal answer whose usage figures are not numbers
 )
 BASE_LABEL = "Image BASE (original image):"
 
@@ -214,7 +215,9 @@ class FakeVLM:
             message["content"] = json.dumps({"reason": "both equal", "rank": [1] * max(2, len(candidate_images(body)))})
         payload = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
                    "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
-        if behaviour != "no_usage":
+        if behaviour == "bad_usage":
+            payload["usage"] = {"prompt_tokens": "n/a", "completion_tokens": None}
+        elif behaviour != "no_usage":
             payload["usage"] = usage(body, message)
             with self._lock:
                 self.usage.append(payload["usage"])

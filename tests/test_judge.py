@@ -336,6 +336,48 @@ def test_api_key_with_trailing_newline_is_stripped_and_never_leaks(fake):
     assert "sk-IN" not in inner._redact(f"Invalid header value {'Bearer sk-IN' + chr(9) + 'SIDE'!r}")
 
 
+
+def test_a_key_http_cannot_carry_is_refused_up_front_without_echoing_it(fake):
+    with pytest.raises(ValueError) as info:
+        make_client(fake, api_key="sk-SECRET\u2013pasted")  # an en dash pasted from a web page
+    assert "HTTP header" in str(info.value) and "SECRET" not in str(info.value)
+    assert fake.requests == []
+
+
+def test_a_client_error_is_never_taken_for_a_bad_answer(fake, monkeypatch):
+    """Only an unusable answer is re-asked (and counted as the model's, invalid); an error raised while sending
+    propagates at once and reaches the verdict as an error."""
+    client = make_client(fake)
+    calls = []
+
+    def failing_send(*args, **kwargs):
+        calls.append(1)
+        raise UnicodeEncodeError("latin-1", "x", 0, 1, "ordinal not in range(256)")  # a ValueError
+    monkeypatch.setattr(client, "chat", failing_send)
+    with pytest.raises(UnicodeEncodeError):
+        client.ask_json([{"role": "user", "content": "hi"}], dict, lambda problem: problem)
+    assert len(calls) == 1
+    verdict, presentations = Judge(client, RUBRIC, swap=False).compare_detailed("red", [solid(BLUE), solid(RED)])
+    assert verdict.rank is None and "UnicodeEncodeError" in verdict.error
+    assert not any(p.invalid for p in presentations) and len(calls) == 2
+
+
+def test_out_of_range_client_and_judge_settings_are_refused(fake):
+    for options in (dict(max_concurrency=0), dict(max_retries=-1)):
+        with pytest.raises(ValueError, match="max_concurrency must be >= 1 and max_retries >= 0"):
+            make_client(fake, **options)
+    with pytest.raises(ValueError, match="max_invalid"):
+        make_judge(fake, max_invalid=-1)
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        make_client(fake).ask_json([{"role": "user", "content": "hi"}], dict, str, retries=-1)
+
+
+def test_unreadable_usage_figures_count_as_unreported_not_as_a_bad_answer(fake):
+    client = make_client(fake)
+    fake.script("bad_usage")
+    assert Judge(client, RUBRIC, swap=False).compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
+    assert len(fake.requests) == 1 and client.usage()["unreported"] == 1 and client.usage()["prompt_tokens"] == 0
+
 def test_credentials_in_base_url_never_reach_errors(fake):
     url = fake.url.replace("http://", "http://user:tok-SECRET-42@") + "?key=q-SECRET-7"
     client = VLMClient(url, "fake-model", api_key=KEY, max_retries=0)
