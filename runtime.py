@@ -324,7 +324,7 @@ def load_policy(cfg, cls, d, demo, items):
 
 def memory_warning(cfg, world_size, gpu_bytes):
     """memory.fit_warning for this config on GPUs of `gpu_bytes`: None if one RPO step fits, else the warning."""
-    return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, 2, cfg.gradient_checkpointing,
+    return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates, cfg.gradient_checkpointing,
                               world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank, cfg.lora_rank,
                               ranks=world_size)
 

@@ -216,7 +216,9 @@ def load_items(path, low, high, min_confidence=None, multi_image="error"):
     if isinstance(records[0][1], dict) and "score" in records[0][1]:
         return [_scored_item(path, f"{path}: {kind} {number}", number, obj, low, high)
                 for (kind, number), obj in records]
-    pairs, _ = data.split_skipped(data.load_pairs(path, None, min_confidence, multi_image))
+    pairs, skipped = data.split_skipped(data.load_pairs(path, None, min_confidence, multi_image))
+    if not pairs:
+        raise DataError(f"{path}: no usable preference pair (skipped: {skipped})")
     for item in pairs:
         if item.source_image is not None or len(item.images) != 2:
             raise DataError(f"{path}: item {item.line}: T2I-Eval-R1 judges pairs of text-to-image candidates, got "
@@ -396,6 +398,10 @@ def train(cfg, callbacks=()):
                 raise DataError(f"{path}: item {item.line}: training reads local image files, got a URL")
             items.append(item)
     resume = resume_checkpoint(cfg)
+    merged = Path(cfg.output_dir) / "merged"
+    if cfg.merge and not cfg.full_finetune and merged.is_dir() and any(merged.iterdir()):
+        raise DataError(f"{merged} holds an earlier export, which merge never overwrites: move it away, or train "
+                        "with --no-merge")
     trainer = make_trainer(cfg, items, callbacks)
     trainer.train(resume_from_checkpoint=resume)
     out = Path(cfg.output_dir)

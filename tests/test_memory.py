@@ -94,6 +94,10 @@ def test_train_warns_before_loading_a_config_that_will_not_fit():
     sharded = train.make_config(["--model", "m", "--model_type", "qwen_edit", "--no_gradient_checkpointing",
                                  "--shard_base"])
     assert "base sharded over 8" in runtime.memory_warning(sharded, 8, 40 * 10 ** 9)
+    assert runtime.memory_warning(train.make_config(["--model", "m", "--num_candidates", "4"]), 8, gpu) is None
+    many = runtime.memory_warning(train.make_config(["--model", "m", "--num_candidates", "8",
+                                                     "--no_gradient_checkpointing"]), 8, gpu)
+    assert "with 8 candidates" in many and "2 candidates: " in many
 
 
 def test_the_estimated_recipe_is_train_py_recipe():

@@ -176,6 +176,9 @@ def test_items_load_relative_paths_and_pairs_become_rows_in_both_orders(tmp_path
                                            '"label_rank": [1, 2, 3]}]'])
     with pytest.raises(DataError, match="item 1: .*3 candidates"):
         tj.load_items(bad, LOW, HIGH)
+    tied = _write(tmp_path / "tied.json", ['[{"query": "q", "response": ["a.png", "b.png"], "label_rank": [1, 1]}]'])
+    with pytest.raises(DataError, match="no usable preference pair .*tied label"):
+        tj.load_items(tied, LOW, HIGH)
 
 
 # ---------------------------------------------------------------------------------- meta-evaluation (fake VLM)
@@ -350,6 +353,9 @@ def test_lora_grpo_changes_only_the_lora_then_merges_and_resumes(warm_judge, tmp
         tj.merge(model_dir, tmp_path / "run" / "adapter", tmp_path / "run" / "merged")
     with pytest.raises(DataError, match="already has checkpoints"):
         tj.train(tiny_config(model_dir, data_file, tmp_path / "run"))
+    with pytest.raises(DataError, match="merged holds an earlier export.*--no-merge"):  # before any training
+        tj.train(tiny_config(model_dir, data_file, tmp_path / "run", resume="auto", max_steps=3))
+    assert not (tmp_path / "run" / "checkpoint-3").exists()
     resumed = tj.train(tiny_config(model_dir, data_file, tmp_path / "run", resume="auto", max_steps=3, merge=False))
     assert resumed.state.global_step == 3 and (tmp_path / "run" / "checkpoint-3").is_dir()
 
