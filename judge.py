@@ -313,7 +313,8 @@ class Judge(_PooledJudge):
 class ScoreJudge(_PooledJudge):
     """The T2I-Eval-R1 protocol (arXiv 2505.17897; train_judge.py trains such a judge): each candidate is scored on
     its own with score_messages, in the <think>/<answer> format; the higher score wins and equal scores are a tie
-    (rank None, consistent False: train.py masks the pair). A drop-in for Judge: compare / compare_detailed /
+    (rank None, consistent False: train.py masks the pair; in a listwise group of N > 2, equal scores are half a win
+    each and only an all-equal group is masked). A drop-in for Judge: compare / compare_detailed /
     submit / close, the same Verdict, with `scores`. Text-to-image only. A score sees one image, so there is no
     order to swap and no position to win from (first_position_wins stays empty)."""
     task, swap, prompt_rubrics = "t2i", False, None  # what eval_settings reads
@@ -394,9 +395,14 @@ class GroupJudgment:
         errors = [v.error for v in verdicts.values() if v.error]
         if self.mode == "listwise":
             (v,) = verdicts.values()
-            ranks = v.ranks or ([v.rank] if v.rank else [])  # a judge that reports only its final rank
-            places = mean_rank_places(ranks) if ranks and not v.error else None
-            rates = None if places is None else places_to_win_rates(places)
+            if v.scores is not None and not v.error:  # a scoring judge: equal scores are half a win, not a mask
+                s = v.scores
+                rates = tournament_win_rates({(i, j): 0.5 if s[i] == s[j] else float(s[i] > s[j])
+                                              for i in range(self.n) for j in range(i + 1, self.n)}, self.n)
+            else:
+                ranks = v.ranks or ([v.rank] if v.rank else [])  # a judge that reports only its final rank
+                places = mean_rank_places(ranks) if ranks and not v.error else None
+                rates = None if places is None else places_to_win_rates(places)
         else:  # a pair the judge saw both ways differently is a half win each; a failed pair is left out
             rates = tournament_win_rates({key: None if v.error else 0.5 if v.rank is None else float(v.rank[0] == 1)
                                           for key, v in verdicts.items()}, self.n)

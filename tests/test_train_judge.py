@@ -280,12 +280,17 @@ def test_score_judge_tie_is_masked_and_failures_never_raise():
         with score_judge(fake) as sj:
             tie = sj.compare("p", [grey, grey.copy()])
             assert (tie.rank, tie.consistent, tie.error, tie.scores) == (None, False, None, [3.0, 3.0])
+            masked = judge.submit_group(sj, "p", [grey, grey.copy(), grey.copy()]).result()
+            assert (masked.win_rates, masked.error) == (None, None)          # all equal: no preference
+            bright = Image.new("RGB", (16, 16), (180, 0, 0))                 # a partial tie keeps the group:
+            group = judge.submit_group(sj, "p", [grey, bright, grey.copy()]).result()
+            assert group.win_rates == [0.25, 1.0, 0.25]                      # ties are half a win each
         answers = iter(["<think>hm</think><answer>eleven</answer>", "<think>x</think><answer>7/10</answer>",
                         "<think>y</think><answer>2</answer>"])
         fake.handler = lambda body: next(answers)
         with score_judge(fake) as sj:
             verdict = sj.compare("p", [grey, grey.copy()])          # the first answer is re-asked once
-        assert (verdict.rank, verdict.scores) == ([1, 2], [7.0, 2.0]) and len(fake.requests) == 2 + 3
+        assert (verdict.rank, verdict.scores) == ([1, 2], [7.0, 2.0]) and len(fake.requests) == 2 + 6 + 3
         reask = fake.requests[-2]["messages"]
         assert reask[-2] == {"role": "assistant", "content": "<answer>eleven</answer>"} and "eleven" in \
             reask[-1]["content"]
