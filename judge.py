@@ -50,6 +50,7 @@ Deliberate deviations from the paper and the official code
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -66,7 +67,7 @@ from PIL import Image, ImageDraw
 from arr_rpo import is_ranking, mean_rank_places, places_to_win_rates, tournament_win_rates
 # re-exported: `judge.VLMClient`, `judge.load_pairs` and the error types are the stable API
 from data import DataError, PairItem, load_pairs  # noqa: F401
-from data import MULTI_IMAGE, split_skipped
+from data import MULTI_IMAGE, read_text, split_skipped
 from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, encode_image, extract_json,  # noqa: F401
                         extract_text, failure_reasons, map_concurrently, parse_answer, parse_scores, public_url,
                         server_message, strip_thinking, usage_report)
@@ -76,6 +77,7 @@ BASE_LABEL = "Image BASE (original image):"
 CANDIDATE_LABEL = {"t2i": "Image", "edit": "Edited Image"}  # what the judge calls the candidates
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: score requests would read two files each
 def load_template(name):
     """The text of prompts/{name}.txt (named {placeholders}, literal braces doubled)."""
     return (PROMPT_DIR / f"{name}.txt").read_text(encoding="utf-8")
@@ -135,7 +137,7 @@ class Verdict:
     latency: float = 0.0             # seconds spent in compare()
     ranks: list[list[int]] = field(default_factory=list)  # per valid presentation: its rank in the given order
     calls: int = 0                   # presentations asked (one request each; re-asks of invalid replies not counted)
-    scores: list[float] | None = None  # per candidate, when the judge computes numbers (the demo judge)
+    scores: list[float] | None = None  # per candidate, when the judge scores each one (ScoreJudge, the demo judge)
 
 
 @dataclass
@@ -329,6 +331,11 @@ class ScoreJudge(_PooledJudge):
         self._reask_template = load_template(f"{templates}_reask")
         self._start(client, cache, max_workers)
 
+    def templates(self):
+        """{template name: sha256} of the templates this judge uses (for provenance records)."""
+        return {name: template_sha256(name) for name in (f"{self.template_set}_system", f"{self.template_set}_score",
+                                                         f"{self.template_set}_reask")}
+
     def score(self, prompt, image):
         """One image's score in [low, high]; an answer without one is re-asked up to max_invalid times. Raises
         ReplyError (no usable answer) or JudgeError (the transport failed for good)."""
@@ -421,7 +428,7 @@ def submit_group(judge, prompt, images, mode="listwise", source_image=None):
                                                      source_image=source_image) for key in keys})
 
 
-# ---------------------------------------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------------------------------- evaluation
 
 
 def _digest(text):
@@ -430,7 +437,8 @@ def _digest(text):
 
 def eval_settings(judge):
     """What decides an evaluation's verdicts besides the item: stored in every record so a resume never mixes
-    runs. Rubric texts enter as sha256 prefixes; a callable per-prompt rubric by its qualified name."""
+    runs. Rubric texts, templates and request options enter as sha256 prefixes; a callable per-prompt rubric by its
+    qualified name."""
     extra = judge.prompt_rubrics
     if isinstance(extra, dict):
         extra = _digest(json.dumps(extra, sort_keys=True, ensure_ascii=False))
@@ -438,7 +446,15 @@ def eval_settings(judge):
         extra = f"{getattr(extra, '__module__', '')}.{getattr(extra, '__qualname__', type(extra).__name__)}"
     return {"system_prompt": _digest(judge.system_prompt), "model": judge.client.model, "swap": judge.swap,
             "task": judge.task, "max_invalid": judge.max_invalid, "prompt_rubrics": extra,
-            "max_tokens": judge.client.max_tokens or judge.max_tokens}
+            "max_tokens": judge.client.max_tokens or judge.max_tokens,
+            "templates": _digest(json.dumps(judge.templates(), sort_keys=True)),
+            "request": request_settings(judge.client)}
+
+
+def request_settings(client):
+    """A sha256 prefix of the VLMClient options that change answers (sampling, image encoding, extra body)."""
+    return _digest(json.dumps({name: getattr(client, name) for name in (
+        "temperature", "max_side", "image_format", "jpeg_quality", "extra_body")}, sort_keys=True, default=str))
 
 
 def _record(item, verdict, presentations, settings):
@@ -516,9 +532,11 @@ def evaluate(judge, items, out=None, progress=False):
     (vlm_client.usage_report: requests, prompt_tokens, completion_tokens, cache_hits, unreported, and each of the
     first three per item judged now)."""
     settings = eval_settings(judge)
-    items, skipped = split_skipped(items)
-    spent_before = judge.client.usage()
     done = read_results(out, items, settings) if out is not None and Path(out).exists() else {}
+    items, skipped = split_skipped(items)
+    kept = {item.line for item in items}  # a record of an item skipped now (e.g. a new --min_confidence) is ignored
+    done = {line: record for line, record in done.items() if line in kept}
+    spent_before = judge.client.usage()
     todo = [item for item in items if item.line not in done]
     results = map_concurrently(lambda item: judge.compare_detailed(item.prompt, item.images, item.source_image),
                                todo, judge._max_workers, name="eval")
@@ -568,30 +586,51 @@ def ping_case(task):
     return "A red square on a white background.", [red, blue], None, [1, 2]
 
 
+def add_client_options(parser, timeout=60.0):
+    """The server options of every CLI that calls a VLM (judge.py, rubrics.py, train_judge.py eval; each adds its
+    own --max_tokens help); client_from_args reads them."""
+    parser.add_argument("--base_url", required=True, help="OpenAI-compatible endpoint, usually ending in /v1")
+    parser.add_argument("--model", required=True, help="model name as the server knows it")
+    parser.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    parser.add_argument("--timeout", type=float, default=timeout,
+                        help=f"read timeout per request (default {timeout:g} s)")
+    parser.add_argument("--max_retries", type=int, default=4, help="retries of connection errors, 408/409/429/5xx")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
+    parser.add_argument("--max_side", type=int, default=None, help="downscale images to this longest side")
+    parser.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
+    parser.add_argument("--extra_body", default=None, help='JSON object merged into each request, e.g. '
+                        '\'{"chat_template_kwargs": {"enable_thinking": false}}\'')
+
+
 def client_from_args(args):
+    """The VLMClient of a CLI run (add_client_options); DataError naming the option for a bad value."""
     key = os.environ.get(args.api_key_env)
     if key is None and args.api_key_env != "OPENAI_API_KEY":
         print(f"warning: environment variable {args.api_key_env} is not set; sending no API key", file=sys.stderr)
-    extra = json.loads(args.extra_body) if args.extra_body else None
+    try:
+        extra = json.loads(args.extra_body) if args.extra_body else None
+    except json.JSONDecodeError as e:
+        raise DataError(f"--extra_body: not JSON ({e})") from None
+    if extra is not None and not isinstance(extra, dict):
+        raise DataError(f"--extra_body: expected a JSON object, got {type(extra).__name__}")
     return VLMClient(args.base_url, args.model, api_key=key or "", timeout=args.timeout, max_retries=args.max_retries,
                      max_concurrency=args.concurrency, max_side=args.max_side, max_tokens=args.max_tokens,
                      image_format="JPEG" if args.jpeg else "PNG", extra_body=extra)
 
 
 def _cmd_eval(args):
-    rubrics_path = Path(args.rubrics)
-    if not rubrics_path.is_file():
-        raise DataError(f"{rubrics_path}: rubrics file not found")
-    rubrics = rubrics_path.read_text(encoding="utf-8")
-    if not rubrics.strip():
-        raise DataError(f"{rubrics_path}: rubrics file is empty")
+    rubrics = read_text(args.rubrics, "rubrics")
     items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image)
     task = args.task or ("edit" if any(item.source_image for item in items) else "t2i")
     prompt_rubrics = None
     if args.prompt_rubrics:
-        prompt_rubrics = json.loads(Path(args.prompt_rubrics).read_text(encoding="utf-8"))
-        if not isinstance(prompt_rubrics, dict):
-            raise DataError(f"{args.prompt_rubrics}: expected a JSON object mapping prompt -> rubric text")
+        try:
+            prompt_rubrics = json.loads(read_text(args.prompt_rubrics, "prompt_rubrics"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"--prompt_rubrics: {args.prompt_rubrics} is not JSON ({e})") from None
+        if not isinstance(prompt_rubrics, dict) or not all(isinstance(v, str) for v in prompt_rubrics.values()):
+            raise DataError(f"--prompt_rubrics: {args.prompt_rubrics}: expected a JSON object mapping each prompt to "
+                            "its rubric text")
     with client_from_args(args) as client, Judge(client, rubrics, task=task, swap=not args.no_swap,
                                                   prompt_rubrics=prompt_rubrics, cache=args.cache,
                                                   max_invalid=args.max_invalid) as judge:
@@ -643,18 +682,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Rubric-conditioned VLM judge of ARR (arXiv 2605.08354).")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--base_url", required=True, help="OpenAI-compatible endpoint, usually ending in /v1")
-    common.add_argument("--model", required=True, help="model name as the server knows it")
-    common.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    common.add_argument("--timeout", type=float, default=60.0, help="read timeout per request, seconds")
-    common.add_argument("--max_retries", type=int, default=4, help="retries of connection errors, 408/409/429/5xx")
-    common.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
-    common.add_argument("--max_side", type=int, default=None, help="downscale images to this longest side")
-    common.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
+    add_client_options(common)
     common.add_argument("--max_tokens", type=int, default=None, help="completion tokens per request at most "
                         "(default 1024); a judgment sends up to 2 orders x (1 + max_invalid) requests")
-    common.add_argument("--extra_body", default=None, help='JSON merged into each request, e.g. '
-                        '\'{"chat_template_kwargs": {"enable_thinking": false}}\'')
     common.add_argument("--no_swap", action="store_true", help="judge only the given order")
     common.add_argument("--rubrics", default=None, help="rubric text file")
     ev = sub.add_parser("eval", parents=[common], help="accuracy and position bias on preference pairs")

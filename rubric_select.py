@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from judge import Judge, load_template
-from rubrics import (INPUT_LABEL, _ask, _check_label, _check_task, _client, _image_parts, _prepare_outputs, _schema,
+from judge import Judge, client_from_args, load_template
+from rubrics import (INPUT_LABEL, _ask, _check_label, _check_task, _image_parts, _prepare_outputs, _schema,
                      _sidecar_path, _task_of, _templates_used, file_sha256, load_labelled, numbered, read_rubric_list)
 from vlm_client import JudgeError, ResponseCache, map_concurrently, public_url
 
@@ -195,7 +195,7 @@ def cmd_select(args):
     args.task = _task_of(args.task, items)
     if len(items) < 2:
         raise ValueError(f"{data}: need at least 2 pairs, got {len(items)}")
-    client = _client(args)
+    client = client_from_args(args)
     cache = ResponseCache(args.cache) if args.cache else None
     print(f"scoring {len(candidates)} rubrics on {len(items)} pairs ({args.mode}) with {args.model}", flush=True)
     step = max(1, len(items) * len(candidates) // 10)

@@ -12,7 +12,7 @@ Run (the API key, if the server needs one, is read from OPENAI_API_KEY by vlm_cl
     python rubrics.py select --data pairs.json --rubrics candidates.txt --base_url URL --model NAME --top_n 5 \
         --out selected.txt [--l1 0.01] [--holdout 0.3] [--mode pairwise|pointwise] [--seed 0]
     python rubrics.py prompt --data prompts.txt --base_url URL --model NAME --out prompt_rubrics.json
-    every command also takes [--max_tokens N] [--min_confidence 0.95] [--multi_image error|first|skip]; induce
+    every command also takes [--api_key_env VAR] [--max_tokens N] [--min_confidence 0.95] [--multi_image ...]; induce
     prints the skipped items, the failure reasons with counts and the requests and tokens spent (stderr)
 `induce` writes the rubric text (what `judge.py eval --rubrics` and `train.py --rubrics` read) and a provenance
 sidecar `rubrics.json`; `select` writes the selected rubrics and `selected.json` with their weights and held-out
@@ -59,11 +59,11 @@ import threading
 from pathlib import Path
 
 from arr_rpo import is_ranking
-from data import load_pairs, split_skipped
-from judge import (CANDIDATE_LABEL, Judge, add_data_options, labelled_images, load_template, print_report,
-                   template_sha256)
-from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, failure_reasons, map_concurrently,
-                        public_url, usage_report)
+from data import load_pairs, load_prompts, split_skipped
+from judge import (CANDIDATE_LABEL, Judge, add_client_options, add_data_options, client_from_args, labelled_images,
+                   load_template, print_report, template_sha256)
+from vlm_client import (JudgeError, ReplyError, ResponseCache, failure_reasons, map_concurrently, public_url,
+                        usage_report)
 
 TASKS = ("t2i", "edit")
 # What the text input of an item is called in our prompts, and the judge's labels for the images.
@@ -479,16 +479,6 @@ def _task_of(task, items):
     return task or ("edit" if any(item.source_image for item in items) else "t2i")
 
 
-def _client(args):
-    """The VLM client of a CLI run. The API key is judge.VLMClient's documented fallback, OPENAI_API_KEY."""
-    extra_body = json.loads(args.extra_body) if args.extra_body else None
-    if extra_body is not None and not isinstance(extra_body, dict):
-        raise ValueError("--extra_body must be a JSON object")
-    return VLMClient(args.base_url, args.model, timeout=args.timeout, max_retries=args.max_retries,
-                     max_concurrency=args.concurrency, max_side=args.max_side, max_tokens=args.max_tokens,
-                     image_format="JPEG" if args.jpeg else "PNG", extra_body=extra_body)
-
-
 def load_labelled(args):
     """(the labelled pairs of --data to use, {skip reason: count} of the others), as --min_confidence and
     --multi_image say; ValueError when none is left."""
@@ -518,7 +508,7 @@ def cmd_induce(args):
         raise ValueError(f"--cache {cache_path} is the data file or an output file")
     items, skipped = load_labelled(args)
     args.task = _task_of(args.task, items)
-    client = _client(args)
+    client = client_from_args(args)
     before = client.usage()
     print(f"inducing rubrics from {len(items)} items of {data} with {args.model}: k={args.num_rubrics}, "
           f"max_refine={args.max_refine}, categories={args.categories}, concurrency={args.concurrency}, "
@@ -579,16 +569,16 @@ def cmd_prompt(args):
     data, out = Path(args.data), Path(args.out)
     _prepare_outputs(data, [out], args.force)
     if data.suffix == ".txt":
-        prompts = [line.strip() for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [item.prompt for item in load_prompts(data, "t2i", "data")]
         args.task = args.task or "t2i"
     else:
-        items = load_pairs(data, task=args.task, multi_image=args.multi_image)
+        items = load_pairs(data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image)
         args.task = _task_of(args.task, items)
         prompts = [item.prompt for item in items]
     prompts = list(dict.fromkeys(prompts))
     if not prompts:
         raise ValueError(f"{data}: no prompts")
-    client = _client(args)
+    client = client_from_args(args)
     cache = ResponseCache(args.cache) if args.cache else None
     texts, failures = {}, 0
     try:
@@ -625,16 +615,9 @@ def build_parser():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--data", required=True, help="labelled pairs (any format `judge.py eval` reads); for "
                        "`prompt` also a .txt file with one prompt per line")
-        p.add_argument("--base_url", required=True, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-        p.add_argument("--model", required=True, help="model name as the server knows it")
+        add_client_options(p)
         p.add_argument("--out", required=True, help="file to write (induce/select: a .json sidecar goes next to it)")
         p.add_argument("--task", choices=TASKS, default=None, help="default: edit when items have a source image")
-        p.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
-        p.add_argument("--timeout", type=float, default=60.0, help="read timeout per request, seconds")
-        p.add_argument("--max_retries", type=int, default=4, help="retries of connection errors, 408/409/429/5xx")
-        p.add_argument("--max_side", type=int, default=None, help="downscale images to this longest side")
-        p.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
-        p.add_argument("--extra_body", default=None, help="JSON object merged into each request")
         p.add_argument("--max_tokens", type=int, default=None, help="completion tokens per request at most "
                        "(default 2048 for rubric requests, 1024 for judgments)")
         add_data_options(p)

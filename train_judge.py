@@ -479,7 +479,8 @@ def evaluate(client, items, low, high, templates="t2i_eval", out=None, swap=True
     failure reasons and the requests and tokens spent."""
     names = ("system", "score" if isinstance(items[0], ScoredItem) else "pair")
     settings = {"model": client.model, "low": low, "high": high, "swap": swap, "max_tokens": client.max_tokens,
-                "templates": {name: judge.template_sha256(f"{templates}_{name}")[:16] for name in names}}
+                "templates": {name: judge.template_sha256(f"{templates}_{name}")[:16] for name in names},
+                "request": judge.request_settings(client)}
     spent_before = client.usage()
     done = judge.read_results(out, items, settings) if out is not None and Path(out).exists() else {}
     todo = [item for item in items if item.line not in done]
@@ -642,26 +643,16 @@ def main(argv=None):
     mg.add_argument("--bf16", action="store_true", help="save bfloat16 weights")
     mg.add_argument("--max_pixels", type=int, default=None, help="the pixel budget the judge trained with")
     ev = sub.add_parser("eval", help="meta-evaluation of a served judge (Spearman / Kendall, or pair accuracy)")
+    ev.add_argument("--data", required=True, help="single-wise JSONL or preference pairs")
+    judge.add_client_options(ev, timeout=120.0)  # a reasoning answer takes longer than a JSON verdict
     for flag, kind, default, help_text in [
-            ("--data", str, None, "single-wise JSONL or preference pairs (required)"),
-            ("--base_url", str, None, "OpenAI-compatible endpoint, usually ending in /v1 (required)"),
-            ("--model", str, None, "model name as the server knows it (required)"),
             ("--low", float, 0.0, "lowest score of the scale"), ("--high", float, 10.0, "highest score of the scale"),
             ("--templates", str, "t2i_eval", "the prompt set the judge was trained with"),
             ("--out", str, None, "results JSONL (one line per item); resumed when it exists"),
-            ("--max_tokens", int, 1024, "completion tokens per request (think + answer)"),
-            ("--api_key_env", str, "OPENAI_API_KEY", "environment variable holding the API key"),
-            ("--timeout", float, 120.0, "read timeout per request, seconds"),
-            ("--max_retries", int, 4, "retries of connection errors, 408/409/429/5xx"),
-            ("--concurrency", int, 8, "requests in flight at most"),
-            ("--max_side", int, None, "downscale images to this longest side"),
-            ("--extra_body", str, None, "JSON merged into each request"),
-            ("--min_confidence", float, None, "drop pairs whose 'confidence' (HPDv3) is lower")]:
-        ev.add_argument(flag, type=kind, default=default, required="(required)" in help_text,
-                        help=help_text if "(required)" in help_text else f"{help_text} (default: {default})")
+            ("--max_tokens", int, 1024, "completion tokens per request (think + answer)")]:
+        ev.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
     ev.add_argument("--no_swap", action="store_true", help="judge pairs only in the given order")
-    ev.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
-    ev.add_argument("--multi_image", choices=data.MULTI_IMAGE, default="error", help="an MMRB2 multi-image response")
+    judge.add_data_options(ev)
     args = parser.parse_args(argv or ["demo"])
     try:
         if args.command == "eval":

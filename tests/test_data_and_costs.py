@@ -122,6 +122,34 @@ def test_min_confidence_drops_low_agreement_hpdv3_pairs(tmp_path, fake, rubric, 
         load_pairs(shipped_data.ties(tmp_path / "t"), min_confidence=0.5)
 
 
+def test_resume_follows_a_new_min_confidence_and_refuses_other_request_options(tmp_path, fake, rubric, capsys):
+    data, out = shipped_data.hpdv3(tmp_path, confidences=(1.0, 0.97, 0.6, 0.95)), tmp_path / "results.jsonl"
+    assert eval_cli(fake, data, rubric, "--out", out) == 0 and len(fake.requests) == 8
+    capsys.readouterr()
+    assert eval_cli(fake, data, rubric, "--out", out, "--min_confidence", "0.95") == 0  # its record is ignored
+    summary = summary_of(capsys.readouterr().out)
+    assert summary["n"] == 3 and summary["skipped"] == {"confidence < 0.95": 1} and len(fake.requests) == 8
+    assert eval_cli(fake, data, rubric, "--out", out, "--max_side", "16") == 2  # other images: other verdicts
+    assert "was produced with other settings (request:" in capsys.readouterr().err and len(fake.requests) == 8
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--extra_body", "{nope", "--extra_body: not JSON"),
+    ("--extra_body", "[1]", "--extra_body: expected a JSON object, got list"),
+    ("--prompt_rubrics", '{"a red square": 3}', "expected a JSON object mapping each prompt to its rubric text"),
+    ("--prompt_rubrics", "{nope", "is not JSON"),
+])
+def test_bad_option_values_name_the_option(tmp_path, fake, rubric, capsys, option, value, message):
+    data = shipped_data.hpdv3(tmp_path, confidences=(1.0,))
+    if option == "--prompt_rubrics":
+        (tmp_path / "per_prompt.json").write_text(value)
+        value = tmp_path / "per_prompt.json"
+    assert eval_cli(fake, data, rubric, option, value) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option}") and message in err and "Traceback" not in err
+    assert fake.requests == []
+
+
 def test_multi_image_responses_are_an_error_or_an_explicit_choice(tmp_path, fake, rubric, capsys):
     data = shipped_data.mmrb2(tmp_path)
     with pytest.raises(DataError, match=r"t2i.json: pair 2: field 'response_b': the response holds 3 images"):
