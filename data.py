@@ -6,9 +6,9 @@ prompt files RPO trains on.
   chosen "A" / "B"), as `PairItem`s. What `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and
   `train_judge.py` read. Items that carry no usable preference stay in the list with `skip` set (a tied label, a
   confidence under min_confidence, a multi-image response with multi_image="skip"); `split_skipped` separates them
-  and counts them.
-- `load_prompts(path, task)`: RPO's training / eval prompts: a text file with one prompt per line (text-to-image) or
-  JSONL {"source_image", "instruction"} (editing), as `Item`s.
+  and counts them; `task_of` picks the task of a run when --task is not given.
+- `load_prompts(path, task, flag)`: RPO's training / eval prompts (flag: the option named in errors): a text file
+  with one prompt per line (text-to-image) or JSONL {"source_image", "instruction"} (editing), as `Item`s.
 Bad input raises `DataError` naming the file, the line or item, and the field.
 
 Run: nothing to run; `python -m pytest tests/test_judge.py -k pairs` and `tests/test_train.py -k edit_jsonl`.
@@ -16,7 +16,9 @@ Run: nothing to run; `python -m pytest tests/test_judge.py -k pairs` and `tests/
 
 Image paths: a URL passes through; an absolute path is used as it is; a relative one is looked up next to the data
 file, then in the working directory (the official loader only tries the working directory, and its own examples
-are written relative to its repository root); a missing image is an error naming every place tried.
+are written relative to its repository root); a missing image is an error naming every place tried. RPO's editing
+prompt files look up their source images the same way, except that a URL is an error there (the policy reads the
+pixels).
 
 Deliberate deviations from the official code
     1. A label is a permutation of 1..N (`arr_rpo.is_ranking`) or a tie such as [1, 1]; a tie is loaded but
@@ -92,16 +94,32 @@ def split_skipped(items):
     return [item for item in items if item.skip is None], skipped
 
 
+def task_of(task, items):
+    """The task of a run over `items` (PairItem or Item): `task` when given ("t2i" or "edit"), else "edit" when any
+    item has a source image, else "t2i". What `judge.py eval` and `rubrics.py` decide when --task is not given."""
+    if task not in (None, "t2i", "edit"):
+        raise ValueError(f"task must be None, 't2i' or 'edit', got {task!r}")
+    return task or ("edit" if any(item.source_image is not None for item in items) else "t2i")
+
+
 def read_records(path):
-    """[(location, object)] where location = (kind, number) with kind "item" (JSON list), "pair" (MMRB2), "line"."""
-    text = path.read_text(encoding="utf-8")
+    """[(location, object)] where location = (kind, number) with kind "item" (JSON list), "pair" (MMRB2), "line".
+
+    A .jsonl file is JSON lines; any other file is one JSON document, or JSON lines when it does not parse as one
+    and its first line is a complete JSON value (see `_meant_as_document`), so a syntax error is reported at the
+    line and column where it is."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if path.suffix.lower() != ".jsonl":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            if text.lstrip().startswith("[") or "\n" not in text.strip():
+            if _meant_as_document(text):
                 raise DataError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-            data = None  # several lines that are not one JSON document: read as JSONL
+            data = None  # one complete JSON value per line: read as JSONL, whose errors name the line
         if isinstance(data, list):
             return [(("item", i + 1), obj) for i, obj in enumerate(data)]
         if isinstance(data, dict) and "pairs" in data:
@@ -121,6 +139,20 @@ def read_records(path):
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
     return records
+
+
+def _meant_as_document(text):
+    """Whether text that json cannot parse as a whole was still meant as one JSON document, not JSON lines: it opens
+    a list, is one line, or its first non-empty line is not a complete JSON value by itself (a pretty-printed object,
+    such as MMRB2's {"pairs": [...]}, opens with "{" alone), so json's own line and column locate the error."""
+    if text.lstrip().startswith("[") or "\n" not in text.strip():
+        return True
+    first = next(line for line in text.splitlines() if line.strip())
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return True
+    return False
 
 
 def _to_pair(path, location, obj, task, min_confidence, multi_image):
@@ -160,14 +192,25 @@ def resolve_image(path, where, key, value):
         raise DataError(f"{where}: field '{key}': expected an image path or URL, got {short_repr(value)}")
     if is_url(value):
         return value
+    found, places = find_image(path, value)
+    if found is None:
+        raise DataError(f"{where}: field '{key}': image file not found: {value!r}; tried {places}")
+    return found
+
+
+def find_image(path, value):
+    """(the image file a local path `value` in data file `path` names, or None; the places tried, for messages).
+
+    An absolute path is used as it is; a relative one is looked up next to the data file, then in the working
+    directory. What `resolve_image` (pair files) and `load_prompts` (RPO prompt files) share."""
     image = Path(value.removeprefix("file://")).expanduser()
-    tried = [image] if image.is_absolute() else list(dict.fromkeys([path.parent / image, Path.cwd() / image]))
+    tried = [image] if image.is_absolute() else list(dict.fromkeys([Path(path).parent / image, Path.cwd() / image]))
     for candidate in tried:
         if candidate.is_file():
-            return str(candidate)
+            return str(candidate), None
     places = " and ".join(f"{candidate} ({'absolute' if image.is_absolute() else where_from})"
                           for candidate, where_from in zip(tried, ("next to the data file", "working directory")))
-    raise DataError(f"{where}: field '{key}': image file not found: {value!r}; tried {places}")
+    return None, places
 
 
 def _check_label(where, key, label, n):
@@ -296,9 +339,30 @@ def read_text(path, flag):
     return text
 
 
+def load_prompt_rubrics(path, flag):
+    """{prompt: rubric text} from a JSON file (what `rubrics.py prompt` writes), given by option `flag`."""
+    try:
+        rubrics = json.loads(read_text(path, flag))
+    except json.JSONDecodeError as e:
+        raise DataError(f"--{flag}: {path} is not JSON ({e})") from None
+    if not isinstance(rubrics, dict) or not all(isinstance(v, str) for v in rubrics.values()):
+        raise DataError(f"--{flag}: {path}: expected a JSON object mapping each prompt to its rubric text")
+    return rubrics
+
+
+def add_data_options(parser):
+    """--min_confidence and --multi_image: the load_pairs options every CLI that reads pairs offers."""
+    parser.add_argument("--min_confidence", type=float, default=None, help="skip pairs whose 'confidence' (HPDv3) "
+                        "is lower, e.g. 0.95 as HPSv3 trains")
+    parser.add_argument("--multi_image", choices=MULTI_IMAGE, default="error", help="an MMRB2 response with "
+                        "several images: an error, judged by its first image, or skipped")
+
+
 def load_prompts(path, task, flag):
-    """Prompt file -> [Item]. t2i: one prompt per line. edit: JSONL {source_image, instruction}, with source paths
-    relative to the file, every image opened now (a broken one fails before any model loads)."""
+    """Prompt file -> [Item]. t2i: one prompt per line. edit: JSONL {source_image, instruction}: a non-empty text
+    instruction, and a source image path looked up as pair files look up theirs (`find_image`: absolute, next to
+    the file, then the working directory; not a URL, since the policy opens the pixels), every image opened now (a
+    broken one fails before any model loads). Bad input raises DataError naming the file, the line and the field."""
     items = []
     for n, line in enumerate(read_text(path, flag).splitlines(), start=1):
         if not line.strip():
@@ -306,18 +370,37 @@ def load_prompts(path, task, flag):
         if task == "t2i":
             items.append(Item(line.strip(), None, n))
             continue
+        where = f"--{flag}: {path}:{n}"
         try:
             record = json.loads(line)
-            source, instruction = Path(path).parent / record["source_image"], str(record["instruction"]).strip()
+            value, instruction = record["source_image"], record["instruction"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"--{flag}: {path}:{n}: expected JSON with source_image and instruction ({e})") from None
+            raise DataError(f"{where}: expected JSON with source_image and instruction ({e})") from None
+        if not isinstance(instruction, str) or not instruction.strip():
+            # str() would turn null into the prompt "None" and train on it
+            raise DataError(f"{where}: field 'instruction': expected a non-empty text instruction, "
+                            f"got {short_repr(instruction)}")
+        source = _source_path(path, where, value)
         try:
             with Image.open(source) as image:
                 image.verify()
         except Exception as e:  # PIL raises several types for truncated or foreign files
-            raise DataError(f"--{flag}: {path}:{n}: cannot read source_image {source} ({e})") from None
-        items.append(Item(instruction, str(source), n))
+            raise DataError(f"{where}: cannot read source_image {source} ({e})") from None
+        items.append(Item(instruction.strip(), source, n))
     return items
+
+
+def _source_path(path, where, value):
+    """The local file of an editing prompt's source_image, or DataError naming every place tried."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field 'source_image': expected an image path, got {short_repr(value)}")
+    if is_url(value):
+        raise DataError(f"{where}: field 'source_image': {value!r} is a URL; training reads the source image's "
+                        "pixels, so download it and give its path")
+    found, places = find_image(path, value)
+    if found is None:
+        raise DataError(f"{where}: cannot read source_image {value!r}: image file not found; tried {places}")
+    return found
 
 
 def open_source(item):

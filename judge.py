@@ -67,7 +67,7 @@ from PIL import Image, ImageDraw
 from arr_rpo import is_ranking, mean_rank_places, places_to_win_rates, tournament_win_rates
 # re-exported: `judge.VLMClient`, `judge.load_pairs` and the error types are the stable API
 from data import DataError, PairItem, load_pairs  # noqa: F401
-from data import MULTI_IMAGE, read_text, split_skipped
+from data import add_data_options, load_prompt_rubrics, read_text, split_skipped, task_of
 from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, encode_image, extract_json,  # noqa: F401
                         extract_text, failure_reasons, map_concurrently, parse_answer, parse_scores, public_url,
                         server_message, strip_thinking, usage_report)
@@ -621,16 +621,8 @@ def client_from_args(args):
 def _cmd_eval(args):
     rubrics = read_text(args.rubrics, "rubrics")
     items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image)
-    task = args.task or ("edit" if any(item.source_image for item in items) else "t2i")
-    prompt_rubrics = None
-    if args.prompt_rubrics:
-        try:
-            prompt_rubrics = json.loads(read_text(args.prompt_rubrics, "prompt_rubrics"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"--prompt_rubrics: {args.prompt_rubrics} is not JSON ({e})") from None
-        if not isinstance(prompt_rubrics, dict) or not all(isinstance(v, str) for v in prompt_rubrics.values()):
-            raise DataError(f"--prompt_rubrics: {args.prompt_rubrics}: expected a JSON object mapping each prompt to "
-                            "its rubric text")
+    task = task_of(args.task, items)
+    prompt_rubrics = load_prompt_rubrics(args.prompt_rubrics, "prompt_rubrics") if args.prompt_rubrics else None
     with client_from_args(args) as client, Judge(client, rubrics, task=task, swap=not args.no_swap,
                                                   prompt_rubrics=prompt_rubrics, cache=args.cache,
                                                   max_invalid=args.max_invalid) as judge:
@@ -656,7 +648,7 @@ def print_report(summary, unit, tag="judge"):
 
 
 def _cmd_ping(args):
-    rubrics = Path(args.rubrics).read_text(encoding="utf-8") if args.rubrics else PING_RUBRIC
+    rubrics = read_text(args.rubrics, "rubrics") if args.rubrics else PING_RUBRIC
     prompt, images, source, expected = ping_case(args.task)
     with client_from_args(args) as client, Judge(client, rubrics, task=args.task, swap=not args.no_swap) as judge:
         verdict = judge.compare(prompt, images, source)
@@ -668,14 +660,6 @@ def _cmd_ping(args):
         print(f"ping failed: expected rank {expected}, got {verdict.rank} ({why[:600]})", file=sys.stderr)
         return 1
     return 0
-
-
-def add_data_options(parser):
-    """--min_confidence and --multi_image: the load_pairs options every CLI that reads pairs offers."""
-    parser.add_argument("--min_confidence", type=float, default=None, help="skip pairs whose 'confidence' (HPDv3) "
-                        "is lower, e.g. 0.95 as HPSv3 trains")
-    parser.add_argument("--multi_image", choices=MULTI_IMAGE, default="error", help="an MMRB2 response with "
-                        "several images: an error, judged by its first image, or skipped")
 
 
 def main(argv=None):

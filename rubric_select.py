@@ -10,7 +10,10 @@ are kept (Top-N). Here:
 Run:
     python rubrics.py select --data pairs.json --rubrics candidates.txt --base_url URL --model NAME --top_n 5 \
         --out selected.txt [--l1 0.01] [--holdout 0.3] [--mode pairwise|pointwise] [--seed 0]
-writes the selected rubrics and `selected.json` with their weights and held-out accuracies.
+writes the selected rubrics and `selected.json` with their weights and held-out accuracies. --holdout is the
+fraction of the pairs scored without judge errors held out (rounded); at least one pair always stays to fit on, so
+a holdout that would take them all holds out one pair fewer (and says so). Judge failures are reported on stderr
+with their reasons and counts, as `rubrics.py induce` and `judge.py eval` report them.
 
 Deliberate deviations from the paper
     1. `select_rubrics_l1` fits the logistic model without an intercept: `diffs` flip sign when the two candidates
@@ -22,14 +25,16 @@ Deliberate deviations from the paper
 """
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-from judge import Judge, client_from_args, load_template
+from data import task_of
+from judge import Judge, client_from_args, load_template, print_report
 from rubrics import (INPUT_LABEL, _ask, _check_label, _check_task, _image_parts, _prepare_outputs, _schema,
-                     _sidecar_path, _task_of, _templates_used, file_sha256, load_labelled, numbered, read_rubric_list)
-from vlm_client import JudgeError, ResponseCache, map_concurrently, public_url
+                     _sidecar_path, _templates_used, file_sha256, load_labelled, numbered, read_rubric_list)
+from vlm_client import JudgeError, ResponseCache, failure_reasons, map_concurrently, public_url, usage_report
 
 SCORE_SCHEMA = _schema("score", {"score": {"type": "integer", "minimum": 1, "maximum": 5},
                                  "reason": {"type": "string"}}, ["score", "reason"])
@@ -64,6 +69,8 @@ def select_rubrics_l1(diffs, labels, top_n, l1=0.01, max_iter=10000, tol=1e-9):
         raise ValueError(f"diffs must be (P, R) and labels (P,), got {tuple(diffs.shape)} and {tuple(labels.shape)}")
     if not torch.isfinite(diffs).all() or not torch.isfinite(labels).all():
         raise ValueError("diffs and labels must be finite (drop pairs whose scoring failed)")
+    if diffs.shape[0] == 0:
+        raise ValueError("no pairs to fit the rubric weights on (diffs has 0 rows)")
     if top_n < 1 or l1 < 0:
         raise ValueError("top_n must be >= 1 and l1 >= 0")
     out_dtype = diffs.dtype if diffs.is_floating_point() else torch.get_default_dtype()
@@ -104,14 +111,17 @@ def select_rubrics_l1(diffs, labels, top_n, l1=0.01, max_iter=10000, tol=1e-9):
     return indices, w.to(out_dtype)
 
 
-def score_rubrics(client, items, rubrics, mode="pairwise", task="t2i", retries=2, cache=None, progress=None):
+def score_rubrics(client, items, rubrics, mode="pairwise", task="t2i", retries=2, cache=None, progress=None,
+                  errors=None):
     """Score every rubric on every labelled pair with the judge; returns (diffs (P, R), labels (P,)).
 
     mode "pairwise": one order-swapped judgment per (pair, rubric) with that rubric alone as the judge's rubric;
         diff = +1 if the first candidate wins in both orders, -1 if the second does, 0 if the orders disagree.
     mode "pointwise": a 1-5 score per (candidate, rubric) with prompts/rubric_score.txt; diff = s_first - s_second.
     A (pair, rubric) whose judgment failed is NaN, never a silent 0. labels[p] = 1.0 where the first candidate is
-    preferred. cache: a judge.ResponseCache (None: the client's own). progress: optional callable(done, total).
+    preferred. retries: re-asks of an invalid reply (the judge's max_invalid in pairwise mode). cache: a
+    judge.ResponseCache (None: the client's own). progress: optional callable(done, total). errors: an optional list
+    that receives the error text of every failed (pair, rubric) judgment (for vlm_client.failure_reasons).
     """
     _check_task(task)
     if mode not in ("pairwise", "pointwise"):
@@ -122,24 +132,30 @@ def score_rubrics(client, items, rubrics, mode="pairwise", task="t2i", retries=2
             raise ValueError(f"item at line {item.line}: rubric scoring needs pairs, got {len(item.images)} images")
     labels = torch.tensor([1.0 if item.label_rank[0] < item.label_rank[1] else 0.0 for item in items])  # (P,)
     diffs = torch.full((len(items), len(rubrics)), float("nan"), dtype=torch.float64)  # (P, R)
-    judges = [Judge(client, rubric, task=task, swap=True, cache=cache) for rubric in rubrics] if mode == "pairwise" \
-        else []
+    judges = [Judge(client, rubric, task=task, swap=True, cache=cache, max_invalid=retries) for rubric in rubrics] \
+        if mode == "pairwise" else []
 
     def run(p, r):
+        """(score difference or NaN, error text or None) of one (pair, rubric)."""
         item = items[p]
         if mode == "pairwise":
             verdict = judges[r].compare(item.prompt, list(item.images), source_image=item.source_image)
             if verdict.error is not None:
-                return float("nan")
-            return 0.0 if verdict.rank is None else (1.0 if verdict.rank[0] < verdict.rank[1] else -1.0)
-        scores = [_pointwise_score(client, item, c, rubrics[r], task, retries, cache) for c in range(2)]
-        return float("nan") if None in scores else scores[0] - scores[1]
+                return float("nan"), verdict.error
+            return 0.0 if verdict.rank is None else (1.0 if verdict.rank[0] < verdict.rank[1] else -1.0), None
+        scores, failures = zip(*[_pointwise_score(client, item, c, rubrics[r], task, retries, cache)
+                                 for c in range(2)])
+        if None in scores:
+            return float("nan"), "; ".join(failure for failure in failures if failure)
+        return scores[0] - scores[1], None
 
     cells = [(p, r) for p in range(len(items)) for r in range(len(rubrics))]
     results = map_concurrently(lambda cell: run(*cell), cells, client.max_concurrency, name="score")
     try:
         for done, (i, future) in enumerate(results, start=1):
-            diffs[cells[i]] = future.result()
+            diffs[cells[i]], error = future.result()
+            if error is not None and errors is not None:
+                errors.append(error)
             if progress is not None:
                 progress(done, len(cells))
     finally:
@@ -159,16 +175,16 @@ def _score(obj):
 
 
 def _pointwise_score(client, item, candidate, rubric, task, retries, cache):
-    """1-5 score of one candidate under one rubric, or None when the judge failed."""
+    """(1-5 score of one candidate under one rubric, None) or (None, the error) when the judge failed."""
     parts = _image_parts(client, item, task, [item.images[candidate]], "Candidate image")
     text = load_template("rubric_score").format(
         task=load_template(f"rubric_task_{task}"), rubric=rubric, input_label=INPUT_LABEL[task], prompt=item.prompt)
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
     try:
         return _ask(client, messages, SCORE_SCHEMA, _score, retries, cache,
-                    f"pointwise score of item at line {item.line}")
-    except JudgeError:
-        return None
+                    f"pointwise score of item at line {item.line}"), None
+    except JudgeError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def weighted_accuracy(diffs, labels, weights):
@@ -177,7 +193,6 @@ def weighted_accuracy(diffs, labels, weights):
     first = (labels > 0.5).to(torch.float64)  # (P,)
     correct = torch.where(score == 0, torch.full_like(score, 0.5), ((score > 0).to(torch.float64) == first).double())
     return correct.mean().item() if len(correct) else float("nan")
-
 
 
 def cmd_select(args):
@@ -191,8 +206,8 @@ def cmd_select(args):
     candidates = read_rubric_list(args.rubrics)
     if not 1 <= args.top_n <= len(candidates):
         raise ValueError(f"--top_n must be in 1..{len(candidates)} (the number of candidate rubrics)")
-    items, _ = load_labelled(args)
-    args.task = _task_of(args.task, items)
+    items, skipped = load_labelled(args)
+    args.task = task_of(args.task, items)
     if len(items) < 2:
         raise ValueError(f"{data}: need at least 2 pairs, got {len(items)}")
     client = client_from_args(args)
@@ -204,20 +219,31 @@ def cmd_select(args):
         if done % step == 0 or done == total:
             print(f"[{done}/{total}] judgments", flush=True)
 
+    errors, before = [], client.usage()
     try:
         with client:
             diffs, labels = score_rubrics(client, items, candidates, mode=args.mode, task=args.task, cache=cache,
-                                          progress=progress)
+                                          progress=progress, errors=errors)
     finally:
         if cache is not None:
             cache.close()
+    reasons = failure_reasons(errors)
+    print_report({"skipped": skipped, "failure_reasons": reasons,
+                  **usage_report(before, client.usage(), {"judgment": len(items) * len(candidates)})},
+                 "pairs", tag="rubrics")
     ok = torch.isfinite(diffs).all(dim=1)  # (P,)
     n_dropped = int((~ok).sum())
     diffs, labels = diffs[ok], labels[ok]  # (P', R), (P',)
     if len(labels) < 2:
-        raise ValueError(f"only {len(labels)} pairs were scored without judge errors; need at least 2")
+        raise ValueError(f"only {len(labels)} pairs were scored without judge errors; need at least 2 (the "
+                         "failure reasons are above)")
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
     n_hold = round(args.holdout * len(labels))
+    if n_hold >= len(labels):
+        # an empty training split has nothing to fit; the scored pairs are paid for, so keep one rather than fail
+        n_hold = len(labels) - 1
+        print(f"warning: --holdout {args.holdout} of {len(labels)} scored pairs would leave none to fit on; "
+              f"holding out {n_hold}", file=sys.stderr)
     hold, train = perm[:n_hold], perm[n_hold:]
     evaluation = hold if n_hold else train
     indices, weights = select_rubrics_l1(diffs[train], labels[train], args.top_n, l1=args.l1)
@@ -269,6 +295,8 @@ def cmd_select(args):
         "seed": args.seed,
         "n_pairs": len(items),
         "n_dropped": n_dropped,
+        "skipped": skipped,
+        "failure_reasons": reasons,
         "n_train": len(train),
         "n_holdout": n_hold,
         "selected": [{"index": i, "rubric": candidates[i], "weight": weights[i].item()} for i in indices.tolist()],

@@ -59,8 +59,8 @@ import threading
 from pathlib import Path
 
 from arr_rpo import is_ranking
-from data import load_pairs, load_prompts, split_skipped
-from judge import (CANDIDATE_LABEL, Judge, add_client_options, add_data_options, client_from_args, labelled_images,
+from data import add_data_options, load_pairs, load_prompts, split_skipped, task_of
+from judge import (CANDIDATE_LABEL, Judge, add_client_options, client_from_args, labelled_images,
                    load_template, print_report, template_sha256)
 from vlm_client import (JudgeError, ReplyError, ResponseCache, failure_reasons, map_concurrently, public_url,
                         usage_report)
@@ -474,11 +474,6 @@ def _templates_used(names):
     return {name: template_sha256(name) for name in names}
 
 
-def _task_of(task, items):
-    """The --task given, else "edit" when any item has a source image (as `judge.py eval` decides)."""
-    return task or ("edit" if any(item.source_image for item in items) else "t2i")
-
-
 def load_labelled(args):
     """(the labelled pairs of --data to use, {skip reason: count} of the others), as --min_confidence and
     --multi_image say; ValueError when none is left."""
@@ -507,7 +502,7 @@ def cmd_induce(args):
     if cache_path.resolve() in (data.resolve(), out.resolve(), sidecar.resolve()):
         raise ValueError(f"--cache {cache_path} is the data file or an output file")
     items, skipped = load_labelled(args)
-    args.task = _task_of(args.task, items)
+    args.task = task_of(args.task, items)
     client = client_from_args(args)
     before = client.usage()
     print(f"inducing rubrics from {len(items)} items of {data} with {args.model}: k={args.num_rubrics}, "
@@ -573,7 +568,7 @@ def cmd_prompt(args):
         args.task = args.task or "t2i"
     else:
         items = load_pairs(data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image)
-        args.task = _task_of(args.task, items)
+        args.task = task_of(args.task, items)
         prompts = [item.prompt for item in items]
     prompts = list(dict.fromkeys(prompts))
     if not prompts:

@@ -652,7 +652,7 @@ def main(argv=None):
             ("--max_tokens", int, 1024, "completion tokens per request (think + answer)")]:
         ev.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
     ev.add_argument("--no_swap", action="store_true", help="judge pairs only in the given order")
-    judge.add_data_options(ev)
+    data.add_data_options(ev)
     args = parser.parse_args(argv or ["demo"])
     try:
         if args.command == "eval":

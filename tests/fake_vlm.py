@@ -48,6 +48,7 @@ BEHAVIOURS = (
     "error_flat",      # HTTP 400, flat envelope {"object": "error", "message": ...}
     "error_nested",    # HTTP 400, nested envelope {"error": {"message": ...}}
     "401",             # HTTP 401 whose message echoes the bearer token (as some providers do)
+    "404",             # HTTP 404, nested envelope (an unknown model name, as vLLM answers it)
     "no_usage",        # a normal answer without the usage object (some servers omit it)
     "bad_usage",       # a normal answer whose usage figures are not numbers
 )
@@ -184,6 +185,8 @@ class FakeVLM:
         if behaviour == "401":
             token = headers.get("Authorization", "").removeprefix("Bearer ")
             return 401, _nested(f"Incorrect API key provided: {token}", "invalid_request_error"), {}
+        if behaviour == "404":
+            return 404, _nested(f"The model `{body.get('model')}` does not exist. (scripted)", "NotFoundError"), {}
         if behaviour == "error_flat":
             return 400, {"object": "error", "message": "flat envelope: scripted bad request",
                          "type": "BadRequestError", "code": 400}, {}

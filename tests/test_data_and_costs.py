@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+import data
 import judge
 import rubrics
 import shipped_data
@@ -94,6 +95,96 @@ def test_cli_eval_runs_the_official_examples_from_the_repository_root(tmp_path, 
     assert eval_cli(fake, root / "examples/test_t2i_pairwise.json", rubric) == 2
     err = capsys.readouterr().err
     assert "image file not found" in err and "(working directory)" in err and "Traceback" not in err
+
+
+# ----- malformed files: the real line and column, the file named --------------------------------------------------
+
+def test_a_pretty_printed_json_file_reports_the_line_and_column_of_its_syntax_error(tmp_path):
+    path = shipped_data.mmrb2(tmp_path)
+    lines = path.read_text().splitlines()
+    broken = next(i for i, line in enumerate(lines) if line.strip() == '"chosen": "A",')
+    lines[broken] = lines[broken].rstrip(",")  # the comma after the first "chosen" is missing
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError) as info:
+        load_pairs(path)
+    # the next line is where json stops, at its first key (indented by 6); not line 1, as JSON lines would say
+    assert str(info.value) == f"{path}: line {broken + 2}: malformed JSON: Expecting ',' delimiter (column 7)"
+
+
+def test_a_json_file_of_json_lines_still_names_its_bad_line(tmp_path):
+    good = {"query": "q", "response": ["a.png", "b.png"], "label_rank": [1, 2]}
+    path = tmp_path / "lines.json"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"query": "q", "response": [\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}: line 3: malformed JSON line: ")):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize("name", ["latin1.json", "latin1.jsonl"])
+def test_a_file_that_is_not_utf8_is_a_data_error_naming_it(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes('[{"query": "caf\u00e9", "response": ["a.png", "b.png"], "label_rank": [1, 2]}]'
+                     .encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"{path}: not UTF-8 text (byte 15: invalid continuation byte)")):
+        load_pairs(path)
+    with pytest.raises(DataError, match="not UTF-8"):
+        data.read_records(path)
+
+
+# ----- RPO prompt files: instructions, source images found like the pairs' images -----------------------------------
+
+def _edit_prompts(path, *records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.mark.parametrize("instruction", [None, "", "   ", 3, ["make it red"]])
+def test_an_editing_instruction_must_be_non_empty_text(tmp_path, instruction):
+    shipped_data._png(tmp_path / "a.png", shipped_data.RED)
+    path = _edit_prompts(tmp_path / "edit.jsonl", {"source_image": "a.png", "instruction": "make it blue"},
+                         {"source_image": "a.png", "instruction": instruction})
+    with pytest.raises(DataError) as info:
+        data.load_prompts(path, "edit", "prompts")
+    assert str(info.value) == (f"--prompts: {path}:2: field 'instruction': expected a non-empty text instruction, "
+                               f"got {instruction!r}")
+
+
+def test_editing_source_images_are_found_like_the_pairs_images(tmp_path, monkeypatch):
+    work, folder = tmp_path / "work", tmp_path / "prompts"
+    shipped_data._png(work / "cwd.png", shipped_data.RED)
+    shipped_data._png(work / "both.png", shipped_data.BLUE)    # a decoy: the file's neighbour wins
+    shipped_data._png(folder / "both.png", shipped_data.RED)
+    shipped_data._png(tmp_path / "abs.png", shipped_data.GREY)
+    monkeypatch.chdir(work)
+    path = _edit_prompts(folder / "edit.jsonl", {"source_image": "cwd.png", "instruction": "a"},
+                         {"source_image": "both.png", "instruction": "b"},
+                         {"source_image": str(tmp_path / "abs.png"), "instruction": " c "})
+    items = data.load_prompts(path, "edit", "prompts")
+    assert [(item.prompt, item.source_image, item.line) for item in items] == [
+        ("a", str(work / "cwd.png"), 1), ("b", str(folder / "both.png"), 2), ("c", str(tmp_path / "abs.png"), 3)]
+    _edit_prompts(path, {"source_image": "gone.png", "instruction": "a"})
+    with pytest.raises(DataError) as info:
+        data.load_prompts(path, "edit", "prompts")
+    assert str(info.value) == (f"--prompts: {path}:1: cannot read source_image 'gone.png': image file not found; "
+                               f"tried {folder / 'gone.png'} (next to the data file) and {work / 'gone.png'} "
+                               "(working directory)")
+    _edit_prompts(path, {"source_image": "https://example.com/a.png", "instruction": "a"})
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: field 'source_image': 'https://example.com/a.png' is "
+                                                  "a URL")):
+        data.load_prompts(path, "edit", "prompts")
+    _edit_prompts(path, {"source_image": None, "instruction": "a"})
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: field 'source_image': expected an image path, got "
+                                                  "None")):
+        data.load_prompts(path, "edit", "prompts")
+
+
+def test_task_of_is_the_given_task_else_edit_when_any_item_has_a_source_image():
+    t2i, edit = data.Item("a red ball"), data.Item("make it red", "base.png")
+    assert data.task_of(None, [t2i, t2i]) == "t2i" and data.task_of(None, []) == "t2i"
+    assert data.task_of(None, [t2i, edit]) == "edit"
+    assert data.task_of("t2i", [edit]) == "t2i" and data.task_of("edit", [t2i]) == "edit"
+    with pytest.raises(ValueError, match="task must be"):
+        data.task_of("video", [t2i])
 
 
 # ----- labels that are not preferences, confidence, multi-image responses ----------------------------------------

@@ -94,6 +94,8 @@ def test_select_l1_rejects_bad_input():
         rubric_select.select_rubrics_l1(torch.tensor([[float("nan")]]), torch.tensor([1.0]), top_n=1)
     with pytest.raises(ValueError, match="shape|must be"):
         rubric_select.select_rubrics_l1(torch.zeros(3, 2), torch.zeros(2), top_n=1)
+    with pytest.raises(ValueError, match="no pairs to fit"):  # an empty training split: not a ZeroDivisionError
+        rubric_select.select_rubrics_l1(torch.zeros(0, 3), torch.zeros(0), top_n=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,3 +173,64 @@ def test_select_cli_picks_the_discriminative_rubric(tmp_path, capsys):
     assert "held-out accuracy on 9 pairs" in printed and "unselected" in printed
 
 
+
+
+def _select(fake, data, candidates, out, *extra):
+    return rubrics.main(["select", "--data", str(data), "--rubrics", str(candidates), "--base_url", fake.url,
+                         "--model", "fake-model", "--top_n", "1", "--out", str(out), "--max_retries", "0",
+                         *map(str, extra)])
+
+
+def _candidates(tmp_path):
+    path = tmp_path / "candidates.txt"
+    path.write_text("1. NOISE: the image is pleasant.\n2. REDNESS: the redder image is better.\n")
+    return path
+
+
+def test_select_cli_keeps_one_training_pair_when_the_holdout_would_take_all(tmp_path, capsys):
+    data, out = _pair_file(tmp_path, 2), tmp_path / "selected.txt"
+    with FakeVLM(handler=_selection_handler) as fake:
+        code = _select(fake, data, _candidates(tmp_path), out, "--holdout", "0.8")  # round(0.8 * 2) = 2 of 2
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "--holdout 0.8 of 2 scored pairs would leave none to fit on; holding out 1" in captured.err
+    assert "Traceback" not in captured.err
+    sidecar = json.loads((tmp_path / "selected.json").read_text())
+    assert sidecar["n_train"] == 1 and sidecar["n_holdout"] == 1 and sidecar["accuracy_split"] == "holdout"
+    assert "held-out accuracy on 1 pairs" in captured.out
+
+
+def test_score_rubrics_pairwise_honours_retries(tmp_path):
+    items = load_pairs(_pair_file(tmp_path, 2))
+    for retries, per_order in ((0, 1), (1, 2)):
+        errors = []
+        with FakeVLM(handler=lambda body: "Both are lovely.") as fake:
+            diffs, _ = rubric_select.score_rubrics(_client(fake), items, ["NOISE: pleasant."], retries=retries,
+                                                   errors=errors)
+            sent = len(fake.requests)
+        assert torch.isnan(diffs).all()
+        assert sent == len(items) * 2 * per_order  # two orders, each asked 1 + retries times
+        assert len(errors) == len(items) and f"unusable reply after {per_order} attempt(s)" in errors[0]
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "pointwise"])
+def test_select_cli_names_judge_failures_with_counts(tmp_path, capsys, mode):
+    data, out = _pair_file(tmp_path, 3), tmp_path / "selected.txt"
+    with FakeVLM(handler=lambda body: "Both images are lovely.") as fake:  # never any JSON
+        code = _select(fake, data, _candidates(tmp_path), out, "--mode", mode)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    # 3 pairs x 2 rubrics, every judgment failed; the reason once, with its count
+    prefix = "" if mode == "pairwise" else "ReplyError: pointwise score of item at line N: "
+    assert f"[rubrics] failed 6 x: {prefix}unusable reply after 3 attempt(s): no JSON object in the answer: " in err
+    assert "[rubrics] cost: " in err
+    assert "error: only 0 pairs were scored without judge errors" in err
+    with FakeVLM() as fake:
+        fake.script(*["404"] * 20)  # never retried; the second order of a judgment is not asked
+        code = _select(fake, data, _candidates(tmp_path), out, "--mode", mode)
+        sent = len(fake.requests)
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("[rubrics] failed")]
+    assert code == 2 and line.startswith("[rubrics] failed 6 x: ")
+    assert "HTTP 404: The model `fake-model` does not exist. (scripted)" in line and "check the model name" in line
+    assert sent == 6 * (1 if mode == "pairwise" else 2)
