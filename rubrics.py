@@ -629,8 +629,8 @@ def build_parser():
             p.add_argument("--rubrics", required=True, help="candidate rubrics: text (one per line) or sidecar JSON")
             p.add_argument("--top_n", type=int, required=True, help="rubrics to keep, at most")
             p.add_argument("--l1", type=float, default=0.01, help="l1 penalty of the logistic refiner")
-            p.add_argument("--holdout", type=float, default=0.3, help="fraction of the scored pairs held out for accuracy "
-                           "(at least one pair is always kept for fitting)")
+            p.add_argument("--holdout", type=float, default=0.3, help="fraction of the scored pairs held out for "
+                           "accuracy (at least one pair is always kept for fitting)")
             p.add_argument("--mode", choices=("pairwise", "pointwise"), default="pairwise")
             p.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
     return parser
