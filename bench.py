@@ -21,7 +21,6 @@ def bench_rollout(args):
     import tempfile
     import time
 
-    import torch
     from diffusers import FluxPipeline
 
     import arr_rpo
@@ -121,8 +120,6 @@ def bench_step(args):
     import statistics
     import tempfile
     import time
-
-    import torch
 
     import demo
     import runtime
@@ -269,24 +266,20 @@ def bench_gpu(args):
         torchrun --nproc_per_node=1 bench.py gpu [--shard_base] [--size 512] [--steps 3]
         python bench.py gpu --tiny --device cpu --steps 1   # a reduced model on the CPU: runs the code only
     Updates are train.py's for one kept pair (train.backward_pair_loss over the K - 1 transitions) with fixed
-    rewards +1 / -0.1 in place of a judge, then one all-reduce, clip and AdamW.
+    rewards +1 / -0.1 in place of a judge, then train.reduce_and_step (one all-reduce, the gradients divided by the
+    global term count, clip, AdamW).
     """
-    import os
     import time
+    import types
 
     import torch.distributed as dist
 
     import memory
     import policy
+    import runtime
     import train
-    cuda = args.device != "cpu" and torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    world = 1
-    if "RANK" in os.environ:
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        world = dist.get_world_size()
+    d = runtime.init_distributed(args.device)  # torchrun's process group, or one process
+    device, world, cuda = d.device, d.world_size, d.device.type == "cuda"
     model = TINY_FLUX if args.tiny else {}
     size, steps, candidates = (64 if args.tiny else args.size), args.num_steps, 2
     mesh = None
@@ -315,6 +308,8 @@ def bench_gpu(args):
         torch.cuda.reset_peak_memory_stats(device)
     generator, generator_cpu = torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(0)
     cfg = train.make_config(["--model", "random weights", "--num_steps", str(steps)])  # the flux recipe
+    run = types.SimpleNamespace(policy=pol, d=d, cfg=cfg, optimizer=optimizer, ema=None,  # what reduce_and_step reads
+                                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
     times = []
     for step in range(args.steps + 1):  # step 0 warms up (kernels, AdamW state) and is not timed
         sync()
@@ -323,16 +318,8 @@ def bench_gpu(args):
                            width=size, generator=generator)
         sync()
         middle = time.perf_counter()
-        train.backward_pair_loss(pol, traj, torch.tensor([1.0, -0.1], device=device), cfg, generator_cpu)
-        grads = pol.trainable_parameters()
-        flat = torch.cat([p.grad.flatten() for p in grads])
-        if world > 1:
-            dist.all_reduce(flat)
-        for p, g in zip(grads, flat.split([p.numel() for p in grads])):
-            p.grad = (g / (world * candidates * (steps - 1))).view_as(p)
-        torch.nn.utils.clip_grad_norm_(grads, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        sums = train.backward_pair_loss(pol, traj, torch.tensor([1.0, -0.1], device=device), cfg, generator_cpu)
+        train.reduce_and_step(run, sums)
         sync()
         if step:
             times.append((middle - start, time.perf_counter() - middle))
@@ -340,7 +327,7 @@ def bench_gpu(args):
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
     mfu = flops * (steps - 1) / update_s / (args.peak_tflops * 1e12)
     shown = f"{peak:.1f} GiB (torch.cuda.max_memory_allocated)" if cuda else "n/a on the CPU"
-    if int(os.environ.get("RANK", 0)) == 0:
+    if d.rank == 0:
         print(f"gpu: {'tiny' if args.tiny else 'full-size'} FLUX.1-dev transformer "
               f"({params['frozen'] / 2e9:.3g}B params, random weights), {size}x{size}, {candidates} candidates, "
               f"K={steps}, bf16 autocast, checkpointing, base {'sharded over ' + str(world) if mesh else 'replicated'}"
@@ -349,7 +336,7 @@ def bench_gpu(args):
         print(f"step {rollout_s + update_s:.2f} s: rollout {rollout_s:.2f} s, update {update_s:.2f} s "
               f"({steps - 1} transitions, {flops / 1e12:.3g} TFLOP each); update MFU {mfu:.2%} of "
               f"{args.peak_tflops:g} TFLOPS")
-    if world > 1 or "RANK" in os.environ:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -2,9 +2,9 @@
 
 - `build_tiny_flux` / `build_tiny_qwen_edit`: tiny random-weight diffusers directories with the real
   architectures (FLUX.1-dev and Qwen-Image-Edit-2509 classes, tokenizers built in code), so the demo and the
-  tests need no download. Built once into a cache folder (`tiny_model`). `build_tiny_judge`: the same for the
-  Qwen2.5-VL judge that `python train_judge.py` trains (T2I-Eval-R1, arXiv 2505.17897), with its synthetic
-  single-wise data (`judge_demo_data`, scored by `vividness`).
+  tests need no download. Built once into a cache folder (`tiny_model_path`, `build_tiny_model`).
+  `build_tiny_judge`: the same for the Qwen2.5-VL judge that `python train_judge.py` trains (T2I-Eval-R1,
+  arXiv 2505.17897), with its synthetic single-wise data (`judge_demo_data`, scored by `vividness`).
 - `DemoJudge`: an in-process stand-in for judge.Judge (same compare / submit / close, same Verdict) whose rubric
   is a number computed from pixels, so learning shows in minutes without a VLM.
 - `DEMOS`: per model type, the config overrides, the built-in prompts (and, for editing, drawn source images) and
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import string
 import tempfile
 import time
@@ -180,15 +181,20 @@ def build_tiny_model(model_type, path):
 
 
 def _save_pipeline(pipe, path, extra=None):
-    """pipe.save_pretrained into `path` atomically (a temporary folder renamed), then extra(folder) if given."""
+    """pipe.save_pretrained into `path` atomically (a temporary folder renamed), then extra(folder) if given. On any
+    failure, a lost build race included (OSError: `path` exists and is not empty), the temporary folder is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    pipe.save_pretrained(tmp)
-    if extra is not None:
-        extra(tmp)
-    if path.exists():
-        path.rmdir()
-    os.replace(tmp, path)
+    try:
+        pipe.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(path)
 
 

@@ -23,6 +23,7 @@ Deliberate deviations from the official code
        file per dataset.
 """
 import hashlib
+import json
 import os
 import uuid
 from collections import OrderedDict
@@ -133,14 +134,29 @@ def module_identity(module, samples=1024):
             flat = tensor.detach().reshape(-1)
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
             if flat.numel():
-                index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+                # integer positions: a float linspace rounds differently past 2^24 elements and on CPU vs CUDA
+                n, s = flat.numel(), min(samples, flat.numel())
+                index = torch.arange(s, device=flat.device) * (n - 1) // max(s - 1, 1)
                 digest.update(flat[index].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
 def tokenizer_identity(tokenizer):
-    """sha256 of what decides a tokenizer's output: its class, vocabulary with added tokens, special tokens and
-    maximum length (the files it was loaded from may differ in layout and still tokenize identically)."""
-    state = [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
-             sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()), tokenizer.model_max_length]
+    """sha256 of what decides a tokenizer's ids: its class, special tokens, maximum length, padding and truncation
+    sides, and for a fast tokenizer its whole `tokenizers` pipeline as the backend serialises it (normalizer, e.g.
+    lowercasing; pre-tokenizer; model: vocabulary and BPE merges or unigram scores; post-processor; added tokens),
+    less `truncation` and `padding`, which transformers sets on each call from the call's arguments. A tokenizer
+    without a backend falls back to its vocabulary with added tokens. The files it was loaded from are not hashed:
+    they may differ in layout and still tokenize identically."""
+    state = [type(tokenizer).__name__, sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
+             tokenizer.model_max_length, getattr(tokenizer, "padding_side", None),
+             getattr(tokenizer, "truncation_side", None)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        state.append(sorted(tokenizer.get_vocab().items()))
+    else:
+        pipeline = json.loads(backend.to_str())
+        for per_call in ("truncation", "padding"):
+            pipeline.pop(per_call, None)
+        state.append(json.dumps(pipeline, sort_keys=True))
     return hashlib.sha256(repr(state).encode()).hexdigest()

@@ -24,7 +24,7 @@ caching allocator (reserved > allocated), cuBLAS/cuDNN workspaces. The estimate 
 
 Deliberate deviations (from measuring on the device)
     1. Sharding (`--shard_base`, FSDP2) is added analytically: frozen weights / world size, plus the root's
-       parameters and two blocks gathered at once (the block in use and the next one, prefetched).
+       parameters and three blocks' worth gathered (the block in use, the next one prefetched, an all-gather buffer).
     2. Qwen-Image-Edit's text length is taken as 256 tokens (the 384^2-pixel source image is 196 Qwen2.5-VL tokens,
        plus the template tail and the instruction); true CFG doubles the transformer batch, like 2x candidates.
 """
@@ -170,12 +170,9 @@ def build_policy(model_type, depth=None, lora_rank=None, checkpointing=True, dty
 
 def fake_inputs(pol, model_type, height, width, candidates, num_steps):
     """A trajectory of `candidates` samples with the shapes the policy's rollout produces (values irrelevant)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     import arr_rpo
     import policy
-    with unset_fake_temporarily():  # real sigmas: the policy reads them as Python floats
-        sigmas = arr_rpo.sigma_schedule(num_steps)
+    sigmas = arr_rpo.sigma_schedule(num_steps)
     n = tokens(model_type, height, width)
     batch, dtype, h, w = candidates, pol.dtype, height // 8, width // 8
     hidden = pol.transformer.config.joint_attention_dim
@@ -212,11 +209,12 @@ PHASES = ("rollout", "decode", "source", "update")
 
 def run_step(pol, model_type, height, width, candidates, tracker, phases=PHASES, num_steps=None, kl_beta=None):
     """One RPO step on `pol` under `tracker` (fake or real tensors). Returns byte counts: resident `static`
-    (weights, LoRA, inputs), `trajectory`, `optimizer` (AdamW state), and the transient peaks above what was live
-    when each phase began: `rollout` (one no-grad transformer call), `decode` (one VAE decode chunk), `source`
-    (Qwen: VAE encode of a source image), `update` (two transitions of recompute + reference + backward, with the
-    AdamW state of an earlier step resident and the gradients of the first transition alive in the second).
-    `phases` selects which transients to measure."""
+    (weights, LoRA, inputs), `trajectory`, and the transient peaks above what was live when each phase began:
+    `rollout` (one no-grad transformer call), `decode` (one VAE decode chunk), `source` (Qwen: VAE encode of a
+    source image), `update` (two transitions of recompute + reference + backward, with the AdamW state of an earlier
+    step resident and the gradients of the first transition alive in the second). `phases` selects which transients
+    to measure. The AdamW state is not returned: `combine` counts it as 2 x the LoRA's bytes, its two fp32 moments
+    (its 4-byte step count per LoRA tensor, kilobytes in all, is left out)."""
     spec = MODELS[model_type]
     num_steps, kl_beta = num_steps or spec.num_steps, spec.kl_beta if kl_beta is None else kl_beta
     for module in (pol.transformer, pol.pipe.vae):
@@ -244,11 +242,9 @@ def run_step(pol, model_type, height, width, candidates, tracker, phases=PHASES,
         if "update" not in phases:
             return out
         optimizer = torch.optim.AdamW(pol.trainable_parameters(), lr=1e-5, foreach=True)  # foreach: as on CUDA
-        before = tracker.live
-        update_transition(pol, traj, 0, kl_beta)
+        update_transition(pol, traj, 0, kl_beta)  # an earlier step: its AdamW state stays resident in the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        out["optimizer"] = tracker.live - before
         start = tracker.reset()
         for k in (0, 1):
             update_transition(pol, traj, k, kl_beta)

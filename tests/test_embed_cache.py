@@ -8,7 +8,7 @@ import torch
 import demo
 import policy
 import train
-from embed_cache import EmbeddingCache
+from embed_cache import EmbeddingCache, module_identity, tokenizer_identity
 from test_policy_qwen import CONDITION_AREA, scene
 from test_train import prepared
 
@@ -130,6 +130,38 @@ def test_racing_writers_never_expose_a_partial_file_and_leave_other_files_alone(
     assert (tmp_path / "notes.txt").read_text() == "user data"
     assert [p.suffix for p in tmp_path.rglob("*") if p.is_file() and p.name != "notes.txt"] == [".safetensors"]
     assert EmbeddingCache("another model", tmp_path).get("the item") is None  # same folder, other key: a miss
+
+
+def test_tokenizers_with_the_same_vocabulary_but_another_normalizer_or_merges_have_other_identities():
+    """Lowercasing or BPE merges change the ids of the same text with the same vocabulary (and class, special
+    tokens, maximum length), so they change the identity; an equal tokenizer built again, or one that transformers
+    has since configured for a padded call, keeps it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def bpe(merges, lowercase=False):
+        tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "a": 1, "b": 2, "ab": 3, "A": 4, "B": 5}, merges=merges,
+                                   unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        if lowercase:
+            tok.normalizer = normalizers.Lowercase()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>", model_max_length=16)
+    plain, lower, unmerged = bpe([("a", "b")]), bpe([("a", "b")], lowercase=True), bpe([])
+    assert [t("AB ab")["input_ids"] for t in (plain, lower, unmerged)] == [[4, 5, 3], [3, 3], [4, 5, 1, 2]]
+    assert plain.get_vocab() == lower.get_vocab() == unmerged.get_vocab()
+    assert len({tokenizer_identity(t) for t in (plain, lower, unmerged)}) == 3
+    again = bpe([("a", "b")])
+    again("ab", padding="max_length", max_length=8, truncation=True)  # sets the backend's padding and truncation
+    assert tokenizer_identity(again) == tokenizer_identity(plain)
+
+
+def test_module_identity_samples_the_last_element_of_a_tensor_past_2_to_the_24():
+    """Sample positions are integers: a float32 linspace would round position 2^24 + 1 down and never read it."""
+    module = torch.nn.Module()
+    module.register_buffer("big", torch.zeros(2 ** 24 + 2, dtype=torch.uint8))
+    before = module_identity(module)
+    module.big[-1] = 1
+    assert module_identity(module) != before
 
 
 def test_train_encodes_every_prompt_up_front_frees_the_encoders_and_reuses_the_folder(tmp_path, cache, monkeypatch):

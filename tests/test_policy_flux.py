@@ -37,6 +37,25 @@ def test_build_tiny_flux_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "user data"
 
 
+def test_a_failed_or_lost_build_leaves_no_temporary_folder(tmp_path):
+    """demo._save_pipeline removes its temporary `.tiny-...` folder when saving fails, and when another process
+    sharing the cache built the target meanwhile (OSError, which build_tiny_model reads as "built")."""
+    class Pipe:
+        def save_pretrained(self, folder):
+            (folder / "model_index.json").write_text("{}")
+
+    def failing(folder):
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        demo._save_pipeline(Pipe(), tmp_path / "tiny-flux", failing)
+    (tmp_path / "tiny-qwen").mkdir()
+    (tmp_path / "tiny-qwen" / "model_index.json").write_text("the winner's")
+    with pytest.raises(OSError):
+        demo._save_pipeline(Pipe(), tmp_path / "tiny-qwen")
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-qwen"]
+    assert (tmp_path / "tiny-qwen" / "model_index.json").read_text() == "the winner's"
+
+
 def test_build_tiny_flux_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(5)
     expected = torch.rand(3)
