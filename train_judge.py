@@ -317,14 +317,10 @@ def load_processor(path, max_pixels=None):
     try:
         return transformers.AutoProcessor.from_pretrained(path, **size)
     except (ImportError, OSError):  # "Qwen2VLVideoProcessor requires the Torchvision library"
-        class Qwen2_5_VLProcessor(transformers.Qwen2_5_VLProcessor):  # saved under the class it stands for
-            image_only = True
-
-            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-                super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+        from policy import processor_without_video  # here only: policy imports diffusers
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        return Qwen2_5_VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path, **size), tokenizer,
-                                   chat_template=tokenizer.chat_template)
+        return processor_without_video(transformers.Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil.from_pretrained(
+            path, **size), tokenizer, chat_template=tokenizer.chat_template)
 
 
 def save_processor(processor, out):
