@@ -46,7 +46,7 @@ import memory
 from data import load_pairs, load_prompts, read_text, split_skipped
 from demo import DemoJudge
 from judge import GROUP_JUDGING, Judge, ScoreJudge, VLMClient, evaluate
-from vlm_client import USAGE_KEYS, failure_reasons, usage_report
+from vlm_client import USAGE_KEYS, failure_reasons, public_url, usage_report
 
 
 class ConfigError(Exception):
@@ -108,6 +108,7 @@ def make_config(config_cls, recipes, demos, argv=None, description=None):
               "eta": cfg.eta > 0, "clip_range": cfg.clip_range > 0, "kl_beta": cfg.kl_beta >= 0,
               "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0, "judge_check_every": cfg.judge_check_every >= 1,
               "judge_max_tokens": cfg.judge_max_tokens is None or cfg.judge_max_tokens >= 1,
+              "judge_concurrency": cfg.judge_concurrency >= 1,
               "num_candidates": cfg.num_candidates >= 2, "minibatches": cfg.minibatches >= 1,
               "inner_epochs": cfg.inner_epochs >= 1, "ema_decay": 0 <= cfg.ema_decay < 1,
               "eval_size": cfg.eval_size >= 1,
@@ -210,8 +211,11 @@ def make_judge(cfg, demo, rubric, task, url=None, model=None):
     if url is None:
         return (DemoJudge(demo.score, swap=cfg.judge_swap, max_workers=cfg.judge_concurrency),
                 f"in-process demo judge ({demo.rubric.split(':')[0]})")
-    client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env), max_concurrency=cfg.judge_concurrency,
-                       max_tokens=cfg.judge_max_tokens)
+    try:
+        client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env),
+                           max_concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens)
+    except ValueError as e:  # e.g. a key HTTP cannot carry: an input error, not a crash
+        raise ConfigError(f"judge at {public_url(url)} (key from ${cfg.judge_api_key_env}): {e}") from None
     if cfg.judge_mode == "score":
         return ScoreJudge(client, *score_scale(cfg)), f"{url} model {model} (score judge)"
     return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{url} model {model}"

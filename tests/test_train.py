@@ -403,7 +403,7 @@ def test_k1_estimator_and_train_fraction(tmp_path, cache):
 @pytest.mark.parametrize("flag,value", [("eta", "0"), ("clip_range", "0"), ("kl_beta", "-1"), ("lr", "0"),
                                         ("num_candidates", "1"), ("minibatches", "0"), ("inner_epochs", "0"),
                                         ("ema_decay", "1"), ("ema_decay", "-0.1"), ("advantage", "zscore"),
-                                        ("group_judging", "triples")])
+                                        ("group_judging", "triples"), ("judge_concurrency", "0")])
 def test_out_of_range_options_are_rejected(flag, value):
     with pytest.raises(train.ConfigError, match=f"--{flag}"):
         train.make_config([f"--{flag}", value])
@@ -610,6 +610,17 @@ def test_judge_startup_check_names_url_and_model(tmp_path, cache, capsys, no_mod
         assert train.main(argv) == 1
     err = capsys.readouterr().err
     assert "judge check failed" in err and fake.url in err and "fake-vl" in err and "401" in err
+
+
+def test_a_judge_key_http_cannot_carry_is_a_config_error(tmp_path, cache, capsys, monkeypatch, no_model_load):
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    monkeypatch.setenv("ARR_BAD_KEY", "sk-SECRET\u2013pasted")
+    with FakeVLM() as fake:
+        argv = demo_args(tmp_path / "run", cache, "--judge_url", fake.url, "--judge_model", "fake-vl",
+                         "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_BAD_KEY")
+        assert train.main(argv) == 2 and fake.requests == []
+    err = capsys.readouterr().err
+    assert "$ARR_BAD_KEY" in err and "HTTP header" in err and "SECRET" not in err and "Traceback" not in err
 
 
 # ----- config ------------------------------------------------------------------------------------------------------
