@@ -266,6 +266,23 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
     return torch.maximum(-advantages * ratio, -advantages * clipped)
 
 
+def rpo_loss(log_prob, old_log_prob, advantages, clip_range, kl, kl_beta):
+    """The RPO objective (§3.3) of one denoising transition t for B samples, as a loss to minimise:
+
+        L_t = max(-A rho_t, -A clip(rho_t, 1 - eps, 1 + eps)) + beta KL_t(pi_theta || pi_ref)
+        rho_t = pi_theta(x_{t-1} | x_t, c) / pi_theta_old(x_{t-1} | x_t, c)
+
+    with A the sample's advantage (the same at every t: the paper's r_w / r_l), eps = clip_range and KL_t the
+    penalty to the reference at this transition (`gaussian_kl`, exact; or `k1_kl`, the official code's). RPO
+    minimises the mean of L over every trained (sample, transition) term of the window on every rank,
+        J(theta) = (1 / T) sum_{i, t} L_{i, t},     T = the global number of trained terms,
+    and the 1 / T is applied once, to the all-reduced gradient (train.reduce_and_step): a rank whose groups were
+    masked does not weigh its other groups more, and the backward of a group can start before the others are
+    judged. log_prob, old_log_prob, advantages, kl: (B,); returns (B,).
+    """
+    return ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range) + kl_beta * kl
+
+
 def gaussian_kl(mean, ref_mean, std):
     """KL(pi_theta || pi_ref) of two Gaussian transitions with the same std (§3.3, KL regulariser), exactly:
     ||mu_theta - mu_ref||^2 / (2 std^2), as a per-element mean over non-batch dims (the log-prob convention).

@@ -1,8 +1,13 @@
-"""Benchmarks for arr-rpo that print ratios measured in one run (never timed tests).
+"""Benchmarks of arr-rpo's RPO trainer (arXiv 2605.08354 §3.3) that print ratios or estimates measured in one run.
+
+Speed and memory targets are checked here, never by timed tests: each command measures ours against a reference in
+the same process (diffusers' pipeline, a serial judge, an instant judge) and prints the ratio.
 
 Run: python bench.py rollout | judge | step | memory | all
      torchrun --nproc_per_node=1 bench.py gpu      (on a GPU; `python bench.py gpu --tiny --device cpu` anywhere)
-     python bench.py groups [--seeds 3] [--max_steps 30] [--eval_size 32]   # README's table, ~40 min on 2 cores
+     python bench.py groups [--seeds 3] [--max_steps 30] [--eval_size 32]   # docs/beyond-the-paper.md's table
+
+Deliberate deviations: none from the paper (nothing here trains); support code (tools/) is imported per command.
 """
 import argparse
 import sys
@@ -24,7 +29,7 @@ def bench_rollout(args):
     from diffusers import FluxPipeline
 
     import arr_rpo
-    import demo
+    from tools import demo
     import policy
 
     prompts, size, steps = ["a red apple on a wooden table", "a blue car in the rain"], 128, 8
@@ -121,7 +126,7 @@ def bench_step(args):
     import tempfile
     import time
 
-    import demo
+    from tools import demo
     import runtime
     import train
 
@@ -167,7 +172,7 @@ def bench_memory(args):
     line JSON: GiB per GPU of the whole run (peak) with checkpointing, base replicated."""
     import json
 
-    import memory
+    from tools import memory
     if args.constants:
         print(json.dumps({m: memory.quick_constants(m) for m in memory.MODELS}))
         return
@@ -220,7 +225,7 @@ def transition_flops(size, candidates, model=None):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils import flop_counter
 
-    import memory
+    from tools import memory
     cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if cpu_flash not in flop_counter.flop_registry:  # a process-wide registry: add the CPU kernels once
         flop_counter.register_flop_formula(cpu_flash)(
@@ -244,7 +249,7 @@ def tiny_flux_text_encoders(pipe):
     """CLIP and T5 of one layer each with the embedding widths the transformer expects, and the tiny tokenizers."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    import demo
+    from tools import demo
     config = pipe.transformer.config
     tok, tok2 = demo._tiny_clip_tokenizer(), demo._tiny_t5_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(
@@ -265,7 +270,7 @@ def bench_gpu(args):
     (model FLOPs from `transition_flops` over the measured update time, against --peak_tflops).
         torchrun --nproc_per_node=1 bench.py gpu [--shard_base] [--size 512] [--steps 3]
         python bench.py gpu --tiny --device cpu --steps 1   # a reduced model on the CPU: runs the code only
-    Updates are train.py's for one kept pair (train.backward_pair_loss over the K - 1 transitions) with fixed
+    Updates are train.py's for one kept pair (train.backward_rpo_loss over the K - 1 transitions) with fixed
     rewards +1 / -0.1 in place of a judge, then train.reduce_and_step (one all-reduce, the gradients divided by the
     global term count, clip, AdamW).
     """
@@ -274,7 +279,7 @@ def bench_gpu(args):
 
     import torch.distributed as dist
 
-    import memory
+    from tools import memory
     import policy
     import runtime
     import train
@@ -318,7 +323,7 @@ def bench_gpu(args):
                            width=size, generator=generator)
         sync()
         middle = time.perf_counter()
-        sums = train.backward_pair_loss(pol, traj, torch.tensor([1.0, -0.1], device=device), cfg, generator_cpu)
+        sums = train.backward_rpo_loss(pol, traj, torch.tensor([1.0, -0.1], device=device), cfg, generator_cpu)
         train.reduce_and_step(run, sums)
         sync()
         if step:

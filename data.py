@@ -9,6 +9,8 @@ prompt files RPO trains on.
   and counts them; `task_of` picks the task of a run when --task is not given.
 - `load_prompts(path, task, flag)`: RPO's training / eval prompts (flag: the option named in errors): a text file
   with one prompt per line (text-to-image) or JSONL {"source_image", "instruction"} (editing), as `Item`s.
+- Output files of the CLIs: `prepare_outputs` (never the input, never an existing file without --force),
+  `sidecar_path`, `file_sha256`.
 Bad input raises `DataError` naming the file, the line or item, and the field.
 
 Run: nothing to run; `python -m pytest tests/test_judge.py -k pairs` and `tests/test_train.py -k edit_jsonl`.
@@ -27,6 +29,7 @@ Deliberate deviations from the official code
        several images is an error unless multi_image says "first" (its first image stands for it) or "skip".
     3. min_confidence drops HPDv3 pairs whose annotator agreement is lower (HPSv3 trains on confidence >= 0.95).
 """
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,3 +412,39 @@ def open_source(item):
         return item.source_image
     with Image.open(item.source_image) as image:
         return image.convert("RGB")
+
+
+def load_labelled(args):
+    """(the labelled pairs of --data to use, {skip reason: count} of the others), as --min_confidence and
+    --multi_image say (add_data_options); ValueError when none is left."""
+    items, skipped = split_skipped(load_pairs(args.data, task=args.task, min_confidence=args.min_confidence,
+                                              multi_image=args.multi_image))
+    if not items:
+        raise ValueError(f"{args.data}: no pair left to use (skipped: {skipped})")
+    return items, skipped
+
+
+# ------------------------------------------------------------------------------------------------- output files
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def sidecar_path(out):
+    """The JSON sidecar of an output file: rubrics.txt -> rubrics.json."""
+    out = Path(out)
+    return out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
+
+
+def prepare_outputs(data, outputs, force):
+    """Refuse to touch the user's data, and to overwrite existing outputs without --force."""
+    data = Path(data).resolve()
+    for path in outputs:
+        if Path(path).resolve() == data:
+            raise ValueError(f"output {path} is the input data file; choose another --out")
+    if not force:
+        existing = [str(p) for p in outputs if Path(p).exists()]
+        if existing:
+            raise ValueError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+    for path in outputs:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)

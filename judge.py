@@ -88,6 +88,11 @@ def template_sha256(name):
     return hashlib.sha256((PROMPT_DIR / f"{name}.txt").read_bytes()).hexdigest()
 
 
+def templates_sha256(names):
+    """{name: template_sha256(name)} for provenance records."""
+    return {name: template_sha256(name) for name in names}
+
+
 # ----------------------------------------------------------------------------------------------- request layout
 
 def labelled_images(urls, name, source_url=None):
@@ -235,8 +240,8 @@ class Judge(_PooledJudge):
 
     def templates(self):
         """{template name: sha256} of the templates this judge uses (for provenance records)."""
-        names = [f"judge_system_{self.task}", f"judge_user_{self.task}", "judge_prompt_rubrics", "judge_reask"]
-        return {name: template_sha256(name) for name in names}
+        return templates_sha256([f"judge_system_{self.task}", f"judge_user_{self.task}", "judge_prompt_rubrics",
+                                 "judge_reask"])
 
     def compare_detailed(self, prompt, images, source_image=None):
         """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics."""
@@ -333,8 +338,7 @@ class ScoreJudge(_PooledJudge):
 
     def templates(self):
         """{template name: sha256} of the templates this judge uses (for provenance records)."""
-        return {name: template_sha256(name) for name in (f"{self.template_set}_system", f"{self.template_set}_score",
-                                                         f"{self.template_set}_reask")}
+        return templates_sha256([f"{self.template_set}_{part}" for part in ("system", "score", "reask")])
 
     def score(self, prompt, image):
         """One image's score in [low, high]; an answer without one is re-asked up to max_invalid times. Raises
@@ -385,6 +389,8 @@ class GroupVerdict:
     win_rates: list[float] | None    # per candidate in the order given: the share of the others it beat
     error: str | None = None
     verdicts: list = field(default_factory=list)  # the Verdicts behind it: one (listwise) or one per pair
+    rank: list[int] | None = None    # N = 2: the pair's verdict ([1, 2] = the first preferred), what the paper's
+                                     # reward reads; None for N > 2 and for a masked pair
 
     @property
     def calls(self):
@@ -413,7 +419,9 @@ class GroupJudgment:
         else:  # a pair the judge saw both ways differently is a half win each; a failed pair is left out
             rates = tournament_win_rates({key: None if v.error else 0.5 if v.rank is None else float(v.rank[0] == 1)
                                           for key, v in verdicts.items()}, self.n)
-        return GroupVerdict(rates, "; ".join(errors) if rates is None and errors else None, list(verdicts.values()))
+        rank = next(iter(verdicts.values())).rank if self.n == 2 and rates is not None else None
+        return GroupVerdict(rates, "; ".join(errors) if rates is None and errors else None, list(verdicts.values()),
+                            rank)
 
 
 def submit_group(judge, prompt, images, mode="listwise", source_image=None):

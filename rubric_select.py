@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-from data import task_of
-from judge import Judge, client_from_args, load_template, print_report
-from rubrics import (INPUT_LABEL, _ask, _check_label, _check_task, _image_parts, _prepare_outputs, _schema,
-                     _sidecar_path, _templates_used, file_sha256, load_labelled, numbered, read_rubric_list)
+from data import file_sha256, load_labelled, prepare_outputs, sidecar_path, task_of
+from judge import Judge, client_from_args, load_template, print_report, templates_sha256
+from rubric_text import INPUT_LABEL, ask, check_label, check_task, image_parts, numbered, read_rubric_list, schema
 from vlm_client import JudgeError, ResponseCache, failure_reasons, map_concurrently, public_url, usage_report
 
-SCORE_SCHEMA = _schema("score", {"score": {"type": "integer", "minimum": 1, "maximum": 5},
+SCORE_SCHEMA = schema("score", {"score": {"type": "integer", "minimum": 1, "maximum": 5},
                                  "reason": {"type": "string"}}, ["score", "reason"])
 
 
@@ -123,11 +122,11 @@ def score_rubrics(client, items, rubrics, mode="pairwise", task="t2i", retries=2
     judge.ResponseCache (None: the client's own). progress: optional callable(done, total). errors: an optional list
     that receives the error text of every failed (pair, rubric) judgment (for vlm_client.failure_reasons).
     """
-    _check_task(task)
+    check_task(task)
     if mode not in ("pairwise", "pointwise"):
         raise ValueError(f"mode must be 'pairwise' or 'pointwise', got {mode!r}")
     for item in items:
-        _check_label(item)
+        check_label(item)
         if len(item.images) != 2:
             raise ValueError(f"item at line {item.line}: rubric scoring needs pairs, got {len(item.images)} images")
     labels = torch.tensor([1.0 if item.label_rank[0] < item.label_rank[1] else 0.0 for item in items])  # (P,)
@@ -176,12 +175,12 @@ def _score(obj):
 
 def _pointwise_score(client, item, candidate, rubric, task, retries, cache):
     """(1-5 score of one candidate under one rubric, None) or (None, the error) when the judge failed."""
-    parts = _image_parts(client, item, task, [item.images[candidate]], "Candidate image")
+    parts = image_parts(client, item, task, [item.images[candidate]], "Candidate image")
     text = load_template("rubric_score").format(
         task=load_template(f"rubric_task_{task}"), rubric=rubric, input_label=INPUT_LABEL[task], prompt=item.prompt)
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
     try:
-        return _ask(client, messages, SCORE_SCHEMA, _score, retries, cache,
+        return ask(client, messages, SCORE_SCHEMA, _score, retries, cache,
                     f"pointwise score of item at line {item.line}"), None
     except JudgeError as exc:
         return None, f"{type(exc).__name__}: {exc}"
@@ -197,8 +196,8 @@ def weighted_accuracy(diffs, labels, weights):
 
 def cmd_select(args):
     data, out = Path(args.data), Path(args.out)
-    sidecar = _sidecar_path(out)
-    _prepare_outputs(data, [out, sidecar], args.force)
+    sidecar = sidecar_path(out)
+    prepare_outputs(data, [out, sidecar], args.force)
     if Path(args.rubrics).resolve() in (out.resolve(), sidecar.resolve()):
         raise ValueError(f"--out {out} would overwrite the candidate rubrics {args.rubrics}")
     if not 0.0 <= args.holdout < 1.0:
@@ -277,7 +276,7 @@ def cmd_select(args):
         with Judge(client, "", task=args.task) as judge:
             templates = judge.templates()
     else:
-        templates = _templates_used(["rubric_score", "rubric_reask", f"rubric_task_{args.task}"])
+        templates = templates_sha256(["rubric_score", "rubric_reask", f"rubric_task_{args.task}"])
     sidecar.write_text(json.dumps({
         "rubrics_file": out.name,
         "task": args.task,

@@ -51,118 +51,29 @@ Deliberate deviations from the paper and the official code
 """
 import argparse
 import dataclasses
-import hashlib
 import json
-import re
 import sys
 import threading
 from pathlib import Path
 
-from arr_rpo import is_ranking
-from data import add_data_options, load_pairs, load_prompts, split_skipped, task_of
-from judge import (CANDIDATE_LABEL, Judge, add_client_options, client_from_args, labelled_images,
-                   load_template, print_report, template_sha256)
-from vlm_client import (JudgeError, ReplyError, ResponseCache, failure_reasons, map_concurrently, public_url,
-                        usage_report)
+from data import (add_data_options, file_sha256, load_labelled, load_pairs, load_prompts, prepare_outputs,
+                  sidecar_path, task_of)
+from judge import (CANDIDATE_LABEL, Judge, add_client_options, client_from_args, load_template, print_report,
+                   templates_sha256)
+from rubric_text import (INPUT_LABEL, RUBRIC_LIST_SCHEMA, TASK_NAME, TASKS, ask, check_label, check_task, dedupe,
+                         image_parts, numbered, rubric_list, same_key, schema)
+from vlm_client import JudgeError, ResponseCache, failure_reasons, map_concurrently, public_url, usage_report
 
-TASKS = ("t2i", "edit")
-# What the text input of an item is called in our prompts, and the judge's labels for the images.
-INPUT_LABEL = {"t2i": "Prompt", "edit": "Editing instruction"}
-TASK_NAME = {"t2i": "text-to-image generation", "edit": "instruction-guided image editing"}
-MAX_TOKENS = 2048  # K rubrics plus a reason; thinking models spend more before answering
-
-
-def _schema(title, properties, required):
-    return {"title": title, "type": "object", "additionalProperties": False, "required": required,
-            "properties": properties}
-
-
-RUBRIC_LIST_SCHEMA = _schema("rubrics", {"rubrics": {"type": "array", "items": {"type": "string"}},
-                                         "reason": {"type": "string"}}, ["rubrics", "reason"])
-THEMES_SCHEMA = _schema("themes", {
-    "themes": {"type": "array", "items": _schema("theme", {
+THEMES_SCHEMA = schema("themes", {
+    "themes": {"type": "array", "items": schema("theme", {
         "theme": {"type": "string"}, "tips": {"type": "array", "items": {"type": "string"}}}, ["theme", "tips"])},
     "reason": {"type": "string"}}, ["themes", "reason"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Message building and reply parsing
-# ----------------------------------------------------------------------------------------------------------------
-
-def _image_parts(client, item, task, images, name):
-    """`images` of the item in the judge's layout (judge.labelled_images), after the source image when editing."""
-    source = client.encode(item.source_image) if task == "edit" and item.source_image is not None else None
-    return labelled_images([client.encode(image) for image in images], name, source)
 
 
 def _ranking_text(rank, task):
     """[2, 1] -> 'Image 2 > Image 1' (best first). Only generate/refine requests ever contain a label."""
     order = sorted(range(len(rank)), key=lambda i: rank[i])
     return " > ".join(f"{CANDIDATE_LABEL[task]} {i + 1}" for i in order)
-
-
-def numbered(rubrics):
-    """Render a rubric list as the plain numbered text the judge takes as its rubric."""
-    return "\n".join(f"{i}. {rubric}" for i, rubric in enumerate(rubrics, start=1))
-
-
-# "1. ", "(2) ", "- ", "Rubric 3: " at the start of a rubric; "3.5 mm lens" keeps its number
-_ENUMERATION = re.compile(r"^\s*(?:[-*\u2022]|\(?\d{1,3}[.):]|rubric\s*\d{1,3}\s*[.:)-])\s+", re.IGNORECASE)
-
-
-def _same_key(rubric):
-    """Rubrics that differ only in case, whitespace or a final period are the same rubric."""
-    return " ".join(rubric.lower().split()).rstrip(".")
-
-
-def _dedupe(rubrics):
-    """Whitespace-normalised rubrics without duplicates (see _same_key), first occurrence kept."""
-    seen, unique = set(), []
-    for rubric in rubrics:
-        key = _same_key(rubric)
-        if key and key not in seen:
-            seen.add(key)
-            unique.append(" ".join(rubric.split()))
-    return unique
-
-
-def _rubric_list(k, exact=False):
-    """Parser of a {"rubrics": [...]} reply: strings, enumeration stripped, non-empty, deduplicated, at most k
-    (exactly k distinct ones when `exact`: fewer is an unusable reply, re-asked)."""
-    def parse(obj):
-        raw = obj.get("rubrics")
-        if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
-            raise ValueError('"rubrics" must be a list of strings')
-        rubrics = _dedupe(_ENUMERATION.sub("", r).strip() for r in raw)
-        if not rubrics:
-            raise ValueError('"rubrics" is empty')
-        if exact and len(rubrics) < k:
-            raise ValueError(f'"rubrics" must hold {k} distinct rubrics, got {len(rubrics)}')
-        return rubrics[:k]
-    return parse
-
-
-def _ask(client, messages, schema, parse, retries, cache, what):
-    """`client.ask_json` with the rubric re-ask template (VLMClient.ask_json: the re-ask is a new request, so the
-    cache replays an interrupted run faithfully). A ReplyError names what was being asked."""
-    def reask(problem):
-        return load_template("rubric_reask").format(problem=problem)
-    try:
-        return client.ask_json(messages, parse, reask, json_schema=schema, retries=retries, max_tokens=MAX_TOKENS,
-                               cache=cache)
-    except ReplyError as exc:
-        raise ReplyError(f"{what}: {exc}") from None
-
-
-def _check_task(task):
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-
-def _check_label(item):
-    n = len(item.images)
-    if len(item.label_rank) != n or not is_ranking(list(item.label_rank)):
-        raise ValueError(f"item at line {item.line}: label_rank {item.label_rank} is not a permutation of 1..{n}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,15 +86,15 @@ def generate(client, item, k=5, task="t2i", retries=2, cache=None):
     cache: a judge.ResponseCache (None: the client's own). Returns exactly k cleaned, distinct rubric strings (a
     reply with fewer is re-asked); raises JudgeError, or ReplyError when no reply holds k.
     """
-    _check_task(task)
-    _check_label(item)
+    check_task(task)
+    check_label(item)
     text = load_template("rubric_generate").format(
         task=load_template(f"rubric_task_{task}"), n=len(item.images), ranking=_ranking_text(item.label_rank, task),
         k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
-    parts = _image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
+    parts = image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-    return _ask(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k, exact=True), retries, cache,
-                     f"rubric generation for item at line {item.line}")
+    return ask(client, messages, RUBRIC_LIST_SCHEMA, rubric_list(k, exact=True), retries, cache,
+               f"rubric generation for item at line {item.line}")
 
 
 def verify(client, item, rubrics, task="t2i", cache=None):
@@ -196,8 +107,8 @@ def verify(client, item, rubrics, task="t2i", cache=None):
     depends on the label. Raises JudgeError when the judge fails otherwise (transport), so that callers can tell a
     failure from a disagreement.
     """
-    _check_task(task)
-    _check_label(item)
+    check_task(task)
+    check_label(item)
     with Judge(client, numbered(rubrics), task=task, swap=False, cache=cache) as judge:
         ranks = []
         for images in (list(item.images), list(item.images)[::-1]):
@@ -230,15 +141,15 @@ def refine(client, item, rubrics, feedback, k=5, task="t2i", retries=2, cache=No
     """M_refine: ask for `k` improved rubrics given the failed ones and the verification feedback (which holds the
     label). Returns exactly k cleaned, distinct rubric strings (a reply with fewer is re-asked); raises JudgeError,
     or ReplyError when no reply holds k."""
-    _check_task(task)
-    _check_label(item)
+    check_task(task)
+    check_label(item)
     text = load_template("rubric_refine").format(
         task=load_template(f"rubric_task_{task}"), n=len(item.images), ranking=_ranking_text(item.label_rank, task),
         rubrics=numbered(rubrics), feedback=feedback, k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
-    parts = _image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
+    parts = image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-    return _ask(client, messages, RUBRIC_LIST_SCHEMA, _rubric_list(k, exact=True), retries, cache,
-                     f"rubric refinement for item at line {item.line}")
+    return ask(client, messages, RUBRIC_LIST_SCHEMA, rubric_list(k, exact=True), retries, cache,
+               f"rubric refinement for item at line {item.line}")
 
 
 def render_themes(themes):
@@ -271,8 +182,8 @@ def _structure_once(client, rubrics, categories, task, retries, cache):
     text = load_template("rubric_structure").format(
         task_name=TASK_NAME[task], n=len(rubrics), rubrics=numbered(rubrics), categories=categories)
     try:
-        return _ask(client, [{"role": "user", "content": text}], THEMES_SCHEMA, _themes(categories), retries,
-                         cache, "structuring")
+        return ask(client, [{"role": "user", "content": text}], THEMES_SCHEMA, _themes(categories), retries,
+                   cache, "structuring")
     except JudgeError:
         return None
 
@@ -298,8 +209,8 @@ def structure(client, rubrics, categories=5, task="t2i", max_rubrics_per_request
     all. Malformed replies are re-asked `retries` times; when structuring still fails, or a level stops shrinking,
     the result is the deduplicated numbered list: never an exception. Returns "" for no rubrics.
     """
-    _check_task(task)
-    unique = _dedupe(rubrics)
+    check_task(task)
+    unique = dedupe(rubrics)
     if not unique:
         return ""
     level = unique
@@ -308,7 +219,7 @@ def structure(client, rubrics, categories=5, task="t2i", max_rubrics_per_request
         for chunk in _chunks(level, max_rubrics_per_request, max_chars):
             themes = _structure_once(client, chunk, categories, task, retries, cache)
             merged += chunk if themes is None else [f"{theme} ({'; '.join(tips)})" for theme, tips in themes]
-        merged = _dedupe(merged)
+        merged = dedupe(merged)
         if len(merged) >= len(level):
             return numbered(unique)
         level = merged
@@ -324,11 +235,11 @@ def prompt_rubrics(client, prompt, k=5, task="t2i", retries=2, cache=None):
     """The paper's zero-shot mode: `k` rubrics for one prompt / instruction from its text alone (no images, no
     label). The request depends only on (model, task, k, prompt), so a judge.ResponseCache (`cache`, or the
     client's own) caches the answer per prompt. Raises JudgeError."""
-    _check_task(task)
+    check_task(task)
     text = load_template("rubric_prompt").format(
         task=load_template(f"rubric_task_{task}"), input_label=INPUT_LABEL[task], prompt=prompt, k=k)
-    return _ask(client, [{"role": "user", "content": text}], RUBRIC_LIST_SCHEMA, _rubric_list(k), retries,
-                     cache, "prompt rubric generation")
+    return ask(client, [{"role": "user", "content": text}], RUBRIC_LIST_SCHEMA, rubric_list(k), retries,
+               cache, "prompt rubric generation")
 
 
 def prompt_rubric_provider(client, k=5, task="t2i", cache=None):
@@ -399,7 +310,7 @@ def induce(client, items, num_rubrics=5, max_refine=3, categories=5, task="t2i",
         re-sends no request that was already answered. None: the client's own cache, if any.
     progress: optional callable(done, total, outcome), called in the caller's thread after each item.
     """
-    _check_task(task)
+    check_task(task)
     cache = ResponseCache(cache_path) if cache_path is not None else None
     try:
         outcomes = [None] * len(items)
@@ -412,7 +323,7 @@ def induce(client, items, num_rubrics=5, max_refine=3, categories=5, task="t2i",
                     progress(done, len(items), outcomes[i])
         finally:
             results.close()  # interrupted: start no new item; the running ones finish into the cache
-        verified = _dedupe(r for outcome in outcomes if outcome.verified for r in outcome.rubrics)
+        verified = dedupe(r for outcome in outcomes if outcome.verified for r in outcome.rubrics)
         text = structure(client, verified, categories=categories, task=task,
                          max_rubrics_per_request=max_rubrics_per_request, cache=cache)
     finally:
@@ -426,79 +337,24 @@ def induce(client, items, num_rubrics=5, max_refine=3, categories=5, task="t2i",
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Files and CLI
+# CLI
 # ----------------------------------------------------------------------------------------------------------------
-
-def read_rubric_list(path):
-    """Candidate rubrics from a text file (one per non-empty line, enumeration stripped) or a sidecar JSON."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            rubrics = json.loads(text)["rubrics"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: expected a JSON object with a 'rubrics' list ({exc})") from None
-    else:
-        rubrics = text.splitlines()
-    if not isinstance(rubrics, list) or not all(isinstance(r, str) for r in rubrics):
-        raise ValueError(f"{path}: 'rubrics' must be a list of strings")
-    cleaned = _dedupe(_ENUMERATION.sub("", r).strip() for r in rubrics)
-    if not cleaned:
-        raise ValueError(f"{path}: no rubrics found")
-    return cleaned
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _sidecar_path(out):
-    return out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
-
-
-def _prepare_outputs(data, outputs, force):
-    """Refuse to touch the user's data, and to overwrite existing outputs without --force."""
-    data = Path(data).resolve()
-    for path in outputs:
-        if Path(path).resolve() == data:
-            raise ValueError(f"output {path} is the input data file; choose another --out")
-    if not force:
-        existing = [str(p) for p in outputs if Path(p).exists()]
-        if existing:
-            raise ValueError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
-    for path in outputs:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-
-def _templates_used(names):
-    return {name: template_sha256(name) for name in names}
-
-
-def load_labelled(args):
-    """(the labelled pairs of --data to use, {skip reason: count} of the others), as --min_confidence and
-    --multi_image say; ValueError when none is left."""
-    items, skipped = split_skipped(load_pairs(args.data, task=args.task, min_confidence=args.min_confidence,
-                                              multi_image=args.multi_image))
-    if not items:
-        raise ValueError(f"{args.data}: no pair left to use (skipped: {skipped})")
-    return items, skipped
-
 
 def _rubric_sources(result):
     """{verified rubric: [lines of the items whose verified rubrics contain it]}: which seed pairs back each one."""
-    sources = {_same_key(rubric): [] for rubric in result.rubrics}
+    sources = {same_key(rubric): [] for rubric in result.rubrics}
     for outcome in result.outcomes:
         if outcome.verified:
-            for key in dict.fromkeys(_same_key(rubric) for rubric in outcome.rubrics):
+            for key in dict.fromkeys(same_key(rubric) for rubric in outcome.rubrics):
                 sources[key].append(outcome.line)
-    return {rubric: sources[_same_key(rubric)] for rubric in result.rubrics}
+    return {rubric: sources[same_key(rubric)] for rubric in result.rubrics}
 
 
 def cmd_induce(args):
     data, out = Path(args.data), Path(args.out)
-    sidecar = _sidecar_path(out)
+    sidecar = sidecar_path(out)
     cache_path = Path(args.cache) if args.cache else out.with_name(out.name + ".cache.sqlite")
-    _prepare_outputs(data, [out, sidecar], args.force)
+    prepare_outputs(data, [out, sidecar], args.force)
     if cache_path.resolve() in (data.resolve(), out.resolve(), sidecar.resolve()):
         raise ValueError(f"--cache {cache_path} is the data file or an output file")
     items, skipped = load_labelled(args)
@@ -528,7 +384,7 @@ def cmd_induce(args):
         return 1
     with Judge(client, result.text, task=args.task, swap=False) as judge:
         judge_templates = judge.templates()
-    templates = _templates_used(["rubric_generate", "rubric_refine", "rubric_reask", "rubric_structure",
+    templates = templates_sha256(["rubric_generate", "rubric_refine", "rubric_reask", "rubric_structure",
                                  f"rubric_task_{args.task}"])
     out.write_text(result.text + "\n", encoding="utf-8")
     sidecar.write_text(json.dumps({
@@ -562,7 +418,7 @@ def cmd_prompt(args):
     """Zero-shot rubrics for every prompt of a file, as the JSON {prompt: rubric text} `judge.py eval
     --prompt_rubrics` reads."""
     data, out = Path(args.data), Path(args.out)
-    _prepare_outputs(data, [out], args.force)
+    prepare_outputs(data, [out], args.force)
     if data.suffix == ".txt":
         prompts = [item.prompt for item in load_prompts(data, "t2i", "data")]
         args.task = args.task or "t2i"
@@ -639,7 +495,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "select":
-        from rubric_select import cmd_select  # the selector imports this module: import it only when asked
+        from rubric_select import cmd_select  # the selector needs torch: loaded only when asked
         command = cmd_select
     else:
         command = {"induce": cmd_induce, "prompt": cmd_prompt}[args.command]

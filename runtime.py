@@ -1,6 +1,6 @@
 """The plumbing of train.py (RPO, arXiv 2605.08354 §3.3): everything a training run needs that is not the algorithm.
 
-- the command line generated from train.Config, and the checks of every option and input before any model loads;
+- the checks across options and of every input before any model loads (one option's range: cli.py);
 - torch.distributed set up from torchrun's environment (nanoGPT style) and the few collectives the loop uses;
 - the data position: each rank's prompts of a window (`next_window`), its minibatches by global index
   (`minibatches`), the training and eval samplers (`sampler`), held-out eval prompts;
@@ -20,12 +20,10 @@ Deliberate deviations from the official code
     3. No DDP wrapper: the LoRA gradients are all-reduced once per optimizer step by train.reduce_and_step.
     4. Without --eval_prompts, evaluation prompts are held out of training (the official code has no evaluation).
 """
-import argparse
 import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -34,7 +32,6 @@ import shutil
 import signal
 import threading
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,90 +39,17 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import memory
+from cli import ConfigError
 from data import load_pairs, load_prompts, read_text, split_skipped
-from demo import DemoJudge
-from judge import GROUP_JUDGING, Judge, ScoreJudge, VLMClient, evaluate
+from judge import Judge, ScoreJudge, VLMClient, evaluate
 from vlm_client import USAGE_KEYS, failure_reasons, public_url, usage_report
-
-
-class ConfigError(Exception):
-    """Bad configuration or input, found before any model is loaded (exit code 2)."""
 
 
 class RunStopped(Exception):
     """The run cannot go on: judge unreachable or failing too often (exit code 1)."""
 
 
-# ---- The command line and the checks of every option -----------------------------------------------------------
-
-def opt(default, help):
-    """A Config field with its help text (the CLI is generated from it)."""
-    return field(default=default, metadata={"help": help})
-
-
-CHOICES = {"kl_estimator": ("exact", "k1"), "dtype": (None, "float32", "bfloat16"),
-           "log_with": ("none", "wandb", "tensorboard"), "group_judging": GROUP_JUDGING,
-           "advantage": ("paper", "centered", "group_norm"), "judge_mode": ("rank", "score")}
-
-
-def build_parser(config_cls, recipes, description):
-    """argparse from the dataclass: --field value, booleans as --flag / --no_flag; unset options stay None."""
-    parser = argparse.ArgumentParser(description=description)
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        kind = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
-        recipe = ", ".join(f"{name} {values[f.name]}" for name, values in recipes.items() if f.name in values)
-        help_text = f.metadata["help"] + (f" [recipe: {recipe}]" if recipe else f" [default: {f.default}]")
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", default=None, help=help_text)
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"turn --{f.name} off")
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
-    return parser
-
-
-def make_config(config_cls, recipes, demos, argv=None, description=None):
-    """CLI -> config: what the user set, else the demo's settings (no --model), else the recipe, else the default;
-    then every option checked. Raises ConfigError naming the option."""
-    parser = build_parser(config_cls, recipes, description)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    model_type = given.get("model_type", "flux")
-    if model_type not in recipes:
-        raise ConfigError(f"--model_type {model_type!r} is unknown; choose one of {sorted(recipes)}")
-    demo = demos.get(model_type) if "model" not in given else None
-    if "model" not in given and demo is None:
-        raise ConfigError(f"--model_type {model_type} has no built-in demo yet; pass --model")
-    cfg = config_cls(**{**recipes[model_type], **(demo.overrides if demo else {}), **given})
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: choose one of {[a for a in allowed if a]}")
-    checks = {"prompts_per_rank": cfg.prompts_per_rank >= 1, "num_steps": cfg.num_steps >= 2,
-              "train_fraction": 0 < cfg.train_fraction <= 1, "max_steps": cfg.max_steps >= 0,
-              "save_every": cfg.save_every >= 1, "eval_every": cfg.eval_every >= 0,
-              "failure_window": cfg.failure_window >= 1, "failure_stop_rate": 0 <= cfg.failure_stop_rate <= 1,
-              # eta = 0 is a Dirac transition with no log-prob: every loss would be NaN and every step skipped
-              "eta": cfg.eta > 0, "clip_range": cfg.clip_range > 0, "kl_beta": cfg.kl_beta >= 0,
-              "adv_clip": cfg.adv_clip > 0, "lr": cfg.lr > 0, "judge_check_every": cfg.judge_check_every >= 1,
-              "judge_max_tokens": cfg.judge_max_tokens is None or cfg.judge_max_tokens >= 1,
-              "judge_concurrency": cfg.judge_concurrency >= 1,
-              "num_candidates": cfg.num_candidates >= 2, "minibatches": cfg.minibatches >= 1,
-              "inner_epochs": cfg.inner_epochs >= 1, "ema_decay": 0 <= cfg.ema_decay < 1,
-              "eval_size": cfg.eval_size >= 1,
-              "eval_num_steps": cfg.eval_num_steps is None or cfg.eval_num_steps >= 2,
-              "eval_shift": cfg.eval_shift is None or cfg.eval_shift > 0}
-    for name, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"--{name} {getattr(cfg, name)} is out of range")
-    if cfg.log_with != "none" and importlib.util.find_spec(cfg.log_with) is None:
-        raise ConfigError(f"--log_with {cfg.log_with}: the package is not installed")
-    if cfg.judge_mode == "score":
-        score_scale(cfg)
-        if model_type != "flux" or cfg.rubrics or cfg.eval_rubrics:
-            raise ConfigError("--judge_mode score: the score judge (T2I-Eval-R1) judges text-to-image candidates "
-                              "without a rubric; drop --rubrics / --eval_rubrics and use --model_type flux")
-    return cfg
-
+# ---- Checks across options, and every input, before any model is loaded --------------------------------------
 
 def score_scale(cfg):
     """(low, high) of --judge_scale "low,high"; ConfigError unless two numbers with high > low."""
@@ -138,13 +62,16 @@ def score_scale(cfg):
     return low, high
 
 
-# ---- Inputs, checked before any model is loaded -----------------------------------------------------------------
-
 def load_inputs(cfg, demo, task):
     """Every input, checked before any model is loaded. Returns (train items, eval items, rubric text or None, eval
     rubric text or None, labelled pairs of --judge_check_data to use, possibly []). Without --eval_prompts (and
     outside the demo) a seeded quarter of the prompts, at most eval_size, is held out of training for evaluation;
     with fewer than 4 prompts the training prompts are used."""
+    if cfg.judge_mode == "score":
+        score_scale(cfg)
+        if cfg.model_type != "flux" or cfg.rubrics or cfg.eval_rubrics:
+            raise ConfigError("--judge_mode score: the score judge (T2I-Eval-R1) judges text-to-image candidates "
+                              "without a rubric; drop --rubrics / --eval_rubrics and use --model_type flux")
     if cfg.minibatches > cfg.prompts_per_rank:
         raise ConfigError(f"--minibatches {cfg.minibatches} is more than --prompts_per_rank {cfg.prompts_per_rank}: "
                           "every minibatch takes the same number of each rank's prompts, at least one")
@@ -209,6 +136,7 @@ def make_judge(cfg, demo, rubric, task, url=None, model=None):
     Returns (judge, words)."""
     url, model = url or cfg.judge_url, model or cfg.judge_model
     if url is None:
+        from tools.demo import DemoJudge
         return (DemoJudge(demo.score, swap=cfg.judge_swap, max_workers=cfg.judge_concurrency),
                 f"in-process demo judge ({demo.rubric.split(':')[0]})")
     try:
@@ -328,6 +256,7 @@ def load_policy(cfg, cls, d, demo, items):
 
 def memory_warning(cfg, world_size, gpu_bytes):
     """memory.fit_warning for this config on GPUs of `gpu_bytes`: None if one RPO step fits, else the warning."""
+    from tools import memory  # the estimator: only where a GPU's size is known
     return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates, cfg.gradient_checkpointing,
                               world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank, cfg.lora_rank,
                               ranks=world_size)
@@ -348,17 +277,20 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-def minibatches(run, epoch):
-    """This rank's window indices j per minibatch. Rank r's j-th prompt has the GLOBAL index j W + r, and the
-    window is split into M blocks of whole rows j (global indices [j0 W, j1 W)), so every rank has the same number
-    of groups in every minibatch (FSDP needs the same calls on every rank) and steps M times per epoch in lockstep
-    whatever its masks. Epoch 0 keeps the rows in order, so the first minibatch trains while later groups are still
-    judged; later epochs permute them, the same way on every rank. A minibatch whose groups are masked on every
-    rank skips its step ("no valid pairs", not counted in optimizer_steps)."""
+def minibatches(run):
+    """(epoch, this rank's window indices j of one minibatch), M x E times: E inner epochs of M minibatches. Rank
+    r's j-th prompt has the GLOBAL index j W + r, and the window is split into M blocks of whole rows j (global
+    indices [j0 W, j1 W)), so every rank has the same number of groups in every minibatch (FSDP needs the same
+    calls on every rank) and steps M times per epoch in lockstep whatever its masks. Epoch 0 keeps the rows in
+    order, so the first minibatch trains while later groups are still judged; later epochs permute them, the same
+    way on every rank. A minibatch whose groups are masked on every rank skips its step ("no valid pairs", not
+    counted in optimizer_steps)."""
     per_rank, m = run.cfg.prompts_per_rank, run.cfg.minibatches
-    rows = torch.randperm(per_rank, generator=torch.Generator().manual_seed(
-        (run.cfg.seed * 1_000_003 + run.step) * 1_009 + epoch)).tolist() if epoch else list(range(per_rank))
-    return [sorted(rows[i * per_rank // m:(i + 1) * per_rank // m]) for i in range(m)]
+    for epoch in range(run.cfg.inner_epochs):
+        rows = torch.randperm(per_rank, generator=torch.Generator().manual_seed(
+            (run.cfg.seed * 1_000_003 + run.step) * 1_009 + epoch)).tolist() if epoch else list(range(per_rank))
+        for i in range(m):
+            yield epoch, sorted(rows[i * per_rank // m:(i + 1) * per_rank // m])
 
 
 def sampler(cfg, evaluation=False):
@@ -451,46 +383,40 @@ def percentile(values, q):
     return values[max(0, math.ceil(q * len(values)) - 1)] if values else None
 
 
-def tally(local, group, outcome, rewards):
-    """Count one judged group (judge.GroupVerdict) into this rank's step counters."""
-    for v in group.verdicts:
-        local["latency"].append(v.latency)
-        local["first"] += v.first_position_wins
-        local["scores"] += v.scores or []
-    local["calls"] += group.calls
-    if rewards is None:
-        local[outcome] += 1
-        local["errors"].append(group.error)  # None for a tie
-    else:
-        local["rewards"] += rewards
-
-
-def summarize(run, parts, sums, grad_norm, skipped, lr, step_time, optimizer_steps):
-    """One window's metrics (README table), the same on every rank: `parts` are every rank's local counts and
-    timings, `sums` the all-reduced per-(sample, transition) sums {name: float} of train.reduce_and_step."""
-    total = {k: sum(p[k] for p in parts) for k in ("pairs", "failed", "tie", "calls")}
-    every = {k: [v for p in parts for v in p[k]] for k in ("rewards", "first", "latency", "scores")}
-    scores = {"judge_score_mean": sum(every["scores"]) / len(every["scores"])} if every["scores"] else {}
-    terms = sums["terms"]
-    per_term = {k: sums[k] / terms if terms else None for k in ("loss", "kl", "approx_kl", "clipfrac")}
+def window_metrics(run, windows):
+    """One window's metrics (docs/training.md has the table), the same on every rank, from every rank's
+    train.WindowStats (rank order). Per-term figures are means over the T trained (sample, transition) terms."""
+    total = {k: sum(getattr(w, k) for w in windows) for k in ("groups", "failed", "ties", "calls")}
+    every = {k: [v for w in windows for v in getattr(w, k)] for k in ("rewards", "first_position_wins", "latencies",
+                                                                       "scores")}
+    sums, skipped = windows[0].sums, windows[0].skipped  # global: the same on every rank
+    per_term = {k: getattr(sums, name) / sums.terms if sums.terms else None
+                for k, name in (("loss", "loss"), ("kl", "kl"), ("approx_kl", "approx_kl"), ("clipfrac", "clipped"))}
+    taken = sum(s is None for s in skipped)
+    run.nonfinite_skips += sum(s is not None and s.startswith("nonfinite") for s in skipped)
+    norms = windows[0].grad_norms
     cost = {}
-    if parts[0]["spent"] is not None:  # the served judge's requests and tokens, summed over ranks, per pair
-        spent = {key: sum(p["spent"][key] for p in parts) for key in USAGE_KEYS}
-        kept = total["pairs"] - total["failed"] - total["tie"]
-        cost = usage_report(dict.fromkeys(USAGE_KEYS, 0), spent, {"pair": total["pairs"], "kept_pair": kept})
-    return {"step": run.step, **per_term, **scores,
-            "reward_mean": sum(every["rewards"]) / len(every["rewards"]) if every["rewards"] else None,
-            "judge_failure_rate": total["failed"] / total["pairs"], "tie_rate": total["tie"] / total["pairs"],
-            "first_position_win_rate": sum(every["first"]) / len(every["first"]) if every["first"] else None,
-            "grad_norm": grad_norm, "optimizer_steps": optimizer_steps, "judge_calls": total["calls"] / total["pairs"],
-            "lr": lr, "step_time": step_time,
-            **{k: max(p[k] for p in parts) for k in ("time_rollout", "time_judge_wait", "time_update")},
-            "judge_latency_p50": percentile(every["latency"], 0.5),
-            "judge_latency_p95": percentile(every["latency"], 0.95),
-            "pairs": total["pairs"], "judge_failures": total["failed"], "masked_pairs": total["failed"] + total["tie"],
-            "terms": int(terms),  # trained (sample, transition) terms over all ranks: the gradient's normaliser
-            "skipped": skipped, "nonfinite_skips": run.nonfinite_skips, "stop_requested": any(p["stop"] for p in parts),
-            "judge_failure_reasons": failure_reasons(e for p in parts for e in p["errors"]),
+    if windows[0].spent is not None:  # the served judge's requests and tokens, summed over ranks, per pair
+        spent = {key: sum(w.spent[key] for w in windows) for key in USAGE_KEYS}
+        kept = total["groups"] - total["failed"] - total["ties"]
+        cost = usage_report(dict.fromkeys(USAGE_KEYS, 0), spent, {"pair": total["groups"], "kept_pair": kept})
+    mean = {k: sum(v) / len(v) if v else None for k, v in every.items()}
+    return {"step": run.step, **per_term,
+            **({"judge_score_mean": mean["scores"]} if every["scores"] else {}),
+            "reward_mean": mean["rewards"],
+            "judge_failure_rate": total["failed"] / total["groups"], "tie_rate": total["ties"] / total["groups"],
+            "first_position_win_rate": mean["first_position_wins"],
+            "grad_norm": sum(norms) / len(norms) if norms else None, "optimizer_steps": taken,
+            "judge_calls": total["calls"] / total["groups"], "lr": windows[0].lr,
+            "step_time": time.perf_counter() - windows[run.d.rank].started,  # this rank's clock
+            **{k: max(getattr(w, k) for w in windows) for k in ("time_rollout", "time_judge_wait", "time_update")},
+            "judge_latency_p50": percentile(every["latencies"], 0.5),
+            "judge_latency_p95": percentile(every["latencies"], 0.95),
+            "pairs": total["groups"], "judge_failures": total["failed"], "masked_pairs": total["failed"] + total["ties"],
+            "terms": int(sums.terms),  # trained (sample, transition) terms over all ranks: the gradient's normaliser
+            "skipped": None if taken else skipped[0], "nonfinite_skips": run.nonfinite_skips,
+            "stop_requested": any(w.stop_requested for w in windows),
+            "judge_failure_reasons": failure_reasons(e for w in windows for e in w.errors),
             **{f"judge_{key}": value for key, value in cost.items()}}
 
 

@@ -7,15 +7,16 @@ the rewards +1.0 / -0.1; a PPO-clipped update with a KL penalty to the reference
 adapters disabled) trains the LoRA. One rollout window (`train_step`) runs these phases:
     1. rollout     every rank rolls out prompts_per_rank prompts, N = num_candidates (2) candidates each in one
                    batch with the same initial noise, and hands each group to the judge without waiting;
-    2. judge       verdicts are collected in order: a win rate w per candidate (a pair: 1 / 0), reward
-                   r = w r_w + (1 - w) r_l (+1.0 / -0.1); a failed or order-inconsistent verdict masks its group;
+    2. judge       verdicts are collected in order; a pair's rank gives the paper's rewards (rank_to_reward:
+                   +1.0 / -0.1; N > 2: from win rates); a failed or order-inconsistent verdict masks its group;
     3. advantages  A = r (the paper's; or centred, or group z-scores), clamped to +-adv_clip;
     4. update      each kept group is trained as its verdict arrives (later ones are still being judged): for its
                    K - 1 stochastic transitions, the log-prob and mean are recomputed with gradients, the reference
-                   mean with adapters disabled; loss = PPO clip + kl_beta * KL; backward;
+                   mean with adapters disabled; loss = arr_rpo.rpo_loss (PPO clip + kl_beta * KL); backward;
     5. step        one all-reduce of the LoRA gradients, divided by the global number of (sample, transition)
                    terms, grad-norm clip, AdamW, LR schedule, LoRA EMA; M x E times per window (default once).
-Then the loop logs, evaluates, checks the judge (drift alarm) and saves. Equations: arr_rpo.py; plumbing: runtime.py.
+Then the loop logs, evaluates, checks the judge (drift alarm) and saves. Equations: arr_rpo.py; the command line:
+cli.py; plumbing (inputs, torch.distributed, checkpoints, metrics): runtime.py.
 
 Run
     python train.py                        # the CPU demo (~75 s on 2 cores): tiny random-weight FLUX, demo judge
@@ -45,123 +46,181 @@ Deliberate deviations from the paper and the official code
        Beyond the paper, off by default: M x E steps per window (Flow-GRPO, DanceGRPO; the clip can bind), N > 2
        candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO).
 """
-import dataclasses
-import functools
-import json
-import math
-import random
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-import arr_rpo
-import judge as judge_lib
-import policy as policy_lib
-import runtime
-from data import DataError, open_source
-from demo import DEMOS, build_tiny_model, tiny_model_path
-from runtime import ConfigError, RunStopped, opt, warmup_factor
+import cli
+from cli import above, at_least, beyond, paper, within
 
 
-# ---- Config: one dataclass, grouped by phase; runtime.py generates the CLI from it --------------------------------
+# ---- Config: the paper's recipe, then beyond the paper and scale; cli.py makes the command line of it -------------
 
 @dataclass
 class Config:
-    # model
-    model: str | None = opt(None, "diffusers folder or hub id of the base model; unset: the CPU demo (tiny model)")
-    model_type: str = opt("flux", "flux (FLUX.1-dev, text-to-image) or qwen_edit (Qwen-Image-Edit-2509, editing)")
-    cache_dir: str = opt("~/.cache/arr-rpo", "where the demo's tiny model is built once")
-    device: str | None = opt(None, "cpu or cuda; unset: cuda:LOCAL_RANK when CUDA is available, else cpu")
-    dtype: str | None = opt(None, "bfloat16 (frozen base; LoRA and AdamW stay fp32) or float32; unset: bf16 on CUDA")
-    # memory (python bench.py memory: the estimates per GPU)
-    gradient_checkpointing: bool = opt(True, "recompute each transformer block in backward (same gradients)")
-    embed_cache: str | None = opt(None, "folder of prompt embeddings (per prompt and model), reused by runs and ranks")
-    shard_base: bool = opt(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA stays replicated)")
-    # data
-    prompts: str | None = opt(None, "training prompts: a text file, one per line (flux), or JSONL lines "
-                                    "{source_image, instruction} with paths relative to the file (qwen_edit)")
-    eval_prompts: str | None = opt(None, "eval prompts, same format; unset: held out from the prompts (README)")
-    eval_size: int = opt(64, "at most this many eval prompts")
-    prompts_per_rank: int | None = opt(None, "prompts per rank per rollout window (num_candidates each)")
-    # rollout
-    num_steps: int | None = opt(None, "K sampling steps; the K - 1 stochastic transitions are trained")
-    eta: float = opt(0.3, "flow-SDE noise scale (0 is the deterministic ODE)")
-    shift: float = opt(3.0, "sigma-schedule shift")
-    height: int = opt(512, "image height in pixels")
-    width: int = opt(512, "image width in pixels")
-    guidance: float | None = opt(None, "FLUX.1-dev distilled guidance scale (qwen_edit: none)")
-    num_candidates: int = opt(2, "N candidates per prompt, rolled out in one batch (the paper: 2)")
-    same_noise: bool = opt(True, "the N candidates of a prompt start from the same initial noise (the paper's)")
-    eval_num_steps: int | None = opt(None, "eval sampler K (eta = 0); unset: num_steps")
-    eval_shift: float | None = opt(None, "eval sampler shift; unset: shift")
-    eval_guidance: float | None = opt(None, "eval sampler guidance; unset: guidance")
-    # judge
-    judge_url: str | None = opt(None, "OpenAI-compatible base URL of the VLM judge; unset: the demo judge (demo only)")
-    judge_model: str = opt("Qwen/Qwen3-VL-8B-Instruct", "model name served at judge_url")
-    judge_api_key_env: str = opt("OPENAI_API_KEY", "name of the environment variable holding the judge's API key")
-    rubrics: str | None = opt(None, "rubric text file conditioning the judge (required with judge_url)")
-    judge_mode: str = opt("rank", "rank: the paper's rubric-conditioned judge; score: T2I-Eval-R1 (train_judge.py)")
-    judge_scale: str = opt("0,10", "score mode: the score range low,high the judge was trained on")
-    judge_swap: bool = opt(True, "judge both candidate orders; disagreement is a tie and masks the pair")
-    judge_concurrency: int = opt(8, "judge requests in flight per rank")
-    judge_max_tokens: int | None = opt(None, "completion tokens per judge request (unset: 1024; <= 6 per judgment)")
-    judge_check_data: str | None = opt(None, "labelled pairs judged at step 0 and every judge_check_every: drift alarm")
-    judge_check_every: int = opt(25, "steps between judge checks on judge_check_data")
-    group_judging: str = opt("listwise", "listwise (all N at once, mean rank over orders) or pairs (Pref-GRPO)")
-    eval_judge_url: str | None = opt(None, "an independent judge for evaluation (same key variable); unset: judge_url")
-    eval_judge_model: str | None = opt(None, "model name at eval_judge_url; unset: judge_model")
-    eval_rubrics: str | None = opt(None, "rubric file of the eval judge; unset: rubrics")
-    # ppo
-    clip_range: float = opt(0.2, "PPO clip epsilon of per-element-mean log-probs (see README: 1e-4 with M x E > 1)")
-    advantage: str = opt("paper", "paper (A = r), centered (r - group mean) or group_norm (group z-score: Flow-GRPO)")
-    minibatches: int = opt(1, "M optimizer steps per window over its prompts split by global index")
-    inner_epochs: int = opt(1, "E passes over the window (M x E optimizer steps per window; old log-probs = rollout)")
-    adv_clip: float = opt(5.0, "advantages are clamped to [-adv_clip, adv_clip]")
-    kl_beta: float | None = opt(None, "weight of the KL penalty to the reference (0 disables the reference pass)")
-    kl_estimator: str = opt("exact", "exact (Gaussian KL of the transition means) or k1 (the official estimate)")
-    train_fraction: float = opt(1.0, "fraction of the K - 1 transitions trained per sample (random subset)")
-    reward_win: float = opt(1.0, "reward of the preferred candidate (paper: +1.0)")
-    reward_lose: float = opt(-0.1, "reward of the other candidate (paper: -0.1)")
-    # lora
-    lora_rank: int | None = opt(None, "LoRA rank r")
-    lora_alpha: float | None = opt(None, "LoRA alpha (scale alpha / r)")
-    lora_targets: str | None = opt(None, "attn (to_q,to_k,to_v,to_out.0; unset), wide (diffusers' list), or suffixes")
-    # optimizer
-    lr: float | None = opt(None, "AdamW learning rate (betas 0.9 / 0.999, eps 1e-8)")
-    weight_decay: float = opt(1e-4, "AdamW weight decay")
-    lr_warmup_steps: int = opt(0, "linear LR warmup steps, then constant")
-    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this")
-    ema_decay: float = opt(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off; Flow-GRPO)")
-    # run
-    output_dir: str | None = opt(None, "where metrics, samples and checkpoints go; unset: runs/MODEL_TYPE-TIME")
-    max_steps: int = opt(300, "optimizer steps")
-    save_every: int = opt(50, "checkpoint every this many steps (and at the end)")
-    eval_every: int = opt(25, "eval win rate every this many steps (0: never)")
-    resume: str | None = opt(None, "auto (newest complete checkpoint in output_dir) or a checkpoint folder")
-    seed: int = opt(42, "seed; rank r samples with seed + r")
-    failure_stop_rate: float = opt(0.5, "save and stop when the masked-pair rate over failure_window steps is above")
-    failure_window: int = opt(5, "steps in the failure-rate window")
-    log_with: str = opt("none", "also log to wandb or tensorboard (only if installed)")
-    num_threads: int | None = opt(None, "torch CPU threads per process; unset: torch's default")
+    """Every option of a run. Unset (None) fields take the model type's recipe (RECIPES); `python train.py --help`
+    shows both blocks, each option with where its value comes from."""
+    # -- 1. the paper's recipe (arXiv 2605.08354 §3.3, Table 3; the official code's shipped settings)
+    model: str | None = paper(None, "diffusers folder or hub id of the base model; unset: the CPU demo (tiny "
+                                    "model)", "paper §4: FLUX.1-dev, Qwen-Image-Edit-2509")
+    model_type: str = paper("flux", "flux (text-to-image) or qwen_edit (Qwen-Image-Edit-2509, editing)", "paper §4",
+                            choices=("flux", "qwen_edit"))
+    prompts: str | None = paper(None, "training prompts: a text file, one per line (flux), or JSONL lines "
+                                      "{source_image, instruction}, paths relative to the file (qwen_edit)",
+                                "paper §4: ShareGPT-4o-Image")
+    prompts_per_rank: int | None = paper(None, "prompts per rank per rollout window (num_candidates each)",
+                                         "official code: its accumulation's intent", valid=at_least(1))
+    num_candidates: int = paper(2, "N candidates per prompt, rolled out in one batch", "paper §3.3",
+                                valid=at_least(2))
+    same_noise: bool = paper(True, "the N candidates of a prompt start from the same initial noise", "official code")
+    num_steps: int | None = paper(None, "K sampling steps; the K - 1 stochastic transitions are trained",
+                                  "official code", valid=at_least(2))
+    # eta = 0 is a Dirac transition with no log-prob: every loss would be NaN and every step skipped
+    eta: float = paper(0.3, "flow-SDE noise scale (0 would be the deterministic ODE)", "official code", valid=above(0))
+    shift: float = paper(3.0, "sigma-schedule shift", "official code", valid=above(0))
+    height: int = paper(512, "image height in pixels", "official code", valid=at_least(16))
+    width: int = paper(512, "image width in pixels", "official code", valid=at_least(16))
+    guidance: float | None = paper(None, "FLUX.1-dev distilled guidance scale (qwen_edit: none)", "official code")
+    judge_url: str | None = paper(None, "OpenAI-compatible base URL of the VLM judge; unset: the demo judge (demo "
+                                        "only)", "paper §3.2: a frozen VLM judge")
+    judge_model: str = paper("Qwen/Qwen3-VL-8B-Instruct", "model name served at judge_url", "paper Table 1")
+    rubrics: str | None = paper(None, "rubric text file conditioning the judge (rubrics.py induce writes one; "
+                                      "required with judge_url)", "paper §3.2")
+    reward_win: float = paper(1.0, "reward of the preferred candidate r_w", "paper Table 3")
+    reward_lose: float = paper(-0.1, "reward of the other candidate r_l", "paper Table 3")
+    clip_range: float = paper(0.2, "PPO clip epsilon of per-element-mean log-probs (1e-4 with M x E > 1: "
+                                   "docs/beyond-the-paper.md)", "official code", valid=above(0))
+    adv_clip: float = paper(5.0, "advantages are clamped to [-adv_clip, adv_clip]", "official code", valid=above(0))
+    kl_beta: float | None = paper(None, "weight of the KL penalty to the reference (0 disables the reference pass)",
+                                  "official code", valid=at_least(0))
+    lora_rank: int | None = paper(None, "LoRA rank r", "official code", valid=at_least(1))
+    lora_alpha: float | None = paper(None, "LoRA alpha (scale alpha / r)", "official code", valid=above(0))
+    lora_targets: str | None = paper(None, "attn (to_q,to_k,to_v,to_out.0; unset), wide (diffusers' list), or "
+                                           "suffixes", "official code")
+    lr: float | None = paper(None, "AdamW learning rate (betas 0.9 / 0.999, eps 1e-8)", "official code",
+                             valid=above(0))
+    weight_decay: float = paper(1e-4, "AdamW weight decay", "official code", valid=at_least(0))
+    max_grad_norm: float = paper(1.0, "clip the global gradient norm to this", "official code", valid=above(0))
+    max_steps: int = paper(300, "rollout windows to train (one optimizer step each unless M x E > 1)",
+                           "official code", valid=at_least(0))
+    save_every: int = paper(50, "checkpoint every this many windows (and at the end)", "official code",
+                            valid=at_least(1))
+    # -- 2. beyond the paper, and scale
+    judge_swap: bool = beyond(True, "judge both candidate orders; disagreement is a tie and masks the pair",
+                              "ours (the official code asks one order)")
+    kl_estimator: str = beyond("exact", "exact (Gaussian KL of the transition means) or k1 (log pi - log pi_ref)",
+                               "ours (the official code: k1)", choices=("exact", "k1"))
+    advantage: str = beyond("paper", "paper (A = r), centered (r - group mean) or group_norm (group z-score)",
+                            "Flow-GRPO, DanceGRPO (group_norm)", choices=("paper", "centered", "group_norm"))
+    group_judging: str = beyond("listwise", "N > 2: listwise (all N at once, mean rank over orders) or pairs "
+                                            "(every pair, tournament win rates)", "ours; Pref-GRPO (pairs)",
+                                choices=("listwise", "pairs"))
+    minibatches: int = beyond(1, "M optimizer steps per window over its prompts split by global index",
+                              "Flow-GRPO, DanceGRPO", valid=at_least(1))
+    inner_epochs: int = beyond(1, "E passes over the window (M x E optimizer steps; old log-probs = rollout)",
+                               "Flow-GRPO", valid=at_least(1))
+    train_fraction: float = beyond(1.0, "fraction of the K - 1 transitions trained per sample (random subset)",
+                                   "DanceGRPO", valid=within(0, 1, low_open=True))
+    lr_warmup_steps: int = beyond(0, "linear LR warmup steps, then constant", "ours", valid=at_least(0))
+    ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off)", "Flow-GRPO",
+                              valid=within(0, 1, high_open=True))
+    judge_mode: str = beyond("rank", "rank: the paper's rubric-conditioned judge; score: T2I-Eval-R1 "
+                                     "(train_judge.py)", "T2I-Eval-R1 (score)", choices=("rank", "score"))
+    judge_scale: str = beyond("0,10", "score mode: the score range low,high the judge was trained on",
+                              "T2I-Eval-R1")
+    judge_api_key_env: str = beyond("OPENAI_API_KEY", "environment variable holding the judge's API key", "ours")
+    judge_concurrency: int = beyond(8, "judge requests in flight per rank", "ours", valid=at_least(1))
+    judge_max_tokens: int | None = beyond(None, "completion tokens per judge request (unset: 1024; <= 6 requests "
+                                                "per judgment)", "ours", valid=at_least(1))
+    judge_check_data: str | None = beyond(None, "labelled pairs judged at step 0 and every judge_check_every: "
+                                                "the drift alarm", "ours")
+    judge_check_every: int = beyond(25, "windows between judge checks on judge_check_data", "ours",
+                                    valid=at_least(1))
+    eval_prompts: str | None = beyond(None, "eval prompts, same format; unset: held out from the prompts",
+                                      "ours (the official code has no evaluation)")
+    eval_size: int = beyond(64, "at most this many eval prompts", "ours", valid=at_least(1))
+    eval_every: int = beyond(25, "eval win rate every this many windows (0: never)", "ours", valid=at_least(0))
+    eval_num_steps: int | None = beyond(None, "eval sampler K (eta = 0); unset: num_steps", "ours",
+                                        valid=at_least(2))
+    eval_shift: float | None = beyond(None, "eval sampler shift; unset: shift", "ours", valid=above(0))
+    eval_guidance: float | None = beyond(None, "eval sampler guidance; unset: guidance", "ours")
+    eval_judge_url: str | None = beyond(None, "an independent judge for evaluation (same key variable); unset: "
+                                              "judge_url", "ours")
+    eval_judge_model: str | None = beyond(None, "model name at eval_judge_url; unset: judge_model", "ours")
+    eval_rubrics: str | None = beyond(None, "rubric file of the eval judge; unset: rubrics", "ours")
+    device: str | None = beyond(None, "cpu or cuda; unset: cuda:LOCAL_RANK when CUDA is available, else cpu", "ours")
+    dtype: str | None = beyond(None, "bfloat16 (frozen base; LoRA and AdamW stay fp32) or float32; unset: bf16 on "
+                                     "CUDA", "ours", choices=(None, "float32", "bfloat16"))
+    gradient_checkpointing: bool = beyond(True, "recompute each transformer block in backward (same gradients)",
+                                          "diffusers (python bench.py memory: the estimates)")
+    embed_cache: str | None = beyond(None, "folder of prompt embeddings (per prompt and model), reused by runs and "
+                                           "ranks", "ours")
+    shard_base: bool = beyond(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA replicated)",
+                              "torch FSDP2")
+    cache_dir: str = beyond("~/.cache/arr-rpo", "where the demo's tiny model is built once", "ours")
+    output_dir: str | None = beyond(None, "where metrics, samples and checkpoints go; unset: runs/MODEL_TYPE-TIME",
+                                    "ours")
+    resume: str | None = beyond(None, "auto (newest complete checkpoint in output_dir) or a checkpoint folder",
+                                "ours (the official --resume_from_checkpoint is ignored)")
+    seed: int = beyond(42, "seed; rank r samples with seed + r", "ours")
+    failure_stop_rate: float = beyond(0.5, "save and stop when the masked-pair rate over failure_window windows "
+                                           "is above", "ours", valid=within(0, 1))
+    failure_window: int = beyond(5, "windows in the failure-rate window", "ours", valid=at_least(1))
+    log_with: str = beyond("none", "also log to wandb or tensorboard (only if installed)", "ours",
+                           choices=("none", "wandb", "tensorboard"))
+    num_threads: int | None = beyond(None, "torch CPU threads per process; unset: torch's default", "ours",
+                                     valid=at_least(1))
 
 
 RECIPES = {  # the official recipe for the fields left unset; prompts_per_rank = the official GA's intent
     "flux": dict(lr=5e-5, num_steps=8, lora_rank=16, lora_alpha=32, kl_beta=0.01, guidance=3.5, prompts_per_rank=4),
     "qwen_edit": dict(lr=1e-5, num_steps=10, lora_rank=32, lora_alpha=64, kl_beta=0.02, guidance=None,
                       prompts_per_rank=2)}
-POLICIES = {"flux": policy_lib.FluxPolicy, "qwen_edit": policy_lib.QwenEditPolicy}
+
+
+def demo_overrides(model_type):
+    """The demo's settings for `model_type` (what runs without --model), or None when it has no demo."""
+    from tools.demo import DEMOS  # the demo's models and judges: loaded only when it runs
+    return DEMOS[model_type].overrides if model_type in DEMOS else None
 
 
 def make_config(argv=None):
-    """CLI -> Config: what the user set, else the demo's settings (no --model), else the recipe, else the default."""
-    return runtime.make_config(Config, RECIPES, DEMOS, argv, description=__doc__.splitlines()[0])
+    """CLI -> Config: what the user set, else --config FILE, else the demo's settings (no --model), else the
+    recipe, else the default (cli.make_config). Raises cli.ConfigError naming the option."""
+    return cli.make_config(Config, RECIPES, argv, demo_overrides, description=__doc__.splitlines()[0])
 
 
-# ---- The phases of one optimizer step -----------------------------------------------------------------------------
+if __name__ == "__main__":  # before torch and diffusers load (~10 s): --help and a mistyped option answer at once
+    cli.exit_on_bad_command_line(make_config, sys.argv[1:])
+
+import functools  # noqa: E402 (below the config on purpose: see the line above)
+import math  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from dataclasses import field, fields, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import arr_rpo  # noqa: E402
+import judge as judge_lib  # noqa: E402
+import policy as policy_lib  # noqa: E402
+import runtime  # noqa: E402
+from cli import ConfigError  # noqa: E402
+from data import DataError, open_source  # noqa: E402
+from runtime import RunStopped, warmup_factor  # noqa: E402
+
+POLICIES = {"flux": policy_lib.FluxPolicy, "qwen_edit": policy_lib.QwenEditPolicy}
+
+
+# ---- The phases of one rollout window ----------------------------------------------------------------------------
+
+@dataclass
+class Pending:
+    """One prompt's rolled-out group, on its way to the judge."""
+    traj: policy_lib.Trajectory              # its N candidates, with the rollout's log-probs
+    judgment: judge_lib.GroupJudgment        # .result() -> judge.GroupVerdict (waits for the judge)
+
 
 def rollout_and_submit(run, items):
     """Phase 1: N candidates per prompt in one batch; each group goes to the judge at once (judge.submit_group)."""
@@ -171,15 +230,20 @@ def rollout_and_submit(run, items):
         extra = {} if source is None else {"source_images": [source] * cfg.num_candidates}
         traj = run.policy.rollout([item.prompt] * cfg.num_candidates, **extra, **runtime.sampler(cfg),
                                   generator=run.rng, same_noise=cfg.same_noise)
-        pending.append((traj, judge_lib.submit_group(run.judge, item.prompt, traj.images, cfg.group_judging, source)))
+        pending.append(Pending(traj, judge_lib.submit_group(run.judge, item.prompt, traj.images, cfg.group_judging,
+                                                            source)))
     return pending
 
 
 def judge_outcome(group, cfg):
-    """Phase 2 for a group: ("kept", rewards w r_w + (1 - w) r_l from its win rates w), or ("failed" | "tie", None)."""
+    """Phase 2 for a judged group (judge.GroupVerdict): its rewards (N,), or None when the judge masked it. A pair
+    gets the paper's rule (§3.2, Table 3: rank_to_reward, +r_w / -r_l); N > 2 candidates get w r_w + (1 - w) r_l
+    from their win rates w over the others (arr_rpo.win_rate_to_reward)."""
     if group.win_rates is None:
-        return ("failed" if group.error else "tie"), None
-    return "kept", arr_rpo.win_rate_to_reward(group.win_rates, cfg.reward_win, cfg.reward_lose)
+        return None
+    if group.rank is not None:  # N = 2
+        return arr_rpo.rank_to_reward(group.rank, cfg.reward_win, cfg.reward_lose)
+    return arr_rpo.win_rate_to_reward(group.win_rates, cfg.reward_win, cfg.reward_lose)
 
 
 def advantages(rewards, cfg, device):
@@ -187,7 +251,26 @@ def advantages(rewards, cfg, device):
     return arr_rpo.advantages([rewards], cfg.advantage)[0].to(device).clamp(-cfg.adv_clip, cfg.adv_clip)
 
 
-SUMS = ("loss", "kl", "approx_kl", "clipfrac", "terms", "nonfinite")  # per-(sample, transition) sums
+@dataclass
+class TermSums:
+    """Sums over trained (sample, transition) terms: phase 5 all-reduces them with the gradients, and `terms` is
+    the gradient's normaliser T. Fields are floats or 0-dim tensors (summed on the device, one sync per step)."""
+    loss: float = 0.0
+    kl: float = 0.0
+    approx_kl: float = 0.0
+    clipped: float = 0.0
+    terms: float = 0.0
+    nonfinite: float = 0.0
+
+    def __add__(self, other):
+        return TermSums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def as_tensor(self, device):
+        return torch.stack([torch.as_tensor(getattr(self, f.name), device=device).float() for f in fields(self)])
+
+    @classmethod
+    def of_tensor(cls, values):
+        return cls(*values.tolist())
 
 
 def kl_term(stats, x_next, estimator):
@@ -199,41 +282,45 @@ def kl_term(stats, x_next, estimator):
     return arr_rpo.k1_kl(stats.log_prob, arr_rpo.gaussian_log_prob(x_next, stats.ref_mean, stats.std))
 
 
-def backward_pair_loss(policy, traj, adv, cfg, rng, weight=1.0):
-    """Phase 4 for one kept group: [PPO clip + kl_beta * KL] summed over its trained transitions and N samples,
-    back-propagated UNnormalised (reduce_and_step divides by the global term count); returns its SUMS. old = rollout
-    log-probs (ratio != 1 after a window's first step). weight 0: a masked group's calls under FSDP (--shard_base)."""
+def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0):
+    """Phase 4 for one kept group: arr_rpo.rpo_loss (PPO clip + kl_beta * KL) summed over its trained transitions
+    and N samples and back-propagated UNnormalised (reduce_and_step divides by the global term count T); returns
+    its TermSums. old = the rollout's log-probs (ratio != 1 after a window's first optimizer step)."""
     num_transitions = traj.log_probs.shape[1]  # K - 1
     trained = max(1, round(cfg.train_fraction * num_transitions))
-    sums = torch.zeros(len(SUMS), device=adv.device)
+    sums = TermSums()
     for k in torch.randperm(num_transitions, generator=rng)[:trained].tolist():
         stats = policy.recompute(traj, k, reference=cfg.kl_beta > 0)
         old = traj.log_probs[:, k]  # (N,) recorded at rollout time
         kl = kl_term(stats, traj.latents[:, k + 1], cfg.kl_estimator)  # (N,)
-        loss = arr_rpo.ppo_clip_loss(stats.log_prob, old, adv, cfg.clip_range) + cfg.kl_beta * kl  # (N,)
+        loss = arr_rpo.rpo_loss(stats.log_prob, old, adv, cfg.clip_range, kl, cfg.kl_beta)  # (N,)
         (weight * loss.sum()).backward()
-        parts = (loss.sum(), kl.sum(), arr_rpo.approx_kl(stats.log_prob, old).sum(),
-                 arr_rpo.clip_fraction(stats.log_prob, old, cfg.clip_range) * len(loss), len(loss),
-                 (~torch.isfinite(loss)).sum())
-        sums += torch.stack([torch.as_tensor(v, device=sums.device).detach().float() for v in parts])
-    return sums.cpu()
+        sums += TermSums(loss.detach().sum(), kl.detach().sum(), arr_rpo.approx_kl(stats.log_prob, old).detach().sum(),
+                         arr_rpo.clip_fraction(stats.log_prob, old, cfg.clip_range) * len(loss), len(loss),
+                         (~torch.isfinite(loss)).sum())
+    return sums
+
+
+def fsdp_lockstep_pass(policy, traj, cfg):
+    """A masked group's forward and backward with weight 0 (--shard_base): FSDP2 all-gathers inside every block
+    call, so every rank must make the same calls whatever its masks; its own generator keeps the rollout noise."""
+    backward_rpo_loss(policy, traj, torch.zeros_like(traj.log_probs[:, 0]), cfg, torch.Generator(), weight=0.0)
 
 
 def reduce_and_step(run, sums):
-    """Phase 5: one all-reduce of the LoRA gradients (with the sums), global normalisation, clip, AdamW, schedule,
-    LoRA EMA (ema_decay > 0). Returns (global sums, grad_norm or None, reason the step was skipped or None)."""
+    """Phase 5: one all-reduce of the LoRA gradients (with the sums), the mean over the T global terms, clip,
+    AdamW, schedule, LoRA EMA (ema_decay > 0). Returns (global TermSums, grad_norm or None, why it skipped or None)."""
     params = run.policy.trainable_parameters()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten().float() for g in grads] + [sums.to(grads[0].device)])
+    flat = torch.cat([g.flatten().float() for g in grads] + [sums.as_tensor(grads[0].device)])
     runtime.all_reduce_sum(flat, run.d)
-    *flat_grads, sums = flat.split([p.numel() for p in params] + [len(SUMS)])
-    sums = sums.cpu()
-    terms, nonfinite = sums[SUMS.index("terms")].item(), sums[SUMS.index("nonfinite")].item()
-    skipped = "nonfinite loss" if nonfinite else ("no valid pairs" if terms == 0 else None)
+    *flat_grads, flat_sums = flat.split([p.numel() for p in params] + [len(fields(TermSums))])
+    sums = TermSums.of_tensor(flat_sums.cpu())
+    skipped = "nonfinite loss" if sums.nonfinite else ("no valid pairs" if sums.terms == 0 else None)
     grad_norm = None
     if skipped is None:
         for p, g in zip(params, flat_grads):
-            p.grad = (g / terms).view_as(p).to(p.dtype)  # the mean over every (sample, transition) term of all ranks
+            p.grad = (g / sums.terms).view_as(p).to(p.dtype)  # J = (1 / T) sum of L: arr_rpo.rpo_loss
         grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm).item()
         skipped = None if math.isfinite(grad_norm) else "nonfinite gradient"
     if skipped is None:
@@ -245,49 +332,87 @@ def reduce_and_step(run, sums):
     return sums, grad_norm, skipped
 
 
+@dataclass
+class WindowStats:
+    """One window's bookkeeping on this rank: what train_step counts and times, gathered from every rank and
+    turned into the window's metrics by runtime.window_metrics."""
+    lr: float                                             # the learning rate the window started with
+    started: float = field(default_factory=time.perf_counter)  # this process's clock
+    groups: int = 0
+    failed: int = 0                                       # masked: the judge failed (errors says why)
+    ties: int = 0                                         # masked: the judge expressed no preference
+    rewards: list = field(default_factory=list)           # of every kept candidate
+    errors: list = field(default_factory=list)            # of every failed group
+    calls: int = 0                                        # judge presentations asked (re-asks not counted)
+    latencies: list = field(default_factory=list)         # seconds, per judge.Verdict
+    first_position_wins: list = field(default_factory=list)  # per valid presentation: did the first shown win?
+    scores: list = field(default_factory=list)            # per candidate, from a judge that scores (score mode)
+    time_rollout: float = 0.0                             # seconds
+    time_judge_wait: float = 0.0
+    time_update: float = 0.0
+    sums: TermSums = field(default_factory=TermSums)      # global, of every optimizer step of the window
+    grad_norms: list = field(default_factory=list)        # of the steps taken
+    skipped: list = field(default_factory=list)           # per optimizer step: None, or why it did not step
+    spent: dict | None = None                             # the judge's requests and tokens (runtime.judge_usage)
+    stop_requested: bool = False
+
+    def timed(self, phase, fn, *args):
+        """fn(*args), its seconds added to time_{phase}."""
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            setattr(self, f"time_{phase}", getattr(self, f"time_{phase}") + time.perf_counter() - start)
+
+    def count(self, group, rewards):
+        """Count one judged group; returns its rewards (None: masked)."""
+        self.groups, self.calls = self.groups + 1, self.calls + group.calls
+        for v in group.verdicts:
+            self.latencies.append(v.latency)
+            self.first_position_wins += v.first_position_wins
+            self.scores += v.scores or []
+        if rewards is not None:
+            self.rewards += rewards
+        elif group.error:
+            self.failed, self.errors = self.failed + 1, self.errors + [group.error]
+        else:
+            self.ties += 1
+        return rewards
+
+    def stepped(self, sums, grad_norm, skipped):
+        self.sums += sums
+        self.grad_norms += [] if grad_norm is None else [grad_norm]
+        self.skipped.append(skipped)
+
+
+def update_group(run, pending, adv, window):
+    """Phase 4 for one group of the minibatch: the backward of its RPO loss when kept; when masked nothing, except
+    the weight-0 pass that FSDP needs."""
+    if adv is not None:
+        return window.timed("update", backward_rpo_loss, run.policy, pending.traj, adv, run.cfg, run.rng)
+    if run.cfg.shard_base:
+        window.timed("update", fsdp_lockstep_pass, run.policy, pending.traj, run.cfg)
+    return TermSums()
+
+
 def train_step(run):
-    """One rollout window (phases 1-5; 4-5 per minibatch and epoch); returns its metrics, the same on every rank."""
-    cfg, d = run.cfg, run.d
-    start, steps_before, lr = time.perf_counter(), run.steps_taken, run.optimizer.param_groups[0]["lr"]
-    spent = runtime.judge_usage(run.judge)
-    pending = rollout_and_submit(run, runtime.next_window(run))  # 1. rollout: every group goes to the judge at once
-    local = dict(pairs=len(pending), failed=0, tie=0, rewards=[], first=[], latency=[], calls=0, scores=[], errors=[],
-                 time_rollout=time.perf_counter() - start, time_judge_wait=0.0, time_update=0.0)
-    kept, total, norms, skips = {}, torch.zeros(len(SUMS)), [], []
-    for epoch in range(cfg.inner_epochs):
-        for batch in runtime.minibatches(run, epoch):
-            sums = torch.zeros(len(SUMS))
-            for j in batch:  # epoch 0: a kept group trains while later groups are still being judged
-                traj, future = pending[j]
-                if epoch == 0:
-                    t = time.perf_counter()
-                    group = future.result()  # 2. judge
-                    local["time_judge_wait"] += time.perf_counter() - t
-                    outcome, rewards = judge_outcome(group, cfg)
-                    runtime.tally(local, group, outcome, rewards)
-                    if rewards is not None:
-                        kept[j] = advantages(rewards, cfg, run.policy.device)  # 3. advantages
-                t = time.perf_counter()
-                if j in kept:
-                    sums += backward_pair_loss(run.policy, traj, kept[j], cfg, run.rng)  # 4. update
-                elif cfg.shard_base:  # FSDP: every rank makes the same calls (weight 0; own generator, same noise)
-                    backward_pair_loss(run.policy, traj, torch.zeros_like(traj.log_probs[:, 0]), cfg, torch.Generator(),
-                                       weight=0.0)
-                local["time_update"] += time.perf_counter() - t
-            t = time.perf_counter()
-            sums, grad_norm, skipped = reduce_and_step(run, sums)  # 5. step
-            local["time_update"] += time.perf_counter() - t
-            total += sums
-            norms += [] if grad_norm is None else [grad_norm]
-            skips.append(skipped)
-            run.nonfinite_skips += skipped is not None and skipped.startswith("nonfinite")
-    local["spent"] = runtime.judge_usage(run.judge, since=spent)  # requests and tokens of this window's judgments
-    taken = sum(s is None for s in skips)
-    assert run.steps_taken - steps_before == taken, "the optimizer must step once per minibatch and epoch"
+    """One rollout window: phases 1-5, the update and step once per minibatch and inner epoch (M x E times).
+    Returns its metrics, the same on every rank."""
+    cfg, window, spent = run.cfg, WindowStats(run.optimizer.param_groups[0]["lr"]), runtime.judge_usage(run.judge)
+    pending = window.timed("rollout", rollout_and_submit, run, runtime.next_window(run))  # 1. rollout
+    adv = {}  # window index j -> advantages (N,) of its group, None when masked
+    for epoch, batch in runtime.minibatches(run):
+        sums = TermSums()
+        for j in batch:
+            if epoch == 0:  # a group's verdict is awaited when its update comes; later groups are still judged
+                group = window.timed("judge_wait", pending[j].judgment.result)  # 2. judge
+                rewards = window.count(group, judge_outcome(group, cfg))
+                adv[j] = None if rewards is None else advantages(rewards, cfg, run.policy.device)  # 3. advantages
+            sums += update_group(run, pending[j], adv[j], window)  # 4. update
+        window.stepped(*window.timed("update", reduce_and_step, run, sums))  # 5. step
+    window.spent, window.stop_requested = runtime.judge_usage(run.judge, since=spent), run.stop_requested
     run.step += 1
-    parts = runtime.all_gather({**local, "stop": run.stop_requested}, d)  # a Ctrl-C on any rank stops every rank
-    return runtime.summarize(run, parts, dict(zip(SUMS, total.tolist())), sum(norms) / len(norms) if norms else None,
-                             None if taken else skips[0], lr, time.perf_counter() - start, taken)
+    return runtime.window_metrics(run, runtime.all_gather(window, run.d))
 
 
 # ---- Evaluation: policy vs reference, judged by the same judge -----------------------------------------------------
@@ -341,13 +466,17 @@ def prepare(cfg, d, judge=None):
     """Everything before the first step. `judge` (anything with the Judge interface) replaces the configured one."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    demo, cls = (DEMOS[cfg.model_type] if cfg.model is None else None), POLICIES[cfg.model_type]
-    cfg = dataclasses.replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
-                              dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
+    demo = None
+    if cfg.model is None:  # the CPU demo: its tiny model, prompts and judge
+        from tools.demo import DEMOS, build_tiny_model, tiny_model_path
+        demo = DEMOS[cfg.model_type]
+    cls = POLICIES[cfg.model_type]
+    cfg = replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
+                  dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
     items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
-    cfg = dataclasses.replace(cfg, output_dir=str(out))
-    runtime.print0(d, "config: " + json.dumps(dataclasses.asdict(cfg), indent=1))
+    cfg = replace(cfg, output_dir=str(out))
+    runtime.print0(d, f"config: {cli.changed(cfg, Config)} (every option: {out / 'config.json'})")
     judge, eval_judge = runtime.make_judges(cfg, demo, rubric, eval_rubric, cls.task, d, judge)
     try:
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once
@@ -376,8 +505,8 @@ def prepare(cfg, d, judge=None):
 
 
 def loop(run):
-    """Steps until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge."""
-    cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window steps
+    """Windows until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge."""
+    cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window windows
     if run.step == 0:
         runtime.judge_check(run)
     if run.step == 0 and cfg.eval_every:

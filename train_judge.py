@@ -582,7 +582,7 @@ def run_demo(demo):
     DEMO_OPTIONS; prints the held-out Spearman curve and returns {"spearman_before", "spearman_after", "curve":
     [[step, rho], ...], "seconds", "output_dir"}."""
     from transformers import TrainerCallback
-    from demo import build_tiny_model, judge_demo_data, tiny_model_path
+    from tools.demo import build_tiny_model, judge_demo_data, tiny_model_path
     started = time.monotonic()
     out = Path(demo.output_dir or f"runs/judge-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-import demo
+from tools import demo
 import policy
 import train
 from embed_cache import EmbeddingCache, module_identity, tokenizer_identity

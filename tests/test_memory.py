@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bench
-import memory
+from tools import memory
 
 MIB = 2 ** 20
 

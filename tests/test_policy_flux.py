@@ -6,7 +6,7 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 import arr_rpo
-import demo
+from tools import demo
 import policy
 from image_checks import (as_float, assert_disabled_adapters_are_the_base, assert_only_lora_gets_gradients,
                           assert_ratio_one_at_init, randomise_lora)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import demo
+from tools import demo
 import policy
 from image_checks import as_float, randomise_lora
 from test_policy_qwen import CONDITION_AREA, scene

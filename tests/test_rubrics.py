@@ -15,7 +15,7 @@ from PIL import Image
 
 import rubrics
 from fake_vlm import FakeVLM
-from judge import Judge, JudgeError, PairItem, ResponseCache, VLMClient
+from judge import Judge, JudgeError, PairItem, ResponseCache, VLMClient, template_sha256
 
 RED, BLUE, GREEN = (230, 20, 20), (20, 20, 230), (20, 200, 20)
 
@@ -428,7 +428,7 @@ def test_induce_cli_writes_rubrics_and_sidecar(tmp_path, capsys, monkeypatch):
     assert sidecar["data_sha256"] == hashlib.sha256(data_before).hexdigest()
     assert {"rubric_generate", "rubric_refine", "rubric_structure", "rubric_task_t2i", "judge_system_t2i",
             "judge_user_t2i"} <= set(sidecar["templates_sha256"])
-    assert sidecar["templates_sha256"]["rubric_generate"] == rubrics.template_sha256("rubric_generate")
+    assert sidecar["templates_sha256"]["rubric_generate"] == template_sha256("rubric_generate")
     assert len(sidecar["rubrics"]) == 6 and [i["verified"] for i in sidecar["items"]] == [True, False, True]
     assert sidecar["rubric_sources"]["keep red second: check shape (v1)"] == [3]
     assert [i["attempts"] for i in sidecar["items"]] == [1, 2, 1]

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import arr_rpo
-import demo
+from tools import demo
 import policy
 import runtime
 from fake_vlm import FakeVLM

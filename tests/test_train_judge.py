@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageStat
 
-import demo
+from tools import demo
 import judge
 import train_judge as tj
 from data import DataError

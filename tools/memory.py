@@ -194,13 +194,13 @@ def fake_inputs(pol, model_type, height, width, candidates, num_steps):
 
 
 def update_transition(pol, traj, k, kl_beta):
-    """train.backward_pair_loss for one transition: recompute, PPO clip + kl_beta * exact KL, backward. (That
+    """train.backward_rpo_loss for one transition: recompute, PPO clip + kl_beta * exact KL, backward. (That
     function draws its transitions with randperm(...).tolist(), which fake tensors cannot run.)"""
     import arr_rpo
     stats = pol.recompute(traj, k, reference=kl_beta > 0)
     adv = torch.tensor([1.0] + [-0.1] * (len(stats.log_prob) - 1))
-    loss = (arr_rpo.ppo_clip_loss(stats.log_prob, traj.log_probs[:, k], adv, 0.2)
-            + kl_beta * arr_rpo.gaussian_kl(stats.mean, stats.ref_mean, stats.std))
+    kl = arr_rpo.gaussian_kl(stats.mean, stats.ref_mean, stats.std) if kl_beta > 0 else 0.0
+    loss = arr_rpo.rpo_loss(stats.log_prob, traj.log_probs[:, k], adv, 0.2, kl, kl_beta)
     loss.sum().backward()
 
 
@@ -309,9 +309,10 @@ def real_measure(settings, threads=1):
     import sys
     args = [{**setting, "dtype": str(setting.get("dtype", torch.bfloat16)).removeprefix("torch."),
              "phases": list(setting.get("phases", PHASES))} for setting in settings]
-    code = (f"import json, torch, memory; torch.set_num_threads({int(threads)}); "
+    code = (f"import json, torch; from tools import memory; torch.set_num_threads({int(threads)}); "
             f"print(json.dumps([memory._real_step(**a) for a in json.loads({json.dumps(json.dumps(args))})]))")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: `tools` is a package in it
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": root}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"real_measure failed: {done.stderr[-2000:]}")
