@@ -23,6 +23,9 @@ Notation (code name -> paper symbol)
     G, N              -> prompts of a window, candidates per prompt (the paper: N = 2)
     clip_range        -> epsilon                   PPO clip
     ref_mean          -> mu_ref                    mean of the reference policy (LoRA adapters disabled)
+    kl, kl_beta       -> KL_t, beta                the penalty to the reference at transition t, and its weight
+    loss              -> L_t                       `rpo_loss`: the §3.3 objective of one (sample, transition);
+                                                   J = mean of L over the T trained terms of a window
 
 Shapes: B samples, L packed latent tokens, C packed channels; every latent is (B, L, C) in the policies, but the
 functions here accept any (B, ...) shape.

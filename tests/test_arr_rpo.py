@@ -269,3 +269,19 @@ def test_approx_kl_and_clip_fraction():
     k3 = arr_rpo.approx_kl(lp, old)
     assert k3[0] == 0 and (k3 > 0).sum() == 2
     assert float(arr_rpo.clip_fraction(lp, old, 0.2)) == pytest.approx(2 / 3)
+
+
+def test_rpo_loss_is_the_clipped_term_plus_beta_kl_and_its_gradient_by_hand():
+    """L = max(-A rho, -A clip(rho, 0.8, 1.2)) + beta KL at hand-picked points: where the unclipped term is the max
+    the gradient in log pi is -A rho, where the clipped one is (rho moved past the clip in A's direction) it is 0;
+    the KL term (here k1 = log pi - log pi_ref) adds beta."""
+    points = torch.tensor([0.1, 0.5, 0.5, -0.5])  # log rho (old log-prob 0)
+    log_prob = points.clone().requires_grad_(True)
+    adv = torch.tensor([1.0, 1.0, -0.1, -0.1])
+    ref = torch.tensor([0.0, 0.2, 0.3, -0.4])
+    loss = arr_rpo.rpo_loss(log_prob, torch.zeros(4), adv, 0.2, arr_rpo.k1_kl(log_prob, ref), 0.01)
+    rho = torch.exp(points)
+    clipped_term = torch.tensor([-rho[0], -1.2, 0.1 * rho[2], 0.1 * 0.8])  # which term is the max, by hand
+    torch.testing.assert_close(loss.detach(), clipped_term + 0.01 * (points - ref))
+    loss.sum().backward()
+    torch.testing.assert_close(log_prob.grad, torch.tensor([-rho[0], 0.0, 0.1 * rho[2], 0.0]) + 0.01)

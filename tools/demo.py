@@ -72,7 +72,7 @@ FLUX_DEMO = Demo(
                    num_candidates=4, advantage="group_norm", prompts_per_rank=4, max_steps=30, save_every=15,
                    eval_every=10, eval_size=64, gradient_checkpointing=False,  # the tiny model needs no memory saving
                    num_threads=1),  # tiny ops gain nothing from intra-op threads, which spin on a busy CPU
-    # why (README "The demo"): with the paper's pair, +1 / -0.1 rewards, kl_beta 0.01 and lr 1e-2 the win rate
+    # why (docs/training.md, "The demo"): with the paper's pair, +1 / -0.1 rewards, kl_beta 0.01 and lr 1e-2 the win rate
     # reached 1.0 but the grid moved 3.8 grey levels; 4 candidates with group-relative advantages give a cleaner
     # gradient, the KL penalty held the policy near the reference, and lr 3e-2 moves it visibly in 30 steps
     items=lambda: ([Item(p) for p in FLUX_DEMO_PROMPTS], [Item(p) for p in FLUX_DEMO_EVAL]),
@@ -113,7 +113,7 @@ QWEN_EDIT_DEMO = Demo(
                    prompts_per_rank=6, max_steps=100, save_every=50, eval_every=10, eval_size=12, num_threads=1,
                    gradient_checkpointing=False),
     # lr 5e-3 and 6 pairs per step (each source twice): with lr 2e-2 / 3 pairs the win rate reached 0.92 and then
-    # fell to 0.08; with these settings seeds 0 and 1 end at 0.83 and 1.00 (README has the curves)
+    # fell to 0.08; with these settings seeds 0 and 1 end at 0.83 and 1.00 (docs/training.md has the curves)
     items=lambda: ([Item(i, s) for i, s in zip(EDIT_DEMO_INSTRUCTIONS, demo_sources())],
                    [Item(i, s) for i, s in zip(EDIT_DEMO_INSTRUCTIONS, demo_sources())] * 4),  # 4 noises each
     score=redder_same_layout,
