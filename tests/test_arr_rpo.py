@@ -1,4 +1,7 @@
-"""arr_rpo.py against closed forms, torch.distributions, the statistics module and diffusers' Euler scheduler."""
+"""arr_rpo.py against closed forms, torch.distributions, the statistics module and diffusers' Euler scheduler.
+
+Run: python -m pytest tests/test_arr_rpo.py -q   (a few seconds)
+"""
 import math
 import statistics
 

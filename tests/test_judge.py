@@ -1,48 +1,33 @@
 """Tests of judge.py (arXiv 2605.08354 reward judge) against the fake VLM server in tests/fake_vlm.py.
 
-Run: python -m pytest tests/test_judge.py -q      (offline, CPU, about 15 s)
+Run: python -m pytest tests/test_judge.py -q      (offline, CPU, about 20 s)
 
-One test per server misbehaviour of the issue, plus the concurrency bound, the API-key hygiene, order swap,
-the editing layout, listwise N = 3, the cache, the loaders and the CLI end to end in a subprocess.
+The judge protocol: the request layout (text-to-image, editing, listwise N = 3, per-prompt rubrics), a rank that is
+a permutation or an error, futures that judge concurrently, the order swap, groups of N candidates, compare's
+robustness, and the eval and ping CLI (end to end in a subprocess; in this process for the official examples,
+resume, bad options, the failure reasons and the cost). The transport is tested in tests/test_vlm_client.py, the
+loaders in tests/test_data.py.
 """
 import base64
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import judge
+import shipped_data
 from fake_vlm import BASE_LABEL, FakeVLM
-from judge import DataError, Judge, JudgeError, ReplyError, VLMClient
+from judge_helpers import BLUE, GREY, KEY, PINK, RED, RUBRIC, eval_cli, make_judge, solid, summary_of, write
+
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "sk-test-SECRET-7f3a9c1e"
-RUBRIC = "Rubric 1:\nTheme: colour fidelity\n- Tip1: the colour named in the prompt must dominate."
-# redness mean(R - (G+B)/2): RED 200 > PINK 80 > GREY 0 > BLUE -200
-RED, PINK, GREY, BLUE = (220, 20, 20), (200, 120, 120), (128, 128, 128), (20, 20, 220)
-
-
-def solid(rgb, size=(24, 24)):
-    return Image.new("RGB", size, rgb)
-
-
-def make_client(fake, **overrides):
-    options = dict(api_key=KEY, timeout=2.0, max_retries=3, backoff_base=0.01, backoff_max=0.05, max_total_time=10.0,
-                   seed=0)
-    options.update(overrides)
-    return VLMClient(fake.url, "fake-model", **options)
-
-
-def make_judge(fake, client_options=None, **options):
-    return Judge(make_client(fake, **(client_options or {})), RUBRIC, **options)
 
 
 def shown(body):
@@ -57,17 +42,7 @@ def shown(body):
     return out
 
 
-def response_format_type(body):
-    return (body.get("response_format") or {}).get("type")
-
-
-@pytest.fixture
-def fake():
-    with FakeVLM() as server:
-        yield server
-
-
-# ------------------------------------------------------------------------------------------- request layout
+# -------------------------------------------------------------------------------------------- request layout
 
 def test_t2i_request_layout_and_parameters(fake):
     verdict = make_judge(fake, swap=False).compare("a red apple", [solid(BLUE), solid(RED)])
@@ -120,54 +95,7 @@ def test_prompt_rubrics_go_to_the_user_turn_and_keep_the_system_prefix_shared(fa
     assert "Rule for plums." in finals[2] and "Rule for" not in systems.pop()
 
 
-# ------------------------------------------------------------------------------------ answer shapes (200 OK)
-
-@pytest.mark.parametrize("behaviour", ["fenced", "think", "thought", "reasoning_only", "reasoning", "parts"])
-def test_every_answer_shape_is_read_without_reasking(fake, behaviour):
-    fake.script(behaviour)
-    verdict = make_judge(fake, swap=False).compare("red", [solid(BLUE), solid(PINK), solid(RED)])
-    assert verdict.rank == [3, 2, 1] and verdict.error is None
-    assert len(fake.requests) == 1
-
-
-def test_strip_thinking_and_extract_json():
-    decoy = '{"rank": [9]}'
-    assert judge.extract_json(f'<think>draft {decoy}</think>{{"rank": [1, 2]}}') == {"rank": [1, 2]}
-    assert judge.extract_json(f'reasoning {decoy} more </think> {{"rank": [2, 1]}}') == {"rank": [2, 1]}
-    assert judge.strip_thinking("answer <thought>cut off mid-thought {") == "answer "
-    prose = 'Sure!\n```json\n{"rank": [2, 1], "reason": "x"}\n```\nDone.'
-    assert judge.extract_json(prose) == {"rank": [2, 1], "reason": "x"}
-    nested = 'first {"a": 1} then {"rank": [1, 2], "meta": {"k": 3}} end'
-    assert judge.extract_json(nested) == {"rank": [1, 2], "meta": {"k": 3}}  # last top-level object, not the inner
-    with pytest.raises(ReplyError, match="no JSON object"):
-        judge.extract_json("I like the first one.")
-
-
-def test_extract_text_shapes_and_envelopes():
-    assert judge.extract_text({"choices": [{"message": {"content": [{"type": "text", "text": "a"}, "b"]}}]}) == "ab"
-    only_reasoning = {"choices": [{"message": {"content": None, "reasoning_content": "x {}"}}]}
-    assert judge.extract_text(only_reasoning) == "x {}"
-    with pytest.raises(ReplyError, match="max_tokens"):
-        judge.extract_text({"choices": [{"message": {"content": ""}, "finish_reason": "length"}]})
-    with pytest.raises(ReplyError, match="boom"):
-        judge.extract_text({"error": {"message": "boom"}})
-    assert judge.server_message({"object": "error", "message": "flat one", "code": 400}) == "flat one [400]"
-    assert judge.server_message({"error": {"message": "nested one", "type": "bad_req"}}) == "nested one [bad_req]"
-    assert judge.server_message({"error": "plain"}) == "plain"
-
-
-@pytest.mark.parametrize("behaviour", ["garbage", "invalid_rank", "length"])
-def test_unusable_answer_is_reasked(fake, behaviour):
-    fake.script(behaviour)
-    verdict = make_judge(fake, swap=False).compare("red", [solid(BLUE), solid(RED)])
-    assert verdict.rank == [2, 1] and verdict.error is None
-    first, second = fake.requests
-    roles = [m["role"] for m in second["messages"]]
-    # the re-ask shows the bad answer back (when there was one) and says what was wrong
-    assert roles == (["system", "user", "user"] if behaviour == "length" else ["system", "user", "assistant", "user"])
-    assert "could not be used" in second["messages"][-1]["content"]
-    assert second["messages"][:2] == first["messages"]
-
+# -------------------------------------------------------------------------- ranks: a permutation or an error
 
 def test_invalid_rank_gives_an_error_after_bounded_reasks(fake):
     fake.script("invalid_rank", "invalid_rank", "invalid_rank", "invalid_rank")
@@ -183,107 +111,7 @@ def test_parse_rank_accepts_only_permutations():
             judge.parse_rank({"rank": bad}, 2)
 
 
-# ---------------------------------------------------------------------------------------- transport failures
-
-def test_500_then_ok_is_retried(fake, caplog):
-    fake.script("500")
-    with caplog.at_level(logging.WARNING, logger="judge"):
-        verdict = make_judge(fake, swap=False).compare("red", [solid(BLUE), solid(RED)])
-    assert verdict.rank == [2, 1] and len(fake.requests) == 2
-    assert "HTTP 500" in caplog.text and "internal server error" in caplog.text
-
-
-def test_429_waits_for_retry_after(fake):
-    fake.retry_after = "0.4"
-    fake.script("429")
-    text = make_client(fake, backoff_base=0.001).chat([{"role": "user", "content": "hi"}])
-    assert json.loads(text)["rank"] == []
-    assert len(fake.requests) == 2 and fake.times[1] - fake.times[0] >= 0.38  # backoff alone would be ~1 ms
-
-
-def test_hang_past_the_timeout_is_retried(fake):
-    fake.hang_seconds = 5.0
-    fake.script("hang")
-    started = time.monotonic()
-    verdict = make_judge(fake, {"timeout": 0.3}, swap=False).compare("red", [solid(BLUE), solid(RED)])
-    assert verdict.rank == [2, 1] and len(fake.requests) == 2
-    assert time.monotonic() - started < 2.0
-
-
-def test_connection_errors_are_retried_then_reported():
-    with FakeVLM() as fake:
-        url = fake.url
-    client = VLMClient(url, "fake-model", api_key=KEY, max_retries=2, backoff_base=0.01, timeout=1.0)
-    with pytest.raises(JudgeError, match=r"ConnectionError.*gave up after 3 attempt"):
-        client.chat([{"role": "user", "content": "hi"}])  # the server is gone: nothing listens on that port
-    verdict = Judge(client, RUBRIC).compare("red", [solid(BLUE), solid(RED)])
-    assert verdict.rank is None and "ConnectionError" in verdict.error and "not asked" in verdict.error
-
-
-@pytest.mark.parametrize("behaviour,text", [("error_flat", "flat envelope: scripted bad request"),
-                                            ("error_nested", "nested envelope: scripted bad request")])
-def test_error_envelopes_surface_the_server_message_without_retry(fake, behaviour, text):
-    fake.script(behaviour)
-    with pytest.raises(JudgeError) as info:
-        make_client(fake).chat([{"role": "user", "content": "hi"}])
-    message = str(info.value)
-    assert text in message and "HTTP 400" in message and fake.url in message and "fake-model" in message
-    assert len(fake.requests) == 1
-    fake.script(behaviour)
-    verdict = make_judge(fake).compare("red", [solid(BLUE), solid(RED)])  # compare() turns it into a verdict
-    assert verdict.rank is None and text in verdict.error and len(fake.requests) == 2  # swapped order not asked
-
-
-@pytest.mark.parametrize("behaviour,status", [("401", "HTTP 401"), ("quota", "HTTP 429")])
-def test_auth_and_quota_errors_are_not_retried(fake, behaviour, status):
-    fake.script(behaviour, behaviour)
-    with pytest.raises(JudgeError, match=status):
-        make_client(fake).chat([{"role": "user", "content": "hi"}])
-    assert len(fake.requests) == 1
-
-
-def test_json_schema_rejected_falls_back_to_json_object_and_remembers(fake):
-    fake.reject_json_schema = True
-    judge_ = make_judge(fake, swap=False)
-    assert judge_.compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
-    assert judge_.compare("red", [solid(RED), solid(BLUE)]).rank == [1, 2]
-    assert [response_format_type(b) for b in fake.requests] == ["json_schema", "json_object", "json_object"]
-    assert judge_.client.structured_output == "json_object"
-
-
-def test_json_object_rejected_too_falls_back_to_prompt_only(fake):
-    fake.reject_json_schema = fake.reject_json_object = True
-    judge_ = make_judge(fake, swap=False)
-    assert judge_.compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
-    assert judge_.compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
-    assert [response_format_type(b) for b in fake.requests] == ["json_schema", "json_object", None, None]
-
-
-def test_retries_are_capped_by_count(fake):
-    fake.script(*["500"] * 6)
-    with pytest.raises(JudgeError, match=r"gave up after 3 attempt"):
-        make_client(fake, max_retries=2).chat([{"role": "user", "content": "hi"}])
-    assert len(fake.requests) == 3
-
-
-def test_retries_are_capped_by_total_time(fake):
-    fake.script(*["503"] * 50)
-    started = time.monotonic()
-    with pytest.raises(JudgeError, match="max_total_time"):
-        make_client(fake, max_retries=50, backoff_base=0.2, backoff_max=0.2, max_total_time=0.5).chat(
-            [{"role": "user", "content": "hi"}])
-    assert time.monotonic() - started < 1.5 and len(fake.requests) < 8
-
-
-# ------------------------------------------------------------------------------------ concurrency and reuse
-
-def test_requests_in_flight_are_bounded_across_threads():
-    with FakeVLM(latency=0.15) as fake:
-        client = make_client(fake, max_concurrency=3)
-        with ThreadPoolExecutor(12) as pool:  # more threads than slots: only the client's bound can hold them
-            list(pool.map(lambda i: client.chat([{"role": "user", "content": f"q{i}"}]), range(12)))
-        assert len(fake.requests) == 12 and fake.max_in_flight == 3
-
+# ----------------------------------------------------------------------------------------------- concurrency
 
 def test_submit_returns_futures_that_run_concurrently():
     with FakeVLM(latency=0.2) as fake:
@@ -297,99 +125,7 @@ def test_submit_returns_futures_that_run_concurrently():
         judge_.close()
 
 
-def test_connections_are_reused(fake):
-    client = make_client(fake)
-    for i in range(6):
-        client.chat([{"role": "user", "content": f"q{i}"}])
-    assert fake.connections == 1
-
-
-# ----------------------------------------------------------------------------------------------- secrets
-
-def test_api_key_never_reaches_logs_errors_repr_or_cache(fake, tmp_path, caplog):
-    cache_path = tmp_path / "cache.sqlite"
-    client = make_client(fake, cache=cache_path)
-    texts = [repr(client), str(client), repr(vars(client))]
-    with caplog.at_level(logging.DEBUG):  # root logger: urllib3's connection logs too
-        fake.script("500")
-        client.chat([{"role": "user", "content": "cached question"}])
-        fake.script("401")
-        with pytest.raises(JudgeError) as info:
-            client.chat([{"role": "user", "content": "another question"}])
-        fake.script("401")
-        verdict = Judge(client, RUBRIC, cache=cache_path).compare("red", [solid(BLUE), solid(RED)])
-    texts += [caplog.text, str(info.value), repr(info.value), verdict.error, cache_path.read_bytes().decode("latin-1")]
-    assert fake.headers[0]["Authorization"] == f"Bearer {KEY}"  # the key was really sent
-    assert "***" in str(info.value)  # the server echoed the key; the error shows it redacted
-    assert "HTTP 500" in caplog.text and len(client.cache) == 1
-    for text in texts:
-        assert KEY not in text
-
-
-def test_api_key_with_trailing_newline_is_stripped_and_never_leaks(fake):
-    key = "sk-SECRET-123\n"  # a key read from a file keeps its newline
-    client = make_client(fake, api_key=key)
-    verdict = Judge(client, RUBRIC, swap=False).compare("red", [solid(BLUE), solid(RED)])
-    assert verdict.rank == [2, 1] and verdict.error is None
-    assert fake.headers[0]["Authorization"] == "Bearer sk-SECRET-123"
-    inner = make_client(fake, api_key="sk-IN\tSIDE")  # what requests quotes with repr() is redacted as well
-    assert "sk-IN" not in inner._redact(f"Invalid header value {'Bearer sk-IN' + chr(9) + 'SIDE'!r}")
-
-
-
-def test_a_key_http_cannot_carry_is_refused_up_front_without_echoing_it(fake):
-    with pytest.raises(ValueError) as info:
-        make_client(fake, api_key="sk-SECRET\u2013pasted")  # an en dash pasted from a web page
-    assert "HTTP header" in str(info.value) and "SECRET" not in str(info.value)
-    assert fake.requests == []
-
-
-def test_a_client_error_is_never_taken_for_a_bad_answer(fake, monkeypatch):
-    """Only an unusable answer is re-asked (and counted as the model's, invalid); an error raised while sending
-    propagates at once and reaches the verdict as an error."""
-    client = make_client(fake)
-    calls = []
-
-    def failing_send(*args, **kwargs):
-        calls.append(1)
-        raise UnicodeEncodeError("latin-1", "x", 0, 1, "ordinal not in range(256)")  # a ValueError
-    monkeypatch.setattr(client, "chat", failing_send)
-    with pytest.raises(UnicodeEncodeError):
-        client.ask_json([{"role": "user", "content": "hi"}], dict, lambda problem: problem)
-    assert len(calls) == 1
-    verdict, presentations = Judge(client, RUBRIC, swap=False).compare_detailed("red", [solid(BLUE), solid(RED)])
-    assert verdict.rank is None and "UnicodeEncodeError" in verdict.error
-    assert not any(p.invalid for p in presentations) and len(calls) == 2
-
-
-def test_out_of_range_client_and_judge_settings_are_refused(fake):
-    for options in (dict(max_concurrency=0), dict(max_retries=-1)):
-        with pytest.raises(ValueError, match="max_concurrency must be >= 1 and max_retries >= 0"):
-            make_client(fake, **options)
-    with pytest.raises(ValueError, match="max_invalid"):
-        make_judge(fake, max_invalid=-1)
-    with pytest.raises(ValueError, match="retries must be >= 0"):
-        make_client(fake).ask_json([{"role": "user", "content": "hi"}], dict, str, retries=-1)
-
-
-def test_unreadable_usage_figures_count_as_unreported_not_as_a_bad_answer(fake):
-    client = make_client(fake)
-    fake.script("bad_usage")
-    assert Judge(client, RUBRIC, swap=False).compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
-    assert len(fake.requests) == 1 and client.usage()["unreported"] == 1 and client.usage()["prompt_tokens"] == 0
-
-def test_credentials_in_base_url_never_reach_errors(fake):
-    url = fake.url.replace("http://", "http://user:tok-SECRET-42@") + "?key=q-SECRET-7"
-    client = VLMClient(url, "fake-model", api_key=KEY, max_retries=0)
-    fake.script("401")
-    with pytest.raises(JudgeError) as info:
-        client.chat([{"role": "user", "content": "hello"}])
-    text = str(info.value) + repr(client)
-    assert "HTTP 401" in text and "127.0.0.1" in text
-    assert "tok-SECRET-42" not in text and "q-SECRET-7" not in text
-
-
-# ----------------------------------------------------------------------------------------------- order swap
+# ------------------------------------------------------------------------------------------------ order swap
 
 def test_swap_agreement_gives_the_verdict(fake):
     verdict = make_judge(fake).compare("red", [solid(BLUE), solid(RED)])
@@ -406,7 +142,7 @@ def test_swap_disagreement_is_a_tie_not_an_error():
     assert [p.rank for p in presentations] == [[1, 2], [2, 1]]  # both mapped back to the given order
 
 
-# ------------------------------------------------------------------------------- groups of N candidates
+# ------------------------------------------------------------------------------------ groups of N candidates
 
 def test_listwise_group_keeps_a_one_swap_disagreement_by_mean_rank():
     answers = iter([[1, 2, 3, 4], [3, 4, 2, 1]])  # the reversed order swaps the two last candidates back
@@ -451,7 +187,7 @@ def test_group_whose_requests_fail_is_masked_with_the_error(fake):
         judge.submit_group(judge_, "red", [solid(PINK), solid(BLUE)], mode="triples")
 
 
-# -------------------------------------------------------------------------------------- robustness of compare
+# ------------------------------------------------------------------------------------- robustness of compare
 
 def test_compare_never_raises_on_bad_input(fake, tmp_path):
     judge_ = make_judge(fake)
@@ -463,179 +199,6 @@ def test_compare_never_raises_on_bad_input(fake, tmp_path):
     broken = make_judge(fake, prompt_rubrics=lambda p: 1 / 0)
     assert "ZeroDivisionError" in broken.compare("p", [solid(RED), solid(BLUE)]).error
     assert fake.requests == []
-
-
-def test_images_as_pil_bytes_paths_and_urls(fake, tmp_path):
-    path = tmp_path / "blue.png"
-    solid(BLUE).save(path)
-    buffer = io.BytesIO()
-    solid(PINK).save(buffer, format="PNG")
-    verdict = make_judge(fake, swap=False).compare("red", [path, buffer.getvalue(), solid(RED)])
-    assert verdict.rank == [3, 2, 1]
-    assert judge.encode_image(path) == "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-    assert judge.encode_image("https://x.org/a.png") == "https://x.org/a.png"
-    small = judge.encode_image(solid(RED, (400, 200)), image_format="JPEG", max_side=100)
-    assert small.startswith("data:image/jpeg;base64,")
-    assert Image.open(io.BytesIO(base64.b64decode(small.split(",", 1)[1]))).size == (100, 50)
-
-
-# ----------------------------------------------------------------------------------------------------- cache
-
-def test_cache_resumes_without_asking_again(fake, tmp_path):
-    cache_path = tmp_path / "answers.sqlite"
-    pairs = [("red", [solid(BLUE), solid(RED)]), ("pink", [solid(PINK), solid(GREY)])]
-    fake.script("garbage")  # the re-ask conversation must replay from the cache as well
-    with make_judge(fake, cache=cache_path) as first:
-        before = [first.compare(prompt, images).rank for prompt, images in pairs]
-    asked = len(fake.requests)
-    assert asked == 5
-    with make_judge(fake, cache=cache_path) as second:  # a new process would look like this
-        after = [second.compare(prompt, images).rank for prompt, images in pairs]
-    assert after == before == [[2, 1], [1, 2]] and len(fake.requests) == asked
-
-
-def test_cache_keys_depend_on_the_server(fake, tmp_path):
-    cache_path = tmp_path / "answers.sqlite"
-    with make_judge(fake, swap=False, cache=cache_path) as first:
-        assert first.compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
-    with FakeVLM() as other, make_judge(other, swap=False, cache=cache_path) as second:
-        assert second.compare("red", [solid(BLUE), solid(RED)]).rank == [2, 1]
-        assert len(other.requests) == 1  # same model name, another server: its own answer, not the cached one
-    assert len(fake.requests) == 1
-
-
-def test_interrupted_evaluation_stops_judging(tmp_path):
-    items = [judge.PairItem(f"red {i}", [solid(BLUE), solid(RED)], [2, 1], line=i + 1) for i in range(40)]
-
-    class Interrupted(Judge):
-        calls = 0
-
-        def compare_detailed(self, prompt, images, source_image=None):
-            type(self).calls += 1
-            if type(self).calls == 3:
-                raise KeyboardInterrupt  # Ctrl-C reaches the main thread through this item's future
-            return super().compare_detailed(prompt, images, source_image)
-
-    with FakeVLM(latency=0.05) as fake:
-        with Interrupted(make_client(fake, max_concurrency=2), RUBRIC, swap=False) as interrupted:
-            with pytest.raises(KeyboardInterrupt):
-                judge.evaluate(interrupted, items, out=tmp_path / "results.jsonl")
-        assert len(fake.requests) < 10
-
-
-# --------------------------------------------------------------------------------------------------- loaders
-
-@pytest.fixture
-def images(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for name, rgb in {"red": RED, "blue": BLUE, "pink": PINK, "grey": GREY}.items():
-        solid(rgb).save(folder / f"{name}.png")
-    return folder
-
-
-def write(path, records, jsonl=False):
-    path.write_text("\n".join(json.dumps(r) for r in records) if jsonl else json.dumps(records))
-    return path
-
-
-@pytest.mark.parametrize("image_key", ["image_paths", "response", "responses", "images", "generated_images"])
-@pytest.mark.parametrize("prompt_key", ["query", "prompt", "instruction"])
-def test_load_official_t2i_aliases(tmp_path, images, image_key, prompt_key):
-    data = write(tmp_path / "pairs.json", [{prompt_key: "a red cube", image_key: ["imgs/red.png", "imgs/blue.png"],
-                                            "label_rank": [1, 2]}])
-    (item,) = judge.load_pairs(data)
-    assert item.prompt == "a red cube" and item.label_rank == [1, 2] and item.source_image is None
-    assert item.images == [str(images / "red.png"), str(images / "blue.png")] and item.line == 1
-
-
-def test_load_jsonl_with_line_numbers_and_urls(tmp_path, images):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"query": "a", "response": ["imgs/red.png", "https://x.org/b.png"],
-                                "label_rank": [2, 1]}) + "\n\n" +
-                    json.dumps({"query": "b", "images": ["data:image/png;base64,AAAA", str(images / "grey.png")],
-                                "label_rank": [1, 2]}) + "\n")
-    first, second = judge.load_pairs(data)
-    assert (first.line, second.line) == (1, 3)
-    assert first.images[1] == "https://x.org/b.png" and second.images == ["data:image/png;base64,AAAA",
-                                                                          str(images / "grey.png")]
-
-
-@pytest.mark.parametrize("record", [
-    {"query": "make it red", "source_image": "imgs/grey.png", "edited_images": ["imgs/red.png", "imgs/blue.png"],
-     "label_rank": [1, 2]},
-    {"instruction": "make it red", "base_image": "imgs/grey.png", "output_images": ["imgs/red.png", "imgs/blue.png"],
-     "label_rank": [1, 2]},
-    {"query": "make it red", "original_image": "imgs/grey.png", "response": ["imgs/red.png", "imgs/blue.png"],
-     "label_rank": [1, 2]},
-    {"query": "make it red", "response": ["imgs/grey.png", "imgs/red.png", "imgs/blue.png"], "label_rank": [1, 2]},
-])
-def test_load_official_edit_forms(tmp_path, images, record):
-    (item,) = judge.load_pairs(write(tmp_path / "edit.json", [record]))
-    assert item.source_image == str(images / "grey.png")
-    assert item.images == [str(images / "red.png"), str(images / "blue.png")] and item.label_rank == [1, 2]
-
-
-def test_load_task_t2i_ignores_source_images(tmp_path, images):
-    record = {"query": "q", "source_image": "imgs/grey.png", "response": ["imgs/red.png", "imgs/blue.png"],
-              "label_rank": [2, 1]}
-    (item,) = judge.load_pairs(write(tmp_path / "d.json", [record]), task="t2i")
-    assert item.source_image is None and item.images[0] == str(images / "red.png")
-
-
-def test_load_hpdv3(tmp_path, images):
-    data = write(tmp_path / "hpd.json", [{"prompt": "a cat", "path1": "imgs/pink.png", "path2": "imgs/grey.png",
-                                          "model1": "m1", "model2": "m2", "confidence": 0.9}])
-    (item,) = judge.load_pairs(data)
-    assert item.images == [str(images / "pink.png"), str(images / "grey.png")] and item.label_rank == [1, 2]
-
-
-def test_load_mmrb2_t2i_and_edit(tmp_path, images):
-    pairs = {"pairs": [
-        {"id": "a", "prompt_content": [["text", "a red bus"]], "chosen": "B",
-         "response_a": {"model_name": "m", "response_content": [["image", "imgs/blue.png"]]},
-         "response_b": {"model_name": "n", "response_content": [["image", "imgs/red.png"]]}},
-        {"id": "b", "prompt_content": [{"type": "image", "image": "imgs/grey.png"}, {"type": "text", "text": "redden"}],
-         "chosen": "a", "response_a": {"response_content": [["text", "done"], ["image", "imgs/red.png"]]},
-         "response_b": {"response_content": [["image", "imgs/blue.png"]]}},
-    ]}
-    t2i, edit = judge.load_pairs(write(tmp_path / "mmrb2.json", pairs))
-    assert t2i.prompt == "a red bus" and t2i.label_rank == [2, 1] and t2i.source_image is None
-    assert edit.prompt == "redden" and edit.label_rank == [1, 2] and edit.source_image == str(images / "grey.png")
-    assert edit.images == [str(images / "red.png"), str(images / "blue.png")] and edit.line == 2
-
-
-GOOD = {"query": "q", "response": ["imgs/red.png", "imgs/blue.png"], "label_rank": [1, 2]}
-
-
-@pytest.mark.parametrize("name,content,expected", [
-    ("missing.json", json.dumps([GOOD, {**GOOD, "response": ["imgs/red.png", "imgs/nope.png"]}]),
-     ["missing.json", "item 2", "'response'", "image file not found", "nope.png"]),
-    ("broken.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD) + '\n{"query": "q", "response": [\n',
-     ["broken.jsonl", "line 3", "malformed JSON"]),
-    ("unknown.json", json.dumps([{"text": "q", "pictures": []}]), ["unknown.json", "item 1", "unknown format"]),
-    ("gap.json", json.dumps([{**GOOD, "label_rank": [1, 3]}]), ["gap.json", "item 1", "'label_rank'", "bad label"]),
-    ("multi.json", json.dumps({"pairs": [{"prompt_content": [["text", "q"]], "chosen": "A",
-                                          "response_a": {"response_content": [["image", "imgs/red.png"]]},
-                                          "response_b": {"response_content": [["image", "imgs/blue.png"],
-                                                                              ["image", "imgs/red.png"]]}}]}),
-     ["multi.json", "pair 1", "'response_b'", "holds 2 images", "--multi_image skip", "--multi_image first"]),
-    ("short.jsonl", json.dumps({**GOOD, "label_rank": [1]}), ["short.jsonl", "line 1", "bad label"]),
-    ("pointwise.json", json.dumps([{"query": "q", "response": "imgs/red.png", "label_score": 4}]),
-     ["pointwise.json", "item 1", "label_score"]),
-    ("mmrb2.json", json.dumps({"pairs": [{"prompt_content": [["text", "q"]], "chosen": "C",
-                                          "response_a": {"response_content": [["image", "imgs/red.png"]]},
-                                          "response_b": {"response_content": [["image", "imgs/blue.png"]]}}]}),
-     ["mmrb2.json", "pair 1", "'chosen'", "bad label"]),
-    ("top.json", json.dumps("just a string"), ["top.json", "unknown format"]),
-])
-def test_load_errors_name_the_file_line_and_field(tmp_path, images, name, content, expected):
-    (tmp_path / name).write_text(content)
-    with pytest.raises(DataError) as info:
-        judge.load_pairs(tmp_path / name)
-    assert isinstance(info.value, ValueError)
-    for text in expected:
-        assert text in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -756,3 +319,82 @@ def test_cli_ping(fake, task):
     verdict = json.loads(result.stdout.strip().splitlines()[-1])
     assert verdict["rank"] == verdict["expected"] == [1, 2] and verdict["consistent"]
     assert len(fake.requests) == 2 and (BASE_LABEL in json.dumps(fake.requests[0])) == (task == "edit")
+
+
+# ----------------------- eval in this process: the official examples, resume, options, failure reasons, cost
+
+def test_cli_eval_runs_the_official_examples_from_the_repository_root(tmp_path, monkeypatch, fake, rubric, capsys):
+    root = tmp_path / "AutoRubric-as-Reward"
+    shipped_data.official_arr_repo(root)
+    monkeypatch.chdir(root)
+    assert eval_cli(fake, "examples/test_t2i_pairwise.json", rubric) == 0
+    summary = summary_of(capsys.readouterr().out)
+    assert summary["n"] == 2 and summary["accuracy"] == 1.0  # the pixel judge agrees with every label
+    monkeypatch.chdir(tmp_path)
+    assert eval_cli(fake, root / "examples/test_t2i_pairwise.json", rubric) == 2
+    err = capsys.readouterr().err
+    assert "image file not found" in err and "(working directory)" in err and "Traceback" not in err
+
+
+def test_resume_follows_a_new_min_confidence_and_refuses_other_request_options(tmp_path, fake, rubric, capsys):
+    data, out = shipped_data.hpdv3(tmp_path, confidences=(1.0, 0.97, 0.6, 0.95)), tmp_path / "results.jsonl"
+    assert eval_cli(fake, data, rubric, "--out", out) == 0 and len(fake.requests) == 8
+    capsys.readouterr()
+    assert eval_cli(fake, data, rubric, "--out", out, "--min_confidence", "0.95") == 0  # its record is ignored
+    summary = summary_of(capsys.readouterr().out)
+    assert summary["n"] == 3 and summary["skipped"] == {"confidence < 0.95": 1} and len(fake.requests) == 8
+    assert eval_cli(fake, data, rubric, "--out", out, "--max_side", "16") == 2  # other images: other verdicts
+    assert "was produced with other settings (request:" in capsys.readouterr().err and len(fake.requests) == 8
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--extra_body", "{nope", "--extra_body: not JSON"),
+    ("--extra_body", "[1]", "--extra_body: expected a JSON object, got list"),
+    ("--prompt_rubrics", '{"a red square": 3}', "expected a JSON object mapping each prompt to its rubric text"),
+    ("--prompt_rubrics", "{nope", "is not JSON"),
+])
+def test_bad_option_values_name_the_option(tmp_path, fake, rubric, capsys, option, value, message):
+    data = shipped_data.hpdv3(tmp_path, confidences=(1.0,))
+    if option == "--prompt_rubrics":
+        (tmp_path / "per_prompt.json").write_text(value)
+        value = tmp_path / "per_prompt.json"
+    assert eval_cli(fake, data, rubric, option, value) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option}") and message in err and "Traceback" not in err
+    assert fake.requests == []
+
+
+def test_failure_reasons_are_on_stderr_without_out(tmp_path, rubric, capsys):
+    data = shipped_data.hpdv3(tmp_path)
+    garbage = iter(["I like both. " * i for i in range(1, 100)])  # a different garbage answer every time
+    with FakeVLM(handler=lambda body: next(garbage)) as fake:
+        assert eval_cli(fake, data, rubric) == 1
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("[judge] failed")]
+    assert lines == ["[judge] failed 4 x: unusable reply after 3 attempt(s): no JSON object in the answer: '...'"]
+    assert summary_of(captured.out)["failure_reasons"] == [
+        [4, "unusable reply after 3 attempt(s): no JSON object in the answer: '...'"]]
+
+
+def test_server_errors_are_named_with_counts_and_the_key_redacted(tmp_path, rubric, capsys, fake):
+    data = shipped_data.hpdv3(tmp_path)
+    fake.script(*["401"] * 4)
+    assert eval_cli(fake, data, rubric, "--no_swap") == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("[judge] failed")]
+    assert line.startswith("[judge] failed 4 x: ") and "HTTP 401: Incorrect API key provided: ***" in line
+    assert KEY not in err
+
+
+def test_eval_summary_reports_requests_and_tokens_per_item(tmp_path, fake, rubric, capsys):
+    data = shipped_data.hpdv3(tmp_path)
+    assert eval_cli(fake, data, rubric, "--max_tokens", "64") == 0
+    captured = capsys.readouterr()
+    summary = summary_of(captured.out)
+    completion = sum(u["completion_tokens"] for u in fake.usage)
+    assert summary["requests"] == 8 and summary["requests_per_item"] == 2.0
+    assert summary["prompt_tokens"] == sum(u["prompt_tokens"] for u in fake.usage)
+    assert summary["completion_tokens"] == completion and summary["completion_tokens_per_item"] == completion / 4
+    assert "at most 6 requests per item of at most 64 completion tokens each" in captured.err
+    assert f"[judge] cost: 8 requests, {summary['prompt_tokens']} prompt + {completion} completion" in captured.err
+    assert {body["max_tokens"] for body in fake.requests} == {64}

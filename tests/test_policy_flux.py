@@ -1,4 +1,8 @@
-"""FluxPolicy against diffusers' FluxPipeline and load_lora_weights, on a tiny random-weight FLUX built in code."""
+"""FluxPolicy (policy.py) against diffusers' FluxPipeline and load_lora_weights, on a tiny random-weight FLUX built
+in code.
+
+Run: python -m pytest tests/test_policy_flux.py -q   (about 5 s on 2 cores)
+"""
 import numpy as np
 import pytest
 import torch

@@ -1,5 +1,9 @@
-"""The policies' memory options change memory, not numbers: gradient checkpointing, chunked VAE decoding, bf16
-autocast without peft's fp32 input copies, the fp32 timestep; on tiny random-weight FLUX and Qwen-Image-Edit."""
+"""The policies' memory options (policy.py) change memory, not numbers: gradient checkpointing, chunked VAE
+decoding, bf16 autocast without peft's fp32 input copies, the fp32 timestep; on tiny random-weight FLUX and
+Qwen-Image-Edit.
+
+Run: python -m pytest tests/test_policy_memory.py -q   (a few seconds)
+"""
 import numpy as np
 import pytest
 import torch

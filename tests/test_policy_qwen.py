@@ -1,6 +1,10 @@
-"""QwenEditPolicy against diffusers' QwenImageEditPlusPipeline and load_lora_weights, on a tiny random-weight
-Qwen-Image-Edit-2509 built in code. The pipeline's module globals VAE_IMAGE_SIZE / CONDITION_IMAGE_SIZE are patched
-to the test sizes (the policy takes them as arguments) so each pipeline call takes about 0.1 s instead of seconds."""
+"""QwenEditPolicy (policy.py) against diffusers' QwenImageEditPlusPipeline and load_lora_weights, on a tiny
+random-weight Qwen-Image-Edit-2509 built in code. The pipeline's module globals VAE_IMAGE_SIZE / CONDITION_IMAGE_SIZE
+are patched to the test sizes (the policy takes them as arguments) so each pipeline call takes about 0.1 s instead of
+seconds.
+
+Run: python -m pytest tests/test_policy_qwen.py -q   (about 5 s on 2 cores)
+"""
 import json
 from pathlib import Path
 

@@ -1,5 +1,7 @@
 """Tests of rubrics.py (Auto-Rubric induction, arXiv 2605.08354) against the fake VLM.
 
+Run: python -m pytest tests/test_rubrics.py -q      (offline, CPU, a few seconds)
+
 The fake server's default pixel judge ranks the reddest candidate first, so a pair whose label agrees with the
 pixels can be verified and a pair whose label contradicts them cannot. Generator, refiner, structurer, zero-shot
 and pointwise replies are scripted with the server's handler hook; verification is always the pixel judge.
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 import rubrics
+import shipped_data
 from fake_vlm import FakeVLM
 from judge import Judge, JudgeError, PairItem, ResponseCache, VLMClient, template_sha256
 
@@ -263,6 +266,22 @@ def test_induce_counts_judge_failures_and_goes_on(tmp_path):
     assert len(generator_asks) == 3  # one ask + 2 re-asks, each a different request carrying the complaint
     assert generator_asks[1]["messages"][-2]["role"] == "assistant"
     assert "could not be used" in generator_asks[1]["messages"][-1]["content"]
+
+
+def test_induce_prints_its_failure_reasons_and_cost(tmp_path, capsys):
+    data = shipped_data.hpdv3(tmp_path, confidences=(1.0, 1.0))
+    with FakeVLM(handler=lambda body: "no idea") as fake:
+        code = rubrics.main(["induce", "--data", str(data), "--base_url", fake.url, "--model", "fake-model",
+                             "--out", str(tmp_path / "r.txt"), "--max_tokens", "77"])
+        bodies = fake.requests
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "[rubrics] failed 2 x: ReplyError: rubric generation for item at line N: unusable reply after 3 " \
+           "attempt(s): no JSON object in the answer: 'no idea'" in err
+    # per item: the request and one re-ask; the second re-ask repeats the first (same answer, same complaint), so
+    # induce's answer cache serves it
+    assert "[rubrics] cost: 4 requests" in err and "2 answers from the cache" in err
+    assert {body["max_tokens"] for body in bodies} == {77}
 
 
 def test_induce_resumes_without_resending_answered_requests(pair_items, tmp_path):

@@ -1,9 +1,12 @@
-"""shard_base (FSDP2 over the frozen transformer, LoRA replicated) trains the same LoRA as the replicated policy:
-2 CPU processes on gloo, different prompts per rank, RPO-style updates (recompute with gradients, PPO clip + KL,
-backward, one explicit all-reduce of the LoRA gradients normalised by the global term count, clip, AdamW), with a
-masked pair that the sharded run must still pass through the transformer with weight 0 (FSDP's collectives need
-the same calls on every rank) and the replicated run skips, as train.py does. On CPU fp32 the two LoRAs are
-bitwise equal, gradient checkpointing (on in the sharded run) included."""
+"""policy.py's shard_base (FSDP2 over the frozen transformer, LoRA replicated) trains the same LoRA as the replicated
+policy: 2 CPU processes on gloo, different prompts per rank, RPO-style updates (recompute with gradients, PPO clip +
+KL, backward, one explicit all-reduce of the LoRA gradients normalised by the global term count, clip, AdamW), with a
+masked pair that the sharded run must still pass through the transformer with weight 0 (FSDP's collectives need the
+same calls on every rank) and the replicated run skips, as train.py does. On CPU fp32 the two LoRAs are bitwise
+equal, gradient checkpointing (on in the sharded run) included.
+
+Run: python -m pytest tests/test_shard.py -q   (about 60 s on 2 cores; 2 gloo processes)
+"""
 import json
 import os
 import socket

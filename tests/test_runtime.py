@@ -1,0 +1,197 @@
+"""Tests of runtime.py, the plumbing of train.py (RPO, arXiv 2605.08354), on CPU with the tiny random-weight FLUX:
+resume bitwise (minibatches, epochs and EMA included), a fresh start refusing a folder with checkpoints, Ctrl-C
+saving a checkpoint then resuming, bad input a clear error before any model loads, held-out eval prompts, the
+judge's startup check and key, and the drift alarm of --judge_check_data.
+
+Run: python -m pytest tests/test_runtime.py -q   (about 30 s on 2 cores; every run uses the 64 x 64 tiny FLUX)
+"""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import policy as policy_lib
+import runtime
+import shipped_data
+import train
+from fake_vlm import FakeVLM
+from train_helpers import ROOT, demo_args, records
+
+
+# ----- resume, checkpoints, Ctrl-C ---------------------------------------------------------------------------------
+
+def test_resume_gives_the_same_weights(tmp_path, cache):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(demo_args(straight, cache, "--max_steps", "4", "--save_every", "4")) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "2", "--save_every", "4")) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "4", "--save_every", "4", "--resume", "auto")) == 0
+    a = load_file(straight / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors")
+    b = load_file(split / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors")
+    initial = load_file(split / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # steps 3-4 did change the weights
+    assert [r["step"] for r in records(split)] == [1, 2, 3, 4]
+
+
+def test_resume_is_bitwise_with_minibatches_epochs_and_ema(tmp_path, cache):
+    extra = ("--minibatches", "2", "--inner_epochs", "2", "--ema_decay", "0.9", "--clip_range", "1e-4",
+             "--save_every", "4")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(demo_args(straight, cache, "--max_steps", "4", *extra)) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "2", *extra)) == 0
+    assert train.main(demo_args(split, cache, "--max_steps", "4", "--resume", "auto", *extra)) == 0
+    for sub in ("", "ema"):
+        a, b = (load_file(run / "checkpoints" / "step-000004" / sub / "pytorch_lora_weights.safetensors")
+                for run in (straight, split))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    live, ema = (load_file(straight / "checkpoints" / "step-000004" / sub / "pytorch_lora_weights.safetensors")
+                 for sub in ("", "ema"))
+    assert any(not torch.equal(live[k], ema[k]) for k in live)  # the EMA lags the live LoRA
+    assert all(r["optimizer_steps"] == 4 for r in records(straight))
+
+
+def test_fresh_start_refuses_a_folder_with_checkpoints(tmp_path, cache, capsys):
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", "1")) == 0
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", "2")) == 2
+    assert "--resume auto" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resumes(tmp_path, cache):
+    cmd = [sys.executable, "train.py", *demo_args(tmp_path, cache, "--max_steps", "1000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and records(tmp_path)):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ckpt = runtime.latest_checkpoint(tmp_path)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) == records(tmp_path)[-1]["step"]
+    assert "--resume auto" in out
+    stop = int(ckpt.name.split("-")[1]) + 1
+    assert train.main(demo_args(tmp_path, cache, "--max_steps", str(stop), "--resume", "auto")) == 0
+    assert records(tmp_path)[-1]["step"] == stop
+
+
+# ----- bad input: a clear error before any model is loaded ---------------------------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(policy_lib.FluxPolicy, "from_pretrained", refuse)
+
+
+def bad_inputs(tmp):
+    (tmp / "empty.txt").write_text("\n  \n")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp / "ok.txt").write_text("a red apple\n")
+    ok = str(tmp / "ok.txt")
+    return {
+        "missing prompts": (["--model", "m", "--judge_url", "http://x/v1", "--rubrics", ok, "--prompts",
+                             str(tmp / "nope.txt")], "nope.txt"),
+        "empty prompts": (["--prompts", str(tmp / "empty.txt")], "empty.txt is empty"),
+        "non-utf8 prompts": (["--prompts", str(tmp / "latin1.txt")], "latin1.txt is not UTF-8"),
+        "unknown model type": (["--model_type", "sdxl"], "--model_type: invalid choice: 'sdxl'"),
+        "missing rubrics": (["--judge_url", "http://x/v1", "--rubrics", str(tmp / "r.txt")], "r.txt"),
+        "judge without rubrics": (["--judge_url", "http://x/v1"], "--rubrics is required"),
+        "model without judge": (["--model", "m", "--prompts", ok], "--judge_url is required"),
+        "bad estimator": (["--kl_estimator", "k3"], "--kl_estimator"),
+        "missing checkpoint": (["--resume", str(tmp / "ckpt")], "ckpt"),
+        "minibatches over prompts": (["--prompts_per_rank", "2", "--minibatches", "3"], "--minibatches 3 is more"),
+        "eval rubrics without eval judge": (["--eval_rubrics", ok], "need --eval_judge_url"),
+        "check without judge": (["--judge_check_data", ok], "--judge_check_data needs --judge_url"),
+        "check data missing": (["--judge_url", "http://x/v1", "--rubrics", ok, "--judge_check_data",
+                                str(tmp / "pairs.json")], "pairs.json: data file not found"),
+        "bad judge_max_tokens": (["--judge_max_tokens", "0"], "--judge_max_tokens 0 is out of range"),
+    }
+
+
+BAD_CASES = ["missing prompts", "empty prompts", "non-utf8 prompts", "unknown model type", "missing rubrics",
+             "judge without rubrics", "model without judge", "bad estimator", "missing checkpoint",
+             "minibatches over prompts", "eval rubrics without eval judge",
+             "check without judge", "check data missing", "bad judge_max_tokens"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_a_clear_error_before_model_load(case, tmp_path, cache, capsys, no_model_load):
+    argv, message = bad_inputs(tmp_path)[case]
+    assert train.main(["--output_dir", str(tmp_path / "out"), "--cache_dir", cache, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--judge_scale", "10,0"], "--judge_scale '10,0': needs high > low"),
+    (["--judge_scale", "ten"], "--judge_scale 'ten': expected two numbers"),
+    (["--rubrics", "r.txt"], "without a rubric"),
+    (["--model_type", "qwen_edit"], "judges text-to-image candidates"),
+])
+def test_score_judge_mode_bad_options(tmp_path, cache, capsys, no_model_load, extra, message):
+    assert train.main(demo_args(tmp_path, cache, "--judge_mode", "score", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_judge_startup_check_names_url_and_model(tmp_path, cache, capsys, no_model_load):
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    with FakeVLM() as fake:
+        fake.script("401")
+        argv = demo_args(tmp_path / "run", cache, "--judge_url", fake.url, "--judge_model", "fake-vl",
+                         "--rubrics", str(tmp_path / "rubrics.txt"))
+        assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "judge check failed" in err and fake.url in err and "fake-vl" in err and "401" in err
+
+
+def test_a_judge_key_http_cannot_carry_is_a_config_error(tmp_path, cache, capsys, monkeypatch, no_model_load):
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    monkeypatch.setenv("ARR_BAD_KEY", "sk-SECRET\u2013pasted")
+    with FakeVLM() as fake:
+        argv = demo_args(tmp_path / "run", cache, "--judge_url", fake.url, "--judge_model", "fake-vl",
+                         "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_api_key_env", "ARR_BAD_KEY")
+        assert train.main(argv) == 2 and fake.requests == []
+    err = capsys.readouterr().err
+    assert "$ARR_BAD_KEY" in err and "HTTP header" in err and "SECRET" not in err and "Traceback" not in err
+
+
+# ----- inputs: held-out eval prompts -------------------------------------------------------------------------------
+
+def test_held_out_eval_prompts_are_never_trained_on(tmp_path):
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(12)))
+    (tmp_path / "r.txt").write_text("1. Redder is better.\n")
+    cfg = train.make_config(["--model", "m", "--judge_url", "http://x/v1", "--rubrics", str(tmp_path / "r.txt"),
+                             "--prompts", str(tmp_path / "p.txt")])
+    items, eval_items, rubric, eval_rubric, _ = runtime.load_inputs(cfg, None, "t2i")
+    assert len(eval_items) == 3 and len(items) == 9 and rubric == eval_rubric
+    assert {i.prompt for i in items} | {i.prompt for i in eval_items} == {f"prompt {i}" for i in range(12)}
+    assert [i.prompt for i in items] == sorted((i.prompt for i in items), key=lambda t: int(t.split()[1]))
+
+
+# ----- the judge during a run: the drift alarm ---------------------------------------------------------------------
+
+def test_drift_alarm_follows_a_judge_that_changes_mid_run(tmp_path, cache, capsys):
+    """--judge_check_data: accuracy and position gap at steps 0, 2, 4; the server turns into an always-first judge
+    after the check at step 2 (request 18: 2 startup + 4 per check + 4 per step)."""
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    check_data = shipped_data.ties(tmp_path / "check")  # 2 labelled pairs (red wins) and 2 ties (skipped)
+    with FakeVLM() as fake:
+        fake.handler = lambda body: json.dumps({"reason": "first", "rank": [1, 2]}) if len(fake.requests) > 18 \
+            else None
+        argv = demo_args(tmp_path / "run", cache, "--max_steps", "4", "--judge_url", fake.url, "--judge_model",
+                         "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_check_data",
+                         str(check_data), "--judge_check_every", "2")
+        assert train.main(argv) == 0
+        assert len(fake.requests) == 2 + 3 * 4 + 4 * 4
+    checks = records(tmp_path / "run", "judge_check_accuracy")
+    assert [(r["step"], r["judge_check_accuracy"], r["judge_check_position_gap"], r["judge_check_tie_rate"],
+             r["judge_check_n"]) for r in checks] == [(0, 1.0, 0.0, 0.0, 2), (2, 1.0, 0.0, 0.0, 2),
+                                                      (4, 0.0, 1.0, 1.0, 2)]
+    out = capsys.readouterr().out
+    assert "warning: the judge's accuracy on --judge_check_data fell from 1.000 (step 0) to 0.000" in out
+    assert [r["tie_rate"] for r in records(tmp_path / "run")][2:] == [1.0, 1.0]  # the swapped server in training
