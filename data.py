@@ -13,7 +13,7 @@ prompt files RPO trains on.
   `sidecar_path`, `file_sha256`.
 Bad input raises `DataError` naming the file, the line or item, and the field.
 
-Run: nothing to run; `python -m pytest tests/test_judge.py -k pairs` and `tests/test_train.py -k edit_jsonl`.
+Run: nothing to run; `python -m pytest tests/test_data.py`.
     items = load_pairs("examples/seed_pairs.json")        # [PairItem(prompt, images, label_rank, source_image)]
 
 Image paths: a URL passes through; an absolute path is used as it is; a relative one is looked up next to the data

@@ -11,7 +11,7 @@
 - Ctrl-C / SIGTERM handling: finish the step, save, exit.
 Read train.py first; this module only serves it.
 
-Run: nothing to run; `python -m pytest tests/test_train.py` covers it (resume bitwise, Ctrl-C, bad input, torchrun).
+Run: nothing to run; `python -m pytest tests/test_runtime.py` covers it (resume bitwise, Ctrl-C, bad input, judge checks).
 
 Deliberate deviations from the official code
     1. Resume restores LoRA, optimizer, scheduler, every rank's RNG and the data position; the official

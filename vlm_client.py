@@ -10,7 +10,7 @@ the servers reported, summed), `failure_reasons` (errors counted by kind, for th
 (the one thread pool that stops cleanly on Ctrl-C). `judge.py`, `rubrics.py` and `train_judge.py` build on it;
 copy it alone into another project that needs a robust VLM client.
 
-Run: nothing to run; `python -m pytest tests/test_judge.py tests/test_data_and_costs.py` checks it (tests/fake_vlm.py).
+Run: nothing to run; `python -m pytest tests/test_vlm_client.py` checks it (against tests/fake_vlm.py).
     client = VLMClient("http://localhost:8000/v1", "Qwen/Qwen3-VL-8B-Instruct", max_concurrency=8)
     answer = client.chat_json([{"role": "user", "content": "..."}], json_schema={...})
 The API key: api_key=None reads OPENAI_API_KEY (the library's one environment read); api_key="" sends no key.

@@ -144,6 +144,25 @@ def merged(t1, t2):
                                  width=t1.width)
 
 
+def test_a_pairs_reward_is_the_papers_rank_rule_and_groups_use_win_rates(monkeypatch):
+    """Phase 2: a judged pair's rank goes through arr_rpo.rank_to_reward (paper Table 3: +1.0 / -0.1); only N > 2
+    candidates go through their win rates; a masked group gives no rewards."""
+    cfg = train.make_config(["--model", "m"])
+    called, real = [], arr_rpo.rank_to_reward
+    monkeypatch.setattr(arr_rpo, "rank_to_reward", lambda *args: called.append(args[0]) or real(*args))
+    pair = judge.GroupVerdict(win_rates=[0.0, 1.0], rank=[2, 1])
+    assert train.judge_outcome(pair, cfg) == [-0.1, 1.0] and called == [[2, 1]]
+    group = judge.GroupVerdict(win_rates=[1.0, 0.5, 0.0])
+    assert train.judge_outcome(group, cfg) == pytest.approx([1.0, 0.45, -0.1]) and called == [[2, 1]]
+    assert train.judge_outcome(judge.GroupVerdict(win_rates=None, error="down"), cfg) is None
+    demo_judge = demo.DemoJudge(demo.warmth)
+    try:
+        judged = judge.submit_group(demo_judge, "p", [Image.new("RGB", (8, 8), c) for c in ("blue", "red")]).result()
+    finally:
+        demo_judge.close()
+    assert judged.rank == [2, 1] and judged.win_rates == [0.0, 1.0]  # the demo judge: the warmer wins
+
+
 def test_accumulating_two_prompts_equals_one_batch_of_both(tmp_path, cache):
     run = prepared(tmp_path, cache, demo.DemoJudge(demo.warmth), "--kl_beta", "0.01")
     try:
