@@ -111,7 +111,8 @@ def _kind(hint):
 
 def build_parser(config_cls, recipes, description=None):
     """argparse from the dataclass, one group per block; unset options stay None so the resolution order holds."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     usage="%(prog)s [--config FILE] [--option value ...] (every option below)")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="TOML file of option = value lines (recipes/*.toml), between the recipe and the flags")
     groups = {}
