@@ -23,8 +23,9 @@ Deliberate deviations (ours: no peer sampler does these)
        must not depend on which others shared its batch (the shard layout would change images).
     2. The denoising loop is policy.py's (timestep = sigma, fp32 latents and noise; policy.py deviations 2-3) on the
        pipeline's sigmas, not the pipeline's call: the base, the LoRA and its EMA share one loaded model, and the
-       training sampler is the same code. In fp32 the images equal the pipeline's to 1/255 (rounding of pixels
-       that sit on a quantisation boundary); in bf16 the pipeline draws bf16 noise and the two differ more.
+       training sampler is the same code. In fp32 on CPU the images are the pipeline's pixel for pixel (tested with
+       tolerance 0 on the tiny models); in bf16 the pipeline draws bf16 noise and rounds its timestep
+       differently (policy.py deviation 3), so the images differ slightly.
     3. Files are written to `.partial-NAME` then renamed, so a killed run never leaves a truncated image that a
        rerun or a scorer would take as done; a folder sampled with other settings (`.sample-config.json`) is refused.
     4. GenEval's `grid.png` (optional for its scorer) is not written.
@@ -480,8 +481,9 @@ def write_atomic(path, data):
     os.replace(partial, path)
 
 
-def check_manifest(cfg, out, settings):
-    """Refuse a folder sampled with other settings; write the settings into a new one."""
+def check_manifest(out, settings, rank):
+    """Refuse a folder sampled with other settings (every rank reads it); rank 0 writes the settings into a new
+    one (the only writer: other ranks see no file or the whole file, os.replace being atomic)."""
     path = out / MANIFEST
     if path.is_file():
         before = json.loads(path.read_text())
@@ -490,8 +492,8 @@ def check_manifest(cfg, out, settings):
             raise cli.ConfigError(f"--out {out} was sampled with other settings ({path}): "
                                   + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
                                   + ". Use another --out, or the same settings to complete it")
-        return
-    write_atomic(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+    elif rank == 0:
+        write_atomic(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
 
 
 def run_settings(cfg, lora):
@@ -566,7 +568,7 @@ def sample(cfg):
     entries = LOADERS[cfg.benchmark](cfg.prompts, cfg.images_per_prompt, cfg)
     lora = read_lora(cfg) if cfg.lora else None
     out = Path(cfg.out)
-    check_manifest(cfg, out, run_settings(cfg, lora))
+    check_manifest(out, run_settings(cfg, lora), d.rank)
     jobs = [(entry, out / rel, ks, first) for entry in entries
             for first, (rel, ks) in zip([True] + [False] * len(entry.files), entry.files)]
     mine = jobs[d.rank::d.world_size]
