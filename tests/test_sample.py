@@ -323,7 +323,21 @@ def test_a_lora_of_another_model_type_or_rank_is_refused_before_any_image(tmp_pa
         assert run(cache, *argv) == 2, args
         assert message in capsys.readouterr().err
         assert not list((tmp_path / "o").rglob("*.png"))
+    shutil.rmtree(tmp_path / "bare" / "ema")
+    assert run(cache, "--prompts", str(edit), "--benchmark", "imgedit", "--lora", str(tmp_path / "bare"), "--ema",
+               "--out", str(tmp_path / "o")) == 2
+    assert "no ema/ folder" in capsys.readouterr().err
     with pytest.raises(cli.ConfigError, match="--ema needs --lora"):
         sample.make_config(["--prompts", "p", "--out", "o", "--ema"])
     with pytest.raises(cli.ConfigError, match="is an editing benchmark"):
         sample.make_config(["--prompts", "p", "--out", "o", "--benchmark", "gedit", "--model_type", "flux"])
+
+
+def test_help_and_a_mistyped_option_answer_before_torch_loads():
+    code = ("import runpy, sys\nsys.argv = ['sample.py'] + sys.argv[1:]\ntry:\n    runpy.run_path('sample.py', "
+            "run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)")
+    for argv, expected in ((["--help"], "exit 0 False"), (["--benchmrk", "dpg"], "exit 2 False")):
+        done = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert done.stdout.strip().endswith(expected), done.stdout[-500:] + done.stderr[-500:]
+    assert "did you mean --benchmark?" in done.stderr
