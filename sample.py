@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass
 
 import cli
-from cli import at_least, beyond, within
+from cli import above, at_least, beyond
 
 
 @dataclass
@@ -71,9 +71,9 @@ class Config:
     negative_prompt: str = beyond(" ", "negative prompt of true CFG (the pipeline applies CFG only with one)",
                                   "Qwen-Image-Edit-2509 model card")
     eta: float | None = beyond(None, "train sampler: flow-SDE noise scale; unset: 0.3", "train.py",
-                               valid=within(0, 10))
+                               valid=at_least(0))
     shift: float | None = beyond(None, "train sampler: sigma-schedule shift; unset: 3.0", "train.py",
-                                 valid=within(0, 100, low_open=True))
+                                 valid=above(0))
     height: int | None = beyond(None, "image height (qwen_edit: with width, the area at the source's aspect); "
                                       "unset: 1024 (deploy), 512 (train)", "the pipelines; train.py",
                                 valid=at_least(16))

@@ -221,9 +221,9 @@ def checkpoint(pol, folder, model_type):
 
 
 def test_flux_samples_equal_flux_pipeline_with_load_lora_weights_for_base_lora_and_ema(tmp_path, shifted_flux):
-    ckpt = checkpoint(policy.FluxPolicy.from_pretrained(shifted_flux, lora_rank=4, lora_alpha=8), tmp_path / "c", "flux")
+    pol = policy.FluxPolicy.from_pretrained(shifted_flux, lora_rank=4, lora_alpha=8)
+    ckpt = checkpoint(pol, tmp_path / "c", "flux")
     (tmp_path / "p.txt").write_text("a red apple on a table\n")
-    seed = torch.Generator().manual_seed(sample.image_seed(0, "00000", 0))
     images = {}
     for name, extra in (("base", []), ("lora", ["--lora", str(ckpt)]), ("ema", ["--lora", str(ckpt), "--ema"])):
         assert sample.main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / name), "--model",
@@ -233,7 +233,7 @@ def test_flux_samples_equal_flux_pipeline_with_load_lora_weights_for_base_lora_a
         if name != "base":
             pipe.load_lora_weights(ckpt / "ema" if name == "ema" else ckpt)
         theirs = pipe("a red apple on a table", height=32, width=48, num_inference_steps=3, guidance_scale=3.5,
-                      generator=seed.manual_seed(sample.image_seed(0, "00000", 0))).images[0]
+                      generator=torch.Generator().manual_seed(sample.image_seed(0, "00000", 0))).images[0]
         images[name] = pixels(tmp_path / name / "00000_0.png")
         assert np.array_equal(images[name], np.asarray(theirs).astype(int)), name  # tolerance 0 (CPU fp32)
     assert np.abs(images["lora"] - images["base"]).max() > 10 and np.abs(images["ema"] - images["lora"]).max() > 10
