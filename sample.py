@@ -160,7 +160,8 @@ import runtime  # noqa: E402
 from data import DataError, load_prompts, read_text  # noqa: E402
 
 POLICIES = {"flux": policy_lib.FluxPolicy, "qwen_edit": policy_lib.QwenEditPolicy}
-MANIFEST = ".sample-config.json"
+MANIFEST = ".sample-config{}.json"  # "-NAME" in the layouts where methods share --out (tiif, gedit)
+SHARED_ROOT = ("tiif", "gedit")  # their layouts put --model_name below --out
 PARTIAL = ".partial-"
 
 
@@ -481,15 +482,19 @@ def write_atomic(path, data):
     os.replace(partial, path)
 
 
-def check_manifest(out, settings, rank):
+def manifest_path(cfg):
+    """Where the settings of this folder (or, in tiif and gedit, of this method in it) are kept."""
+    return Path(cfg.out) / MANIFEST.format(f"-{cfg.model_name}" if cfg.benchmark in SHARED_ROOT else "")
+
+
+def check_manifest(path, settings, rank):
     """Refuse a folder sampled with other settings (every rank reads it); rank 0 writes the settings into a new
     one (the only writer: other ranks see no file or the whole file, os.replace being atomic)."""
-    path = out / MANIFEST
     if path.is_file():
         before = json.loads(path.read_text())
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
-            raise cli.ConfigError(f"--out {out} was sampled with other settings ({path}): "
+            raise cli.ConfigError(f"--out {path.parent} was sampled with other settings ({path}): "
                                   + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
                                   + ". Use another --out, or the same settings to complete it")
     elif rank == 0:
@@ -568,7 +573,7 @@ def sample(cfg):
     entries = LOADERS[cfg.benchmark](cfg.prompts, cfg.images_per_prompt, cfg)
     lora = read_lora(cfg) if cfg.lora else None
     out = Path(cfg.out)
-    check_manifest(out, run_settings(cfg, lora), d.rank)
+    check_manifest(manifest_path(cfg), run_settings(cfg, lora), d.rank)
     jobs = [(entry, out / rel, ks, first) for entry in entries
             for first, (rel, ks) in zip([True] + [False] * len(entry.files), entry.files)]
     mine = jobs[d.rank::d.world_size]

@@ -36,7 +36,8 @@ def run(cache, *args):
 
 def files(out):
     """Every file under `out` but the manifest, relative, sorted."""
-    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file() and p.name != sample.MANIFEST)
+    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*")
+                  if p.is_file() and not p.name.startswith(".sample-config"))
 
 
 def pixels(path):
@@ -134,8 +135,12 @@ def test_unigenbench_tiif_and_plain_layouts(tmp_path, cache):
          "long_description": "Nestled in the kitchen, a cat lies beneath the microwave."}) + "\n")
     assert run(cache, "--benchmark", "tiif", "--prompts", str(tmp_path / "test_prompts"), "--out", str(tmp_path / "t"),
                "--model_name", "mine") == 0
-    assert files(tmp_path / "t") == ["2d_spatial_relation/mine/long_description/0.png",
-                                     "2d_spatial_relation/mine/short_description/0.png"]
+    assert run(cache, "--benchmark", "tiif", "--prompts", str(tmp_path / "test_prompts"), "--out", str(tmp_path / "t"),
+               "--model_name", "other", "--seed", "1") == 0  # methods share the root of this layout
+    assert files(tmp_path / "t") == [f"2d_spatial_relation/{name}/{desc}_description/0.png"
+                                     for name in ("mine", "other") for desc in ("long", "short")]
+    assert sorted(p.name for p in (tmp_path / "t").glob(".sample-config*")) == [".sample-config-mine.json",
+                                                                             ".sample-config-other.json"]
     (tmp_path / "prompts.txt").write_text("a red apple\n\na blue car\n")
     assert run(cache, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "p")) == 0
     assert files(tmp_path / "p") == ["00000_0.png", "00001_0.png"]
@@ -270,7 +275,7 @@ def test_train_sampler_is_the_policys_flow_sde_rollout(tmp_path, cache):
         traj = pol.rollout(["a red apple"], num_steps=2, eta=0.7, shift=3.0, height=32, width=32, guidance=3.5,
                            generator=torch.Generator().manual_seed(sample.image_seed(0, "00000", 0)))
     assert np.array_equal(pixels(tmp_path / "o" / "00000_0.png"), np.asarray(traj.images[0]).astype(int))
-    assert json.loads((tmp_path / "o" / sample.MANIFEST).read_text())["eta"] == 0.7
+    assert json.loads((tmp_path / "o" / ".sample-config.json").read_text())["eta"] == 0.7
 
 
 # ---- Bad input: named, and refused before any image -----------------------------------------------------------------
