@@ -16,6 +16,7 @@ The HTTP transport is vlm_client.py; the data loaders are data.py (both re-expor
 Run:
     python judge.py eval --data pairs.jsonl --rubrics rubrics.txt --base_url http://localhost:8000/v1 \\
         --model Qwen/Qwen3-VL-8B-Instruct --out results.jsonl      # resumable; last stdout line = JSON summary
+    python judge.py eval --data pairs.jsonl --base_url ... --model ...   # no --rubrics: the direct (baseline) judge
     python judge.py ping --base_url http://localhost:8000/v1 --model Qwen/Qwen3-VL-8B-Instruct
 The API key comes from the environment variable named by --api_key_env (default OPENAI_API_KEY).
 
@@ -47,6 +48,9 @@ Deliberate deviations from the paper and the official code
     (arr_rpo.mean_rank_places), so one swapped neighbour pair does not mask the group; `pairs` judges every pair
     and scores the tournament win rate with ties as half (Pref-GRPO, arXiv 2508.20751). For N = 2 both reduce to
     the paper's pair verdict: agreement gives the winner, disagreement masks the pair.
+ 7. The direct judge (rubrics None; `eval` without --rubrics) stands for the paper's baseline rows (the VLM judging
+    without a rubric); its wording is ours: the rubric judge's instructions with the rubric section and every
+    mention of it taken out (prompts/judge_system_{task}_direct.txt).
 """
 import argparse
 import dataclasses
@@ -224,7 +228,9 @@ class _PooledJudge:
 
 
 class Judge(_PooledJudge):
-    """Rubric-conditioned judge over a VLMClient (compare / submit / close: _PooledJudge)."""
+    """Rubric-conditioned judge over a VLMClient (compare / submit / close: _PooledJudge). rubrics None: the direct
+    judge of the paper's baseline rows (prompts/judge_system_{task}_direct.txt, no rubric anywhere in its requests);
+    per-prompt rubrics may still be given, alone (prompts/judge_prompt_rubrics_only.txt)."""
 
     def __init__(self, client, rubrics, task="t2i", swap=True, prompt_rubrics=None, cache=None, max_invalid=2,
                  max_workers=None, max_tokens=1024):
@@ -232,16 +238,18 @@ class Judge(_PooledJudge):
             raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
         self.task, self.swap = task, swap
         self.prompt_rubrics, self.max_invalid, self.max_tokens = prompt_rubrics, max_invalid, max_tokens
-        self.system_prompt = load_template(f"judge_system_{task}").format(rubrics=rubrics.strip())
+        self.direct = rubrics is None  # the paper's baseline rows: the VLM judging without a rubric (deviation 7)
+        self._system_name = f"judge_system_{task}" + ("_direct" if self.direct else "")
+        self._extra_name = "judge_prompt_rubrics" + ("_only" if self.direct else "")
+        self.system_prompt = load_template(self._system_name).format(rubrics=(rubrics or "").strip())
         self._user_template = load_template(f"judge_user_{task}")
-        self._extra_template = load_template("judge_prompt_rubrics")
+        self._extra_template = load_template(self._extra_name)
         self._reask_template = load_template("judge_reask")
         self._start(client, cache, max_workers)
 
     def templates(self):
         """{template name: sha256} of the templates this judge uses (for provenance records)."""
-        return templates_sha256([f"judge_system_{self.task}", f"judge_user_{self.task}", "judge_prompt_rubrics",
-                                 "judge_reask"])
+        return templates_sha256([self._system_name, f"judge_user_{self.task}", self._extra_name, "judge_reask"])
 
     def compare_detailed(self, prompt, images, source_image=None):
         """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics."""
@@ -478,9 +486,12 @@ def summarize(records):
     """The evaluation summary over per-item records (the JSON lines of `eval --out`):
     n; accuracy = final rank equals the label (ties and failures count as wrong) / n; accuracy_first /
     accuracy_second = accuracy over the presentations in which the human-preferred candidate was shown first / not
-    first (second, for pairs), a failed presentation counting as wrong; position_gap = accuracy_first -
-    accuracy_second (paper Table 5); tie_rate = order-inconsistent items / n; failure_rate = failed items / n.
-    A rate with an empty denominator is None."""
+    first (second, for pairs), a failed presentation counting as wrong; accuracy_avg = (accuracy_first +
+    accuracy_second) / 2, the paper's number (Table 1; Table 5's "Avg": (84.5 + 49.9) / 2 = 67.2), which credits a
+    pair judged right in one order only with half, where the strict `accuracy` needs both; position_gap =
+    accuracy_first - accuracy_second (paper Table 5); tie_rate = order-inconsistent items / n; failure_rate =
+    failed items / n. A rate with an empty denominator is None (accuracy_avg and position_gap: when either order
+    has none)."""
     def rate(hits, total):
         return round(hits / total, 6) if total else None
 
@@ -498,6 +509,7 @@ def summarize(records):
             "accuracy": rate(sum(r["rank"] == r["label_rank"] for r in records), n),
             "accuracy_first": first,
             "accuracy_second": second,
+            "accuracy_avg": round((first + second) / 2, 6) if first is not None and second is not None else None,
             "position_gap": round(first - second, 6) if first is not None and second is not None else None,
             "tie_rate": rate(sum(not r["consistent"] for r in records), n),
             "failure_rate": rate(sum(r["error"] is not None for r in records), n)}
@@ -627,7 +639,7 @@ def client_from_args(args):
 
 
 def _cmd_eval(args):
-    rubrics = read_text(args.rubrics, "rubrics")
+    rubrics = None if args.rubrics in (None, "none") else read_text(args.rubrics, "rubrics")
     items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image)
     task = task_of(args.task, items)
     prompt_rubrics = load_prompt_rubrics(args.prompt_rubrics, "prompt_rubrics") if args.prompt_rubrics else None
@@ -638,8 +650,19 @@ def _cmd_eval(args):
               f"of at most {client.max_tokens or judge.max_tokens} completion tokens each", file=sys.stderr)
         summary = evaluate(judge, items, out=args.out, progress=True)
     print_report(summary, "items")
+    print(f"[judge] {accuracy_line(summary)}", file=sys.stderr)
     print(json.dumps(summary))
     return 1 if summary["n"] and summary["failure_rate"] == 1.0 else 0
+
+
+def accuracy_line(summary):
+    """The accuracies of an evaluation summary in one line: the paper's mean over orders beside our strict one."""
+    def show(key, spec=".3f"):
+        return "-" if summary.get(key) is None else format(summary[key], spec)
+    return (f"n {summary['n']}: accuracy_avg {show('accuracy_avg')} (paper: mean over the orders) accuracy "
+            f"{show('accuracy')} (strict: both orders right) first {show('accuracy_first')} second "
+            f"{show('accuracy_second')} gap {show('position_gap', '+.3f')} ties {show('tie_rate', '.2f')} failures "
+            f"{show('failure_rate', '.2f')}")
 
 
 def print_report(summary, unit, tag="judge"):
@@ -656,7 +679,7 @@ def print_report(summary, unit, tag="judge"):
 
 
 def _cmd_ping(args):
-    rubrics = read_text(args.rubrics, "rubrics") if args.rubrics else PING_RUBRIC
+    rubrics = None if args.rubrics == "none" else read_text(args.rubrics, "rubrics") if args.rubrics else PING_RUBRIC
     prompt, images, source, expected = ping_case(args.task)
     with client_from_args(args) as client, Judge(client, rubrics, task=args.task, swap=not args.no_swap) as judge:
         verdict = judge.compare(prompt, images, source)
@@ -678,7 +701,8 @@ def main(argv=None):
     common.add_argument("--max_tokens", type=int, default=None, help="completion tokens per request at most "
                         "(default 1024); a judgment sends up to 2 orders x (1 + max_invalid) requests")
     common.add_argument("--no_swap", action="store_true", help="judge only the given order")
-    common.add_argument("--rubrics", default=None, help="rubric text file")
+    common.add_argument("--rubrics", default=None, help="rubric text file; eval without it (or 'none'): the direct "
+                        "judge of the paper's baseline rows, whose requests say nothing of rubrics")
     ev = sub.add_parser("eval", parents=[common], help="accuracy and position bias on preference pairs")
     ev.add_argument("--data", required=True, help="ARR JSON/JSONL, HPDv3 or MMRB2 file")
     ev.add_argument("--task", choices=["t2i", "edit"], default=None, help="default: edit when items have a source")
@@ -690,8 +714,6 @@ def main(argv=None):
     ping = sub.add_parser("ping", parents=[common], help="judge one synthetic pair with an obvious answer")
     ping.add_argument("--task", choices=["t2i", "edit"], default="t2i")
     args = parser.parse_args(argv)
-    if args.command == "eval" and not args.rubrics:
-        parser.error("eval needs --rubrics")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _cmd_eval(args) if args.command == "eval" else _cmd_ping(args)
