@@ -72,7 +72,8 @@ def load_pairs(path, task=None, min_confidence=None, multi_image="error"):
     and editing), HPDv3 (prompt, path1 preferred, path2, confidence) or MMRB2 ({"pairs": [...]}, chosen "A" / "B").
 
     task None decides per item (a source image makes it an editing item); "t2i" ignores source images.
-    min_confidence: items with a `confidence` below it get skip "confidence < X" (an item without one is an error).
+    min_confidence: items with a `confidence` below it get skip "confidence < X", those whose confidence is null
+    (HPDv3 ships some) skip "confidence null"; an item without the field is an error.
     multi_image: an MMRB2 response with several images is an error ("error"), judged by its first image ("first"),
     or skipped ("skip"). Image paths: see the module docstring. Bad input raises DataError."""
     if task not in (None, "t2i", "edit"):
@@ -175,6 +176,9 @@ def _to_pair(path, location, obj, task, min_confidence, multi_image):
     item.line = location[1]
     if min_confidence is not None and item.skip is None:
         confidence = obj.get("confidence")
+        if confidence is None and "confidence" in obj:  # HPDv3 ships some pairs with "confidence": null
+            item.skip = "confidence null"
+            return item
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
             raise DataError(f"{where}: field 'confidence': expected a number for --min_confidence, "
                             f"got {short_repr(confidence)}")
