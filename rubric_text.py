@@ -3,8 +3,8 @@ AutoRubric-T2I selector (rubric_select.py) share.
 
 For "Auto-Rubric as Reward" (arXiv 2605.08354, §3.2) and AutoRubric-T2I (arXiv 2605.17602):
 - `numbered(rubrics)`: a rubric list as the numbered text the judge reads in its system prompt;
-- `rubric_list(k)`: the parser of a VLM's {"rubrics": [...]} reply (enumeration stripped, deduplicated by
-  `same_key`), and `read_rubric_list(path)`: candidate rubrics from a text file or a sidecar JSON;
+- `rubric_list(k, retries)`: the parser of a VLM's {"rubrics": [...]} reply (enumeration stripped, deduplicated by
+  `same_key`; the one rule for a reply with fewer than k), and `read_rubric_list(path)`: candidate rubrics from a text file or a sidecar JSON;
 - `ask(...)`: `VLMClient.ask_json` with the rubric re-ask template, and `image_parts(...)`: an item's images in the
   judge's layout (judge.labelled_images), so every rubric request lays images out as the judge does;
 - `check_task`, `check_label`: what every rubric request demands of its item.
@@ -64,17 +64,23 @@ def dedupe(rubrics):
     return unique
 
 
-def rubric_list(k, exact=False):
-    """Parser of a {"rubrics": [...]} reply: strings, enumeration stripped, non-empty, deduplicated, at most k
-    (exactly k distinct ones when `exact`: fewer is an unusable reply, re-asked)."""
+def rubric_list(k, retries):
+    """Parser of a {"rubrics": [...]} reply (strings, enumeration stripped, deduplicated) for a request allowed
+    `retries` re-asks. The one rule for a reply with fewer rubrics than asked, shared by every rubric request
+    (`rubrics.py induce`'s generation and refinement, `rubrics.py prompt`): fewer than k distinct rubrics is an
+    unusable reply and re-asked, except the last allowed reply, which is kept with what it holds (at least one);
+    more than k are cut to the first k. An empty list is never usable."""
+    calls = [0]
+
     def parse(obj):
+        calls[0] += 1
         raw = obj.get("rubrics")
         if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
             raise ValueError('"rubrics" must be a list of strings')
         rubrics = dedupe(ENUMERATION.sub("", r).strip() for r in raw)
         if not rubrics:
             raise ValueError('"rubrics" is empty')
-        if exact and len(rubrics) < k:
+        if len(rubrics) < k and calls[0] <= retries:
             raise ValueError(f'"rubrics" must hold {k} distinct rubrics, got {len(rubrics)}')
         return rubrics[:k]
     return parse
