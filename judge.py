@@ -474,9 +474,12 @@ def request_settings(client):
 
 
 def _record(item, verdict, presentations, settings):
-    return {"line": item.line, "prompt": item.prompt, "settings": settings, "label_rank": item.label_rank,
+    tied = not is_ranking(item.label_rank)  # judged only with --ties judge: right when the judge's orders disagree
+    correct = verdict.error is None and not verdict.consistent if tied else verdict.rank == item.label_rank
+    where = {key: value for key, value in (("group", item.group), ("tags", item.tags)) if value}
+    return {"line": item.line, "prompt": item.prompt, "settings": settings, "label_rank": item.label_rank, **where,
             "rank": verdict.rank,
-            "correct": verdict.rank == item.label_rank, "consistent": verdict.consistent, "error": verdict.error,
+            "correct": correct, "consistent": verdict.consistent, "error": verdict.error,
             "reason": verdict.reason, "first_position_wins": verdict.first_position_wins,
             "latency": round(verdict.latency, 4),
             "presentations": [{"order": p.order, "rank": p.rank, "error": p.error} for p in presentations]}
@@ -513,6 +516,52 @@ def summarize(records):
             "position_gap": round(first - second, 6) if first is not None and second is not None else None,
             "tie_rate": rate(sum(not r["consistent"] for r in records), n),
             "failure_rate": rate(sum(r["error"] is not None for r in records), n)}
+
+
+def benchmark_summary(records):
+    """What the benchmarks' own scripts report, from per-item records that carry `tags` / `group` (data.py's
+    EditReward-Bench loaders), and the tied labels judged with --ties judge:
+    n_tied_labels, tied_label_accuracy: a tie is right when the judge's two orders disagreed (its own tie);
+    by_tag {tag: {value: {n, accuracy, accuracy_avg[, group_accuracy, n_groups]}}}: the summary of each subset
+        (EditScore: every task_type and dimension; TIGER: each subset), with `{tag}_mean` {accuracy,
+        accuracy_avg}: the mean over the tag's values (EditScore's calculate_statistics.py averages its 13 task
+        types); accuracy here counts tied labels too (right as above), accuracy_avg is over preferences only;
+    groups {n_groups, group_accuracy}: the share of candidate sets whose every comparison is right (TIGER's group
+        accuracy; a failed comparison is wrong)."""
+    tied = [r for r in records if not is_ranking(r["label_rank"])]
+    out = {}
+    if tied:
+        out["n_tied_labels"] = len(tied)
+        out["tied_label_accuracy"] = round(sum(r["correct"] for r in tied) / len(tied), 6)
+
+    def figures(subset):
+        prefs = [r for r in subset if is_ranking(r["label_rank"])]
+        row = {"n": len(subset), "accuracy": round(sum(r["correct"] for r in subset) / len(subset), 6),
+               "accuracy_avg": summarize(prefs)["accuracy_avg"] if prefs else None}
+        groups = {}
+        for r in subset:
+            if r.get("group"):
+                groups.setdefault(r["group"], []).append(r["correct"])
+        if groups:
+            row["n_groups"] = len(groups)
+            row["group_accuracy"] = round(sum(all(hits) for hits in groups.values()) / len(groups), 6)
+        return row
+
+    by_tag = {}
+    for r in records:
+        for tag, value in (r.get("tags") or {}).items():
+            by_tag.setdefault(tag, {}).setdefault(value, []).append(r)
+    if by_tag:
+        out["by_tag"] = {tag: {value: figures(rows) for value, rows in sorted(values.items())}
+                         for tag, values in by_tag.items()}
+        for tag, values in out["by_tag"].items():
+            out[f"{tag}_mean"] = {key: round(sum(v[key] for v in values.values()) / len(values), 6)
+                                  if all(v[key] is not None for v in values.values()) else None
+                                  for key in ("accuracy", "accuracy_avg")}
+    if any(r.get("group") for r in records):
+        whole = figures(records)
+        out["groups"] = {"n_groups": whole["n_groups"], "group_accuracy": whole["group_accuracy"]}
+    return out
 
 
 def read_results(out, items, settings):
@@ -582,7 +631,8 @@ def evaluate(judge, items, out=None, progress=False):
         if sink is not None:
             sink.close()
     records = [done[item.line] for item in items]
-    return {**summarize(records), "skipped": skipped,
+    preferences = [r for r in records if is_ranking(r["label_rank"])]  # tied labels: benchmark_summary
+    return {**summarize(preferences), **benchmark_summary(records), "skipped": skipped,
             "failure_reasons": failure_reasons(r["error"] for r in records),
             **usage_report(spent_before, judge.client.usage(), {"item": len(todo)})}
 
@@ -640,7 +690,8 @@ def client_from_args(args):
 
 def _cmd_eval(args):
     rubrics = None if args.rubrics in (None, "none") else read_text(args.rubrics, "rubrics")
-    items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image)
+    items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image,
+                       ties=args.ties)
     task = task_of(args.task, items)
     prompt_rubrics = load_prompt_rubrics(args.prompt_rubrics, "prompt_rubrics") if args.prompt_rubrics else None
     with client_from_args(args) as client, Judge(client, rubrics, task=task, swap=not args.no_swap,
@@ -651,6 +702,11 @@ def _cmd_eval(args):
         summary = evaluate(judge, items, out=args.out, progress=True)
     print_report(summary, "items")
     print(f"[judge] {accuracy_line(summary)}", file=sys.stderr)
+    for tag, values in (summary.get("by_tag") or {}).items():
+        for value, row in values.items():
+            print(f"[judge] {tag} {value}: {accuracy_line(row)}"
+                  + (f" group_accuracy {row['group_accuracy']:.3f} of {row['n_groups']}" if "n_groups" in row else ""),
+                  file=sys.stderr)
     print(json.dumps(summary))
     return 1 if summary["n"] and summary["failure_rate"] == 1.0 else 0
 
@@ -659,6 +715,8 @@ def accuracy_line(summary):
     """The accuracies of an evaluation summary in one line: the paper's mean over orders beside our strict one."""
     def show(key, spec=".3f"):
         return "-" if summary.get(key) is None else format(summary[key], spec)
+    if "accuracy_first" not in summary:  # a benchmark subset (benchmark_summary): no per-order figures
+        return f"n {summary['n']}: accuracy_avg {show('accuracy_avg')} accuracy {show('accuracy')}"
     return (f"n {summary['n']}: accuracy_avg {show('accuracy_avg')} (paper: mean over the orders) accuracy "
             f"{show('accuracy')} (strict: both orders right) first {show('accuracy_first')} second "
             f"{show('accuracy_second')} gap {show('position_gap', '+.3f')} ties {show('tie_rate', '.2f')} failures "
@@ -710,6 +768,8 @@ def main(argv=None):
     ev.add_argument("--cache", default=None, help="sqlite answer cache file")
     ev.add_argument("--prompt_rubrics", default=None, help="JSON file {prompt: per-prompt rubric text}")
     ev.add_argument("--max_invalid", type=int, default=2, help="re-asks of an invalid reply")
+    ev.add_argument("--ties", choices=("skip", "judge"), default="skip", help="tied labels (A=B in TIGER's "
+                    "EditReward-Bench): skipped, or judged and right when the two orders disagree")
     add_data_options(ev)
     ping = sub.add_parser("ping", parents=[common], help="judge one synthetic pair with an obvious answer")
     ping.add_argument("--task", choices=["t2i", "edit"], default="t2i")
