@@ -141,3 +141,53 @@ def test_an_unreadable_dataset_file_is_named(tmp_path):
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"broken.parquet: cannot read it with datasets"):
         load_pairs(bad)
+
+
+def red_scores(body):
+    """A score judge: an image's red channel / 20 (T2I-Eval-R1's <think>/<answer> format)."""
+    from fake_vlm import candidate_images
+    from PIL import ImageStat
+    scores = [f"{ImageStat.Stat(image.convert('RGB')).mean[0] / 20:g}" for image in candidate_images(body)]
+    return f"<think>I looked at the red.</think><answer>{', '.join(scores)}</answer>"
+
+
+def test_t2i_eval_bench_correlates_with_each_annotator_and_their_mean(tmp_path, capsys):
+    import scipy.stats
+    import train_judge as tj
+    from fake_vlm import FakeVLM
+    judged = [1, 2, 2, 3, 5, 7]
+    manual = [[2, 1, 4, 3, 5, 8], [1, 3, 2, 5, 4, 9], [3, 3, 1, 2, 6, 10]]
+    mean = [round(sum(m[k] for m in manual) / 3, 4) for k in range(6)]
+    root = tmp_path / "test"
+    (root / "images").mkdir(parents=True)
+    bench, scores = [], []
+    for k, s in enumerate(judged):
+        solid((20 * s, 0, 0)).save(root / "images" / f"{k}.png")
+        bench.append({"id": k, "image_caption": f"a red thing {k}", "gt_image": f"images/{k}.png",
+                      "ref_image": None, "structured_info_str": "{}"})
+        dims = {d: {"score": 5, "manual_score": [m[k] for m in manual] + [mean[k]]}
+                for d in ("appearance", "intrinsic", "relationship", "overall")}
+        scores.append({"id": str(k), "overall": dims})
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    bench_file, scores_file = write(meta / "t2i-eval-bench.json", bench), write(meta / "scores.json", scores)
+    with FakeVLM(handler=red_scores) as fake:
+        code = tj.main(["eval", "--data", str(bench_file), "--scores", str(scores_file), "--image_root", str(root),
+                        "--base_url", fake.url, "--model", "judge"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = summary_of(captured.out)
+    for name, human in [("manual_1", manual[0]), ("manual_2", manual[1]), ("manual_3", manual[2]),
+                        ("manual_avg", mean)]:
+        row = summary["annotators"][name]
+        assert row["spearman"] == pytest.approx(scipy.stats.spearmanr(judged, human).statistic, abs=1e-6)
+        assert row["kendall_tau_b"] == pytest.approx(scipy.stats.kendalltau(judged, human).statistic, abs=1e-6)
+    assert summary["spearman"] == summary["annotators"]["manual_avg"]["spearman"]
+    assert "[train_judge] manual_2: spearman" in captured.err
+    with pytest.raises(DataError, match=r"t2i-eval-bench.json: item 1: field 'gt_image': image file not found"):
+        tj.load_t2i_eval_bench(bench_file, scores_file)  # no --image_root: looked up next to the file
+    scores[2]["overall"]["overall"]["manual_score"] = [1, 2, 11, 4]
+    with pytest.raises(DataError, match=r"bad.json: item 3: field 'overall.overall.manual_score': expected 4"):
+        tj.load_t2i_eval_bench(bench_file, write(meta / "bad.json", scores), image_root=root)
+    with pytest.raises(DataError, match=r"T2I-Eval-Bench file .* pass its scores.json with --scores"):
+        tj.load_items(bench_file, 0, 10)
