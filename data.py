@@ -338,7 +338,8 @@ def _editscore_pair(path, where, obj):
     dimension (prompt_following, consistency or overall), kept as tags for per-subtask accuracy."""
     instruction, outputs = obj.get("instruction"), obj.get("output_images")
     if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"{where}: field 'instruction': expected the editing instruction, got {short_repr(instruction)}")
+        raise DataError(f"{where}: field 'instruction': expected the editing instruction, got "
+                        f"{short_repr(instruction)}")
     if not isinstance(outputs, list) or len(outputs) != 2:
         raise DataError(f"{where}: field 'output_images': expected the 2 edited images (preferred first), got "
                         f"{short_repr(outputs)}")
@@ -365,7 +366,8 @@ def _tiger_pair(path, where, obj):
     "4pair", kept as the tag "subset"). A tie loads as the label [1, 1] (skipped unless ties="judge")."""
     instruction, ranking, kind = obj.get("instruction"), obj.get("ranking"), obj.get("comparison_type")
     if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"{where}: field 'instruction': expected the editing instruction, got {short_repr(instruction)}")
+        raise DataError(f"{where}: field 'instruction': expected the editing instruction, got "
+                        f"{short_repr(instruction)}")
     letters = re.fullmatch(r"([A-D])vs([A-D])", kind) if isinstance(kind, str) else None
     if letters is None:
         raise DataError(f"{where}: field 'comparison_type': expected e.g. 'AvsB', got {short_repr(kind)}")

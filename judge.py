@@ -215,16 +215,17 @@ class _PooledJudge:
         if self._owns_cache:
             self.cache.close()
 
-    def compare(self, prompt, images, source_image=None):
-        """Verdict over the candidates in the order given; never raises."""
-        return self.compare_detailed(prompt, images, source_image)[0]
+    def compare(self, prompt, images, source_image=None, **options):
+        """Verdict over the candidates in the order given; never raises. options: compare_detailed's (Judge: a
+        prompt_rubric for this judgment only)."""
+        return self.compare_detailed(prompt, images, source_image, **options)[0]
 
-    def submit(self, prompt, images, source_image=None):
+    def submit(self, prompt, images, source_image=None, **options):
         """compare() in the judge's thread pool: a concurrent.futures.Future[Verdict]."""
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="judge")
-            return self._pool.submit(self.compare, prompt, images, source_image)
+            return self._pool.submit(self.compare, prompt, images, source_image, **options)
 
 
 class Judge(_PooledJudge):
@@ -251,8 +252,10 @@ class Judge(_PooledJudge):
         """{template name: sha256} of the templates this judge uses (for provenance records)."""
         return templates_sha256([self._system_name, f"judge_user_{self.task}", self._extra_name, "judge_reask"])
 
-    def compare_detailed(self, prompt, images, source_image=None):
-        """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics."""
+    def compare_detailed(self, prompt, images, source_image=None, prompt_rubric=None):
+        """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics.
+        prompt_rubric: rubric text for this judgment only, in place of the per-prompt one (train.py
+        --prompt_rubrics per_group: rubrics.GroupRubricJudge)."""
         started = time.monotonic()
         presentations = []
         try:
@@ -263,7 +266,8 @@ class Judge(_PooledJudge):
                 raise ValueError("source_image given to a t2i judge (use task='edit')")
             urls = [self.client.encode(image) for image in images]  # once, shared by both orders
             source_url = self.client.encode(source_image) if source_image is not None else None
-            extra = self._prompt_rubric(prompt)
+            extra = self._prompt_rubric(prompt) if prompt_rubric is None else \
+                self._extra_template.format(prompt_rubrics=prompt_rubric.strip())
             orders = [list(range(n))] + ([list(range(n))[::-1]] if self.swap else [])
             calls = 0
             for k, order in enumerate(orders):
@@ -432,16 +436,20 @@ class GroupJudgment:
                             rank)
 
 
-def submit_group(judge, prompt, images, mode="listwise", source_image=None):
+def submit_group(judge, prompt, images, mode="listwise", source_image=None, prompt_rubric=None):
     """Judge the N candidates of one prompt with anything that has `submit` (Judge, demo.DemoJudge): `listwise` is
     one judgment of all N (both orders with swap, combined by mean rank; N = 2 is the paper's pair verdict),
-    `pairs` judges all N (N - 1) / 2 pairs. Returns a GroupJudgment; .result() -> GroupVerdict."""
+    `pairs` judges all N (N - 1) / 2 pairs. prompt_rubric: rubric text for every judgment of this group (Judge
+    only). Returns a GroupJudgment; .result() -> GroupVerdict."""
     if mode not in GROUP_JUDGING:
         raise ValueError(f"group judging must be one of {GROUP_JUDGING}, got {mode!r}")
+    if hasattr(judge, "submit_group"):  # a judge that prepares each group itself (rubrics.GroupRubricJudge)
+        return judge.submit_group(prompt, images, mode, source_image)
     n = len(images)
+    options = {} if prompt_rubric is None else {"prompt_rubric": prompt_rubric}
     keys = [None] if mode == "listwise" else [(i, j) for i in range(n) for j in range(i + 1, n)]
     return GroupJudgment(mode, n, {key: judge.submit(prompt, images if key is None else [images[k] for k in key],
-                                                     source_image=source_image) for key in keys})
+                                                     source_image=source_image, **options) for key in keys})
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

@@ -62,15 +62,17 @@ Deliberate deviations from the paper and the official code
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data import (add_data_options, file_sha256, load_labelled, load_pairs, load_prompts, prepare_outputs,
                   sidecar_path, task_of)
-from judge import (CANDIDATE_LABEL, Judge, add_client_options, client_from_args, load_template, print_report,
-                   templates_sha256)
+from judge import (CANDIDATE_LABEL, GroupVerdict, Judge, add_client_options, client_from_args, labelled_images,
+                   load_template, print_report, submit_group, templates_sha256)
 from rubric_text import (INPUT_LABEL, RUBRIC_LIST_SCHEMA, TASK_NAME, TASKS, ask, check_label, check_task, dedupe,
                          image_parts, numbered, rubric_list, same_key, schema)
 from vlm_client import JudgeError, ResponseCache, failure_reasons, map_concurrently, public_url, usage_report
@@ -279,6 +281,87 @@ def prompt_rubric_provider(client, k=5, task="t2i", cache=None):
             return memo[prompt]
 
     return provide
+
+
+def group_rubrics(client, prompt, images, source_image=None, k=5, task="t2i", retries=2, cache=None):
+    """§3.3's "rubrics are regenerated per prompt-output pair": `k` rubrics for one judged group from its prompt and
+    its N candidates (and the source image when editing), label-free (no preference exists yet; the request says
+    so, and asks for no verdict), in the judge's image layout. Raises JudgeError."""
+    check_task(task)
+    text = load_template("rubric_group").format(
+        task=load_template(f"rubric_task_{task}"), n=len(images), input_label=INPUT_LABEL[task], prompt=prompt, k=k)
+    source = client.encode(source_image) if task == "edit" and source_image is not None else None
+    parts = labelled_images([client.encode(image) for image in images], CANDIDATE_LABEL[task], source)
+    return ask(client, [{"role": "user", "content": parts + [{"type": "text", "text": text}]}], RUBRIC_LIST_SCHEMA,
+               rubric_list(k, retries), retries, cache, "group rubric generation")
+
+
+class GroupRubricJudge:
+    """train.py --prompt_rubrics per_prompt | per_group: a rubric judge (judge.Judge) whose every group is judged
+    with rubrics made for it first (rubrics added to the fixed one, in the user turn, as judge.py adds per-prompt
+    rubrics): per_prompt = prompt_rubrics(prompt) (zero-shot ARR, from the text alone), per_group =
+    group_rubrics(prompt, the group's candidates). Made once per prompt / per group (kept in memory, so a group
+    judged again asks nothing) on `rubric_client`, a client of its own whose usage (rubric_usage) is counted apart
+    from the judge's. A failed generation masks the group (GroupVerdict error "group rubrics: ...") and is counted
+    in rubric_usage()["failures"]; it never raises. judge.submit_group hands groups to submit_group; everything
+    else (compare, submit, client, task, swap) is the wrapped judge's."""
+
+    def __init__(self, judge, rubric_client, mode="per_group", k=5, max_workers=None):
+        if mode not in ("per_prompt", "per_group"):
+            raise ValueError(f"mode must be 'per_prompt' or 'per_group', got {mode!r}")
+        self.judge, self.rubric_client, self.mode, self.k = judge, rubric_client, mode, k
+        self.client, self.task, self.swap = judge.client, judge.task, judge.swap
+        self._memo, self._lock, self.failures = {}, threading.Lock(), 0
+        self._pool = ThreadPoolExecutor(max_workers or rubric_client.max_concurrency, thread_name_prefix="rubrics")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def compare(self, *args, **kwargs):
+        return self.judge.compare(*args, **kwargs)
+
+    def submit(self, *args, **kwargs):
+        return self.judge.submit(*args, **kwargs)
+
+    def rubric_usage(self):
+        """The rubric client's usage (vlm_client.VLMClient.usage) plus failures: generations that masked a group."""
+        with self._lock:
+            return {**self.rubric_client.usage(), "failures": self.failures}
+
+    def rubrics_for(self, prompt, images, source_image=None):
+        """The numbered rubric text of this prompt (per_prompt) or group (per_group), made on first use."""
+        urls = [] if self.mode == "per_prompt" else [self.rubric_client.encode(image) for image in images]
+        key = hashlib.sha256(json.dumps([prompt, urls]).encode()).hexdigest()
+        with self._lock:
+            if key in self._memo:
+                return self._memo[key]
+        if self.mode == "per_prompt":
+            made = prompt_rubrics(self.rubric_client, prompt, k=self.k, task=self.task)
+        else:
+            made = group_rubrics(self.rubric_client, prompt, images, source_image, k=self.k, task=self.task)
+        with self._lock:
+            return self._memo.setdefault(key, numbered(made))
+
+    def submit_group(self, prompt, images, mode="listwise", source_image=None):
+        """The group's rubrics first, then judge.submit_group with them: a Future whose result() is the
+        GroupVerdict (what judge.GroupJudgment.result() gives)."""
+        def run():
+            try:
+                text = self.rubrics_for(prompt, images, source_image)
+            except Exception as exc:  # a failed generation masks the group; training goes on
+                with self._lock:
+                    self.failures += 1
+                return GroupVerdict(None, error=f"group rubrics: {type(exc).__name__}: {exc}")
+            return submit_group(self.judge, prompt, images, mode, source_image, prompt_rubric=text).result()
+        return self._pool.submit(run)
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.rubric_client.close()
+        self.judge.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------

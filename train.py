@@ -123,6 +123,13 @@ class Config:
     lr_warmup_steps: int = beyond(0, "linear LR warmup steps, then constant", "ours", valid=at_least(0))
     ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off)", "Flow-GRPO",
                               valid=within(0, 1, high_open=True))
+    prompt_rubrics: str = beyond("fixed", "fixed: the rubric file alone (the official code); per_prompt: K "
+                                          "zero-shot rubrics per prompt added; per_group: K rubrics made from each "
+                                          "judged group's prompt and candidates before judging (counted as rubric_*)",
+                                 "paper §3.3 (per_group: regenerated per prompt-output pair); ARR zero-shot",
+                                 choices=("fixed", "per_prompt", "per_group"))
+    prompt_rubrics_k: int = beyond(5, "K rubrics per prompt / group with --prompt_rubrics per_prompt | per_group",
+                                   "paper (cardinality ablation: 1 / 5 / 10 / 20)", valid=at_least(1))
     judge_mode: str = beyond("rank", "rank: the paper's rubric-conditioned judge; score: T2I-Eval-R1 "
                                      "(train_judge.py)", "T2I-Eval-R1 (score)", choices=("rank", "score"))
     judge_scale: str = beyond("0,10", "score mode: the score range low,high the judge was trained on",
