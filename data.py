@@ -3,7 +3,9 @@ prompt files RPO trains on.
 
 - `load_pairs(path)`: preference pairs (or N-way rankings) in the official ARR format (JSON list or JSONL, every key
   alias, text-to-image and editing), HPDv3 (prompt, path1 preferred, path2, confidence) and MMRB2 ({"pairs": [...]},
-  chosen "A" / "B"), as `PairItem`s. What `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and
+  chosen "A" / "B"), EditReward-Bench as EditScore ships it (13 subtasks, tagged for per-subtask accuracy) and as
+  TIGER-Lab ships it (sets of 2-4 candidates cut into comparisons, ties, grouped for group accuracy), as
+  `PairItem`s; the hub's parquet / arrow files through `datasets` (`read_dataset_rows`, imported lazily). What `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and
   `train_judge.py` read. Items that carry no usable preference stay in the list with `skip` set (a tied label, a
   confidence under min_confidence, a multi-image response with multi_image="skip"); `split_skipped` separates them
   and counts them; `task_of` picks the task of a run when --task is not given.
@@ -27,7 +29,12 @@ Deliberate deviations from the official code
        skipped (no preference to judge against), where the official code scores it like a preference.
     2. MMRB2 editing items with several input images use the first one as the source image; a response holding
        several images is an error unless multi_image says "first" (its first image stands for it) or "skip".
-    3. min_confidence drops HPDv3 pairs whose annotator agreement is lower (HPSv3 trains on confidence >= 0.95).
+    3. min_confidence drops HPDv3 pairs whose annotator agreement is lower (HPSv3 trains on confidence >= 0.95);
+       a null confidence is skipped as "confidence null".
+    4. EditReward-Bench (EditScore): the official scripts score each edit alone and compare the two scores; here a
+       row is a pair whose first output is the preferred one, judged like any pair. TIGER-Lab's ties (A=B) are
+       skipped unless ties="judge", then right when the judge's two orders disagree (its own scripts let the
+       model answer A=B).
 """
 import hashlib
 import json

@@ -7,7 +7,9 @@ edited results of one source image (editing). Smaller rank = better; [1, 2] mean
     Judge.submit(...) -> Future[Verdict]                             so training overlaps judging with rollouts
     submit_group(judge, prompt, images, mode) -> .result() -> GroupVerdict   N candidates of one prompt: a win
         rate per candidate from one listwise judgment (mean rank over the orders) or from every pair
-    evaluate(judge, items) -> summary                                accuracy and position bias (paper Table 5)
+    evaluate(judge, items) -> summary                                accuracy (accuracy_avg: the paper's, Table 1)
+                                                                     and position bias (paper Table 5); per
+                                                                     benchmark subset and group: benchmark_summary
     ScoreJudge(client, low, high)                                    the same interface for a judge trained by
         train_judge.py (T2I-Eval-R1, arXiv 2505.17897): each candidate scored alone, the higher score wins
 The HTTP transport is vlm_client.py; the data loaders are data.py (both re-exported here: `judge.VLMClient`,

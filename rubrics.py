@@ -15,6 +15,8 @@ Run (the API key, if the server needs one, is read from OPENAI_API_KEY by vlm_cl
     python rubrics.py prompt --data prompts.txt --base_url URL --model NAME --out prompt_rubrics.json
     every command also takes [--api_key_env VAR] [--max_tokens N] [--min_confidence 0.95] [--multi_image ...]; induce
     prints the skipped items, the failure reasons with counts and the requests and tokens spent (stderr)
+In training (`train.py --prompt_rubrics per_prompt | per_group`), `GroupRubricJudge` makes each judged group's
+rubrics before judging it: zero-shot from the prompt, or from the prompt and the group's candidates (§3.3).
 `induce` writes the rubric text (what `judge.py eval --rubrics` and `train.py --rubrics` read) and a provenance
 sidecar `rubrics.json`; `select` writes the selected rubrics and `selected.json` with their weights and held-out
 accuracies; `prompt` writes the zero-shot rubrics per prompt that `judge.py eval --prompt_rubrics` reads.

@@ -45,6 +45,9 @@ Deliberate deviations from the paper and the official code
     7. As in the official code, each window feeds one optimizer step by default: ratio 1, the clip never binds.
        Beyond the paper, off by default: M x E steps per window (Flow-GRPO, DanceGRPO; the clip can bind), N > 2
        candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO).
+    8. The rubric is fixed by default, as the official code reads one rubric file once; §3.3 says rubrics are
+       regenerated per prompt-output pair: --prompt_rubrics per_group does that (rubrics.GroupRubricJudge: each
+       group's rubrics from its prompt and candidates before it is judged, counted apart as rubric_*).
 """
 import sys
 from dataclasses import dataclass

@@ -33,6 +33,7 @@ Run:
         --out results.jsonl                # resumable; last stdout line = JSON summary
     python train_judge.py eval --data data/test/t2i-eval-bench.json --scores data/test/scores.json \\
         --image_root data/test --base_url ... --model judge      # T2I-Eval-Bench: rho / tau per annotator
+Meta-evaluation on T2I-Eval-Bench (load_t2i_eval_bench): Spearman and Kendall per annotator and against their mean.
 Data: single-wise JSONL {"image", "prompt", "score"[, "criterion"]} (image paths relative to the file, scores in
 [--low, --high]); pairwise: every format data.load_pairs reads (ARR, HPDv3, MMRB2), two T2I candidates per item.
 
