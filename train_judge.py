@@ -734,6 +734,8 @@ def main(argv=None):
             with judge.client_from_args(args) as client:
                 summary = evaluate(client, items, args.low, args.high, args.templates, args.out, not args.no_swap)
             judge.print_report(summary, "items", tag="train_judge")
+            if "accuracy_avg" in summary:  # pairs: the paper's accuracy beside the strict one
+                print(f"[train_judge] {judge.accuracy_line(summary)}", file=sys.stderr)
             for name, row in (summary.get("annotators") or {}).items():
                 print(f"[train_judge] {name}: spearman {row['spearman']} kendall_tau_b {row['kendall_tau_b']}",
                       file=sys.stderr)
