@@ -2,13 +2,16 @@
 small files made here in the shape its project ships (docs/benchmarks.md says where each shape was read), judged
 by the fake server's pixel judge (tests/fake_vlm.py: the redder candidate wins): EditScore's EditReward-Bench
 (per-subtask accuracy), TIGER-Lab's EditReward-Bench (sets of 2-4, ties, group accuracy), as JSON lines and as the
-parquet / arrow files `datasets` writes."""
-import json
-
+parquet / arrow files `datasets` writes; and T2I-Eval-Bench (Spearman and Kendall per annotator, checked against
+scipy.stats)."""
 import pytest
+import scipy.stats
+from PIL import ImageStat
 
 import judge
+import train_judge as tj
 from data import DataError, load_pairs
+from fake_vlm import FakeVLM, candidate_images
 from judge_helpers import BLUE, GREY, KEY, PINK, RED, solid, summary_of, write
 
 
@@ -145,16 +148,11 @@ def test_an_unreadable_dataset_file_is_named(tmp_path):
 
 def red_scores(body):
     """A score judge: an image's red channel / 20 (T2I-Eval-R1's <think>/<answer> format)."""
-    from fake_vlm import candidate_images
-    from PIL import ImageStat
     scores = [f"{ImageStat.Stat(image.convert('RGB')).mean[0] / 20:g}" for image in candidate_images(body)]
     return f"<think>I looked at the red.</think><answer>{', '.join(scores)}</answer>"
 
 
 def test_t2i_eval_bench_correlates_with_each_annotator_and_their_mean(tmp_path, capsys):
-    import scipy.stats
-    import train_judge as tj
-    from fake_vlm import FakeVLM
     judged = [1, 2, 2, 3, 5, 7]
     manual = [[2, 1, 4, 3, 5, 8], [1, 3, 2, 5, 4, 9], [3, 3, 1, 2, 6, 10]]
     mean = [round(sum(m[k] for m in manual) / 3, 4) for k in range(6)]
