@@ -5,10 +5,11 @@ prompt files RPO trains on.
   alias, text-to-image and editing), HPDv3 (prompt, path1 preferred, path2, confidence) and MMRB2 ({"pairs": [...]},
   chosen "A" / "B"), EditReward-Bench as EditScore ships it (13 subtasks, tagged for per-subtask accuracy) and as
   TIGER-Lab ships it (sets of 2-4 candidates cut into comparisons, ties, grouped for group accuracy), as
-  `PairItem`s; the hub's parquet / arrow files through `datasets` (`read_dataset_rows`, imported lazily). What `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and
-  `train_judge.py` read. Items that carry no usable preference stay in the list with `skip` set (a tied label, a
-  confidence under min_confidence, a multi-image response with multi_image="skip"); `split_skipped` separates them
-  and counts them; `task_of` picks the task of a run when --task is not given.
+  `PairItem`s; the hub's parquet / arrow files through `datasets` (`read_dataset_rows`, imported lazily). What
+  `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and `train_judge.py` read. Items that carry no usable
+  preference stay in the list with `skip` set (a tied label, a confidence under min_confidence, a multi-image
+  response with multi_image="skip"); `split_skipped` separates them and counts them; `task_of` picks the task of a
+  run when --task is not given.
 - `load_prompts(path, task, flag)`: RPO's training / eval prompts (flag: the option named in errors): a text file
   with one prompt per line (text-to-image) or JSONL {"source_image", "instruction"} (editing), as `Item`s.
 - Output files of the CLIs: `prepare_outputs` (never the input, never an existing file without --force),

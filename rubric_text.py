@@ -4,7 +4,8 @@ AutoRubric-T2I selector (rubric_select.py) share.
 For "Auto-Rubric as Reward" (arXiv 2605.08354, §3.2) and AutoRubric-T2I (arXiv 2605.17602):
 - `numbered(rubrics)`: a rubric list as the numbered text the judge reads in its system prompt;
 - `rubric_list(k, retries)`: the parser of a VLM's {"rubrics": [...]} reply (enumeration stripped, deduplicated by
-  `same_key`; the one rule for a reply with fewer than k), and `read_rubric_list(path)`: candidate rubrics from a text file or a sidecar JSON;
+  `same_key`; the one rule for a reply with fewer than k), and `read_rubric_list(path)`: candidate rubrics from a
+  text file or a sidecar JSON;
 - `ask(...)`: `VLMClient.ask_json` with the rubric re-ask template, and `image_parts(...)`: an item's images in the
   judge's layout (judge.labelled_images), so every rubric request lays images out as the judge does;
 - `check_task`, `check_label`: what every rubric request demands of its item.

@@ -221,7 +221,8 @@ def judge_check(run):
             with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
                 summary = evaluate(check, run.check_items)
         record = {"step": run.step, **{f"judge_check_{key}": summary[key] for key in (
-            "accuracy", "accuracy_avg", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons", "requests")}}
+            "accuracy", "accuracy_avg", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons",
+            "requests")}}
         log(run, record)
         first = run.checks[0] if run.checks else None
         run.checks.append((run.step, summary["accuracy"]))
@@ -494,7 +495,8 @@ def log(run, record):
         print(f"  judge failed {count} x: {reason}", flush=True)
 
 
-CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_accuracy_avg": ".3f", "judge_check_position_gap": "+.3f", "judge_check_failure_rate": ".2f",
+CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_accuracy_avg": ".3f", "judge_check_position_gap": "+.3f",
+           "judge_check_failure_rate": ".2f",
            "eval_win_rate": ".3f", "eval_win_rate_lo": ".3f", "eval_win_rate_hi": ".3f", "eval_n": "d",
            "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "judge_score_mean": ".2f", "kl": ".2e",
            "approx_kl": ".1e", "clipfrac": ".2f", "grad_norm": ".2e", "optimizer_steps": "d",
