@@ -70,20 +70,21 @@ def rubric_list(k, retries):
     `retries` re-asks. The one rule for a reply with fewer rubrics than asked, shared by every rubric request
     (`rubrics.py induce`'s generation and refinement, `rubrics.py prompt`): fewer than k distinct rubrics is an
     unusable reply and re-asked, except the last allowed reply, which is kept with what it holds (at least one);
-    more than k are cut to the first k. An empty list is never usable."""
-    calls = [0]
+    more than k are cut to the first k. An empty list is never usable. `ask` counts the attempts (an empty answer
+    is one too) through parse.next_attempt."""
+    attempt = [1]
 
     def parse(obj):
-        calls[0] += 1
         raw = obj.get("rubrics")
         if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
             raise ValueError('"rubrics" must be a list of strings')
         rubrics = dedupe(ENUMERATION.sub("", r).strip() for r in raw)
         if not rubrics:
             raise ValueError('"rubrics" is empty')
-        if len(rubrics) < k and calls[0] <= retries:
+        if len(rubrics) < k and attempt[0] <= retries:
             raise ValueError(f'"rubrics" must hold {k} distinct rubrics, got {len(rubrics)}')
         return rubrics[:k]
+    parse.next_attempt = lambda: attempt.__setitem__(0, attempt[0] + 1)
     return parse
 
 
@@ -115,7 +116,8 @@ def image_parts(client, item, task, images, name):
 def ask(client, messages, schema, parse, retries, cache, what):
     """`client.ask_json` with the rubric re-ask template (VLMClient.ask_json: the re-ask is a new request, so the
     cache replays an interrupted run faithfully). A ReplyError names what was being asked."""
-    def reask(problem):
+    def reask(problem):  # called after every unusable attempt, an empty answer included
+        getattr(parse, "next_attempt", lambda: None)()
         return load_template("rubric_reask").format(problem=problem)
     try:
         return client.ask_json(messages, parse, reask, json_schema=schema, retries=retries, max_tokens=MAX_TOKENS,

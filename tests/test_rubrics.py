@@ -252,6 +252,10 @@ def test_one_rule_for_a_reply_with_fewer_rubrics_than_asked(tmp_path, step):
             rubrics.prompt_rubrics(client, "red", k=5, retries=1)
         assert got == ["a", "b"] and len(fake.requests) == 2  # one re-ask, then 2 of 5 kept
         assert "5 distinct rubrics, got 2" in _text(fake.requests[1])
+    with FakeVLM(handler=lambda body: json.dumps({"rubrics": ["a", "b"], "reason": "scripted"})) as fake:
+        fake.script("length")  # an empty first answer is an attempt too: the second, short one is the last
+        assert rubrics.prompt_rubrics(_client(fake), "red", k=5, retries=1) == ["a", "b"]
+        assert len(fake.requests) == 2
     with FakeVLM(handler=lambda body: json.dumps({"rubrics": [], "reason": "scripted"})) as fake:
         with pytest.raises(JudgeError, match='"rubrics" is empty'):
             rubrics.prompt_rubrics(_client(fake), "red", k=5, retries=1)
