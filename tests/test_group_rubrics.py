@@ -75,17 +75,29 @@ def test_group_rubrics_precede_each_judgment_and_failures_mask_the_group():
     assert judge_usage["requests"] == len(judged) == 6
 
 
-def test_train_per_group_counts_rubric_requests_apart(tmp_path, cache):
+def test_train_per_group_counts_rubric_requests_apart_and_masks_a_failed_group(tmp_path, cache):
     rubric = tmp_path / "rubrics.txt"
     rubric.write_text("1. The image that better matches the requested warm colours wins.\n")
-    with FakeVLM(handler=handler) as fake:
+    refused = []
+
+    def first_group_fails(body):  # every rubric request of the first group's prompt gets no usable reply
+        if MARKER in texts(body) and (not refused or prompt_of(body) == refused[0]):
+            refused[:1] = [prompt_of(body)]
+            return "I would rather not."
+        return handler(body)
+
+    with FakeVLM(handler=first_group_fails) as fake:
         argv = demo_args(tmp_path / "run", cache, "--max_steps", "1", "--judge_url", fake.url, "--judge_model",
                          "fake-vl", "--rubrics", str(rubric), "--prompt_rubrics", "per_group",
                          "--prompt_rubrics_k", "2")
         assert train.main(argv) == 0
-        check_order(fake.requests)
+        check_order([b for b in fake.requests if prompt_of(b) != refused[0]])
         generations = [b for b in fake.requests if MARKER in texts(b)]
+        judged = [prompt_of(b) for b in fake.requests if MARKER not in texts(b) and "Text prompt: " in texts(b)]
     (step,) = records(tmp_path / "run")
-    assert len(generations) == 2 and step["rubric_requests"] == 2 and step["rubric_failures"] == 0
-    assert step["judge_requests"] == 4 and step["rubric_prompt_tokens"] > 0  # 2 pairs, both orders
+    assert len(generations) == step["rubric_requests"] == 1 + 3  # the refused group: 1 + 2 re-asks
+    assert (step["rubric_failures"], step["judge_failures"], step["masked_pairs"]) == (1, 1, 1)
+    assert refused[0] not in judged and step["judge_requests"] == 2  # the other pair, both orders
+    assert any("group rubrics: ReplyError" in reason for _, reason in step["judge_failure_reasons"])
+    assert step["rubric_prompt_tokens"] > 0
     assert all(sum(p.get("type") == "image_url" for p in b["messages"][0]["content"]) == 2 for b in generations)
