@@ -3,10 +3,13 @@ prompt files RPO trains on.
 
 - `load_pairs(path)`: preference pairs (or N-way rankings) in the official ARR format (JSON list or JSONL, every key
   alias, text-to-image and editing), HPDv3 (prompt, path1 preferred, path2, confidence) and MMRB2 ({"pairs": [...]},
-  chosen "A" / "B"), as `PairItem`s. What `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and
-  `train_judge.py` read. Items that carry no usable preference stay in the list with `skip` set (a tied label, a
-  confidence under min_confidence, a multi-image response with multi_image="skip"); `split_skipped` separates them
-  and counts them; `task_of` picks the task of a run when --task is not given.
+  chosen "A" / "B"), EditReward-Bench as EditScore ships it (13 subtasks, tagged for per-subtask accuracy) and as
+  TIGER-Lab ships it (sets of 2-4 candidates cut into comparisons, ties, grouped for group accuracy), as
+  `PairItem`s; the hub's parquet / arrow files through `datasets` (`read_dataset_rows`, imported lazily). What
+  `judge.py eval`, `rubrics.py`, `train.py --judge_check_data` and `train_judge.py` read. Items that carry no usable
+  preference stay in the list with `skip` set (a tied label, a confidence under min_confidence, a multi-image
+  response with multi_image="skip"); `split_skipped` separates them and counts them; `task_of` picks the task of a
+  run when --task is not given.
 - `load_prompts(path, task, flag)`: RPO's training / eval prompts (flag: the option named in errors): a text file
   with one prompt per line (text-to-image) or JSONL {"source_image", "instruction"} (editing), as `Item`s.
 - Output files of the CLIs: `prepare_outputs` (never the input, never an existing file without --force),
@@ -27,11 +30,17 @@ Deliberate deviations from the official code
        skipped (no preference to judge against), where the official code scores it like a preference.
     2. MMRB2 editing items with several input images use the first one as the source image; a response holding
        several images is an error unless multi_image says "first" (its first image stands for it) or "skip".
-    3. min_confidence drops HPDv3 pairs whose annotator agreement is lower (HPSv3 trains on confidence >= 0.95).
+    3. min_confidence drops HPDv3 pairs whose annotator agreement is lower (HPSv3 trains on confidence >= 0.95);
+       a null confidence is skipped as "confidence null".
+    4. EditReward-Bench (EditScore): the official scripts score each edit alone and compare the two scores; here a
+       row is a pair whose first output is the preferred one, judged like any pair. TIGER-Lab's ties (A=B) are
+       skipped unless ties="judge", then right when the judge's two orders disagree (its own scripts let the
+       model answer A=B).
 """
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -54,6 +63,8 @@ class PairItem:
     source_image: str | None = None  # editing: the original image
     line: int = 0                    # 1-based line (JSONL) or item index (JSON list / MMRB2 pairs), for messages
     skip: str | None = None          # why it is not judged: "tied label", "confidence < X", "multi-image response"
+    group: str | None = None         # TIGER EditReward-Bench: the comparisons cut from one ranked set of candidates
+    tags: dict = field(default_factory=dict)  # benchmark subsets it belongs to, e.g. {"task_type": "color_alter"}
 
 
 PROMPT_KEYS = ("query", "prompt", "instruction")
@@ -67,24 +78,33 @@ EDIT_FALLBACK_KEYS = ("response", "responses", "images", "image_paths", "image")
 MULTI_IMAGE = ("error", "first", "skip")
 
 
-def load_pairs(path, task=None, min_confidence=None, multi_image="error"):
+def load_pairs(path, task=None, min_confidence=None, multi_image="error", ties="skip"):
     """Preference pairs (or N-way rankings) from the official ARR format (JSON list or JSONL, every key alias, T2I
     and editing), HPDv3 (prompt, path1 preferred, path2, confidence) or MMRB2 ({"pairs": [...]}, chosen "A" / "B").
 
     task None decides per item (a source image makes it an editing item); "t2i" ignores source images.
-    min_confidence: items with a `confidence` below it get skip "confidence < X" (an item without one is an error).
+    min_confidence: items with a `confidence` below it get skip "confidence < X", those whose confidence is null
+    (HPDv3 ships some) skip "confidence null"; an item without the field is an error.
     multi_image: an MMRB2 response with several images is an error ("error"), judged by its first image ("first"),
-    or skipped ("skip"). Image paths: see the module docstring. Bad input raises DataError."""
+    or skipped ("skip"). ties: a tied label is skipped ("skip") or kept to be judged ("judge": `judge.py eval
+    --ties judge`, right when the judge's two orders disagree, TIGER EditReward-Bench's A=B). Image paths: see the
+    module docstring; a benchmark exported by `datasets` (parquet, arrow, a saved folder) is read by
+    `read_dataset_rows`. Bad input raises DataError."""
+    if ties not in ("skip", "judge"):
+        raise ValueError(f"ties must be 'skip' or 'judge', got {ties!r}")
     if task not in (None, "t2i", "edit"):
         raise ValueError(f"task must be None, 't2i' or 'edit', got {task!r}")
     if multi_image not in MULTI_IMAGE:
         raise ValueError(f"multi_image must be one of {MULTI_IMAGE}, got {multi_image!r}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: data file not found")
     items = [_to_pair(path, where, obj, task, min_confidence, multi_image) for where, obj in read_records(path)]
     if not items:
         raise DataError(f"{path}: no items")
+    if ties == "judge":
+        for item in items:
+            item.skip = None if item.skip == "tied label" else item.skip
     return items
 
 
@@ -112,6 +132,8 @@ def read_records(path):
     and its first line is a complete JSON value (see `_meant_as_document`), so a syntax error is reported at the
     line and column where it is."""
     path = Path(path)
+    if path.is_dir() or path.suffix.lower() in DATASET_SUFFIXES:
+        return read_dataset_rows(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -144,6 +166,41 @@ def read_records(path):
     return records
 
 
+DATASET_SUFFIXES = (".parquet", ".arrow")
+
+
+def read_dataset_rows(path):
+    """[(("row", number), row dict)] of a benchmark as the Hugging Face hub ships it (EditScore's and TIGER-Lab's
+    EditReward-Bench): a .parquet or .arrow file, a folder `Dataset.save_to_disk` wrote, or a folder holding
+    .parquet / .arrow files (a hub snapshot; every file below it, in name order). Read with `datasets`, imported
+    here only (requirements-judge.txt); image columns come as {"bytes", "path"} without decoding, and
+    resolve_image passes the bytes on."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading parquet / arrow needs the datasets package: pip install -r "
+                        "requirements-judge.txt (or give the benchmark as JSON / JSONL with image paths)") from None
+    path = Path(path)
+    try:
+        if path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+            found = datasets.load_from_disk(str(path))
+            found = found[next(iter(found))] if isinstance(found, datasets.DatasetDict) else found
+        else:
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATASET_SUFFIXES)
+            if not files:
+                raise DataError(f"{path}: no .parquet or .arrow file in this folder")
+            if files[0].suffix == ".arrow":
+                found = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+            else:
+                found = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except DataError:
+        raise
+    except Exception as exc:  # datasets and pyarrow raise many types for a foreign or truncated file
+        raise DataError(f"{path}: cannot read it with datasets ({type(exc).__name__}: {exc})") from None
+    rows = found.with_format("arrow")[:].to_pylist()  # raw columns: images stay encoded bytes
+    return [(("row", i + 1), row) for i, row in enumerate(rows)]
+
+
 def _meant_as_document(text):
     """Whether text that json cannot parse as a whole was still meant as one JSON document, not JSON lines: it opens
     a list, is one line, or its first non-empty line is not a complete JSON value by itself (a pretty-printed object,
@@ -164,6 +221,10 @@ def _to_pair(path, location, obj, task, min_confidence, multi_image):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "chosen" in obj and ("response_a" in obj or "response_b" in obj):
         item = _mmrb2_pair(path, where, obj, task, multi_image)
+    elif "candidate_1" in obj and "ranking" in obj:
+        item = _tiger_pair(path, where, obj)
+    elif "task_type" in obj and "dimension" in obj and "label_rank" not in obj:
+        item = _editscore_pair(path, where, obj)
     elif "path1" in obj or "path2" in obj:
         item = _hpdv3_pair(path, where, obj)
     elif any(key in obj for key in PROMPT_KEYS):
@@ -175,6 +236,9 @@ def _to_pair(path, location, obj, task, min_confidence, multi_image):
     item.line = location[1]
     if min_confidence is not None and item.skip is None:
         confidence = obj.get("confidence")
+        if confidence is None and "confidence" in obj:  # HPDv3 ships some pairs with "confidence": null
+            item.skip = "confidence null"
+            return item
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
             raise DataError(f"{where}: field 'confidence': expected a number for --min_confidence, "
                             f"got {short_repr(confidence)}")
@@ -189,6 +253,8 @@ def short_repr(value):
 
 
 def resolve_image(path, where, key, value):
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)) and value["bytes"]:
+        return bytes(value["bytes"])  # an image a `datasets` file embeds: the judge encodes the bytes as they are
     if isinstance(value, dict):
         value = next((value[k] for k in ("path", "url", "image", "image_path") if isinstance(value.get(k), str)), value)
     if not isinstance(value, str) or not value.strip():
@@ -268,6 +334,65 @@ def _hpdv3_pair(path, where, obj):
         raise DataError(f"{where}: field 'prompt': expected the text prompt of the HPDv3 pair")
     images = [resolve_image(path, where, key, obj.get(key)) for key in ("path1", "path2")]
     return PairItem(obj["prompt"], images, [1, 2])  # HPDv3: path1 is the preferred image
+
+
+EDITSCORE_DIMENSIONS = ("prompt_following", "consistency", "overall")
+
+
+def _editscore_pair(path, where, obj):
+    """EditReward-Bench as EditScore ships it (VectorSpaceLab/EditScore, HF EditScore/EditReward-Bench): key (two
+    ids), instruction, input_image, output_images (two; the first is the human-preferred one: the official
+    calculate_statistics.py counts a pair right when score[0] > score[1]), task_type (one of 13 subtasks) and
+    dimension (prompt_following, consistency or overall), kept as tags for per-subtask accuracy."""
+    instruction, outputs = obj.get("instruction"), obj.get("output_images")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"{where}: field 'instruction': expected the editing instruction, got "
+                        f"{short_repr(instruction)}")
+    if not isinstance(outputs, list) or len(outputs) != 2:
+        raise DataError(f"{where}: field 'output_images': expected the 2 edited images (preferred first), got "
+                        f"{short_repr(outputs)}")
+    for key in ("task_type", "dimension"):
+        if not isinstance(obj[key], str) or not obj[key]:
+            raise DataError(f"{where}: field '{key}': expected a name, got {short_repr(obj[key])}")
+    if obj["dimension"] not in EDITSCORE_DIMENSIONS:
+        raise DataError(f"{where}: field 'dimension': expected one of {EDITSCORE_DIMENSIONS}, got "
+                        f"{short_repr(obj['dimension'])}")
+    images = [resolve_image(path, where, "output_images", value) for value in outputs]
+    source = resolve_image(path, where, "input_image", obj.get("input_image"))
+    return PairItem(instruction, images, [1, 2], source,
+                    tags={"task_type": obj["task_type"], "dimension": obj["dimension"]})
+
+
+TIGER_RANKING = re.compile(r"^\s*([A-D])\s*([<>=])\s*([A-D])\s*$")
+
+
+def _tiger_pair(path, where, obj):
+    """TIGER-Lab's EditReward-Bench (TIGER-AI-Lab/EditReward, evaluate/inference_{2,3,4}pair_hf.py; HF
+    TIGER-Lab/EditReward-Bench): one comparison per row, cut from a set of 2-4 ranked candidates: id (its set is the
+    part before the first "_"), instruction, source_image, candidate_1 / candidate_2, comparison_type ("AvsC": the
+    letters of candidate_1 and candidate_2), ranking ("A>C", "C>A", "A=C": a tie), dataset ("2pair" / "3pair" /
+    "4pair", kept as the tag "subset"). A tie loads as the label [1, 1] (skipped unless ties="judge")."""
+    instruction, ranking, kind = obj.get("instruction"), obj.get("ranking"), obj.get("comparison_type")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"{where}: field 'instruction': expected the editing instruction, got "
+                        f"{short_repr(instruction)}")
+    letters = re.fullmatch(r"([A-D])vs([A-D])", kind) if isinstance(kind, str) else None
+    if letters is None:
+        raise DataError(f"{where}: field 'comparison_type': expected e.g. 'AvsB', got {short_repr(kind)}")
+    match = TIGER_RANKING.match(ranking) if isinstance(ranking, str) else None
+    if match is None or {match[1], match[3]} != {letters[1], letters[2]}:
+        raise DataError(f"{where}: field 'ranking': expected {letters[1]}>{letters[2]}, {letters[2]}>{letters[1]} "
+                        f"or {letters[1]}={letters[2]} for comparison_type {kind!r}, got {short_repr(ranking)}")
+    if match[2] == "=":
+        label, skip = [1, 1], "tied label"
+    else:
+        better = match[1] if match[2] == ">" else match[3]
+        label, skip = ([1, 2] if better == letters[1] else [2, 1]), None
+    images = [resolve_image(path, where, key, obj.get(key)) for key in ("candidate_1", "candidate_2")]
+    source = resolve_image(path, where, "source_image", obj.get("source_image"))
+    row_id = str(obj.get("id", ""))
+    tags = {"subset": obj["dataset"]} if isinstance(obj.get("dataset"), str) else {}
+    return PairItem(instruction, images, label, source, skip=skip, group=row_id.split("_")[0] or None, tags=tags)
 
 
 def _mmrb2_parts(value):

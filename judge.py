@@ -7,7 +7,9 @@ edited results of one source image (editing). Smaller rank = better; [1, 2] mean
     Judge.submit(...) -> Future[Verdict]                             so training overlaps judging with rollouts
     submit_group(judge, prompt, images, mode) -> .result() -> GroupVerdict   N candidates of one prompt: a win
         rate per candidate from one listwise judgment (mean rank over the orders) or from every pair
-    evaluate(judge, items) -> summary                                accuracy and position bias (paper Table 5)
+    evaluate(judge, items) -> summary                                accuracy (accuracy_avg: the paper's, Table 1)
+                                                                     and position bias (paper Table 5); per
+                                                                     benchmark subset and group: benchmark_summary
     ScoreJudge(client, low, high)                                    the same interface for a judge trained by
         train_judge.py (T2I-Eval-R1, arXiv 2505.17897): each candidate scored alone, the higher score wins
 The HTTP transport is vlm_client.py; the data loaders are data.py (both re-exported here: `judge.VLMClient`,
@@ -16,6 +18,7 @@ The HTTP transport is vlm_client.py; the data loaders are data.py (both re-expor
 Run:
     python judge.py eval --data pairs.jsonl --rubrics rubrics.txt --base_url http://localhost:8000/v1 \\
         --model Qwen/Qwen3-VL-8B-Instruct --out results.jsonl      # resumable; last stdout line = JSON summary
+    python judge.py eval --data pairs.jsonl --base_url ... --model ...   # no --rubrics: the direct (baseline) judge
     python judge.py ping --base_url http://localhost:8000/v1 --model Qwen/Qwen3-VL-8B-Instruct
 The API key comes from the environment variable named by --api_key_env (default OPENAI_API_KEY).
 
@@ -47,6 +50,9 @@ Deliberate deviations from the paper and the official code
     (arr_rpo.mean_rank_places), so one swapped neighbour pair does not mask the group; `pairs` judges every pair
     and scores the tournament win rate with ties as half (Pref-GRPO, arXiv 2508.20751). For N = 2 both reduce to
     the paper's pair verdict: agreement gives the winner, disagreement masks the pair.
+ 7. The direct judge (rubrics None; `eval` without --rubrics) stands for the paper's baseline rows (the VLM judging
+    without a rubric); its wording is ours: the rubric judge's instructions with the rubric section and every
+    mention of it taken out (prompts/judge_system_{task}_direct.txt).
 """
 import argparse
 import dataclasses
@@ -211,20 +217,23 @@ class _PooledJudge:
         if self._owns_cache:
             self.cache.close()
 
-    def compare(self, prompt, images, source_image=None):
-        """Verdict over the candidates in the order given; never raises."""
-        return self.compare_detailed(prompt, images, source_image)[0]
+    def compare(self, prompt, images, source_image=None, **options):
+        """Verdict over the candidates in the order given; never raises. options: compare_detailed's (Judge: a
+        prompt_rubric for this judgment only)."""
+        return self.compare_detailed(prompt, images, source_image, **options)[0]
 
-    def submit(self, prompt, images, source_image=None):
+    def submit(self, prompt, images, source_image=None, **options):
         """compare() in the judge's thread pool: a concurrent.futures.Future[Verdict]."""
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="judge")
-            return self._pool.submit(self.compare, prompt, images, source_image)
+            return self._pool.submit(self.compare, prompt, images, source_image, **options)
 
 
 class Judge(_PooledJudge):
-    """Rubric-conditioned judge over a VLMClient (compare / submit / close: _PooledJudge)."""
+    """Rubric-conditioned judge over a VLMClient (compare / submit / close: _PooledJudge). rubrics None: the direct
+    judge of the paper's baseline rows (prompts/judge_system_{task}_direct.txt, no rubric anywhere in its requests);
+    per-prompt rubrics may still be given, alone (prompts/judge_prompt_rubrics_only.txt)."""
 
     def __init__(self, client, rubrics, task="t2i", swap=True, prompt_rubrics=None, cache=None, max_invalid=2,
                  max_workers=None, max_tokens=1024):
@@ -232,19 +241,23 @@ class Judge(_PooledJudge):
             raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
         self.task, self.swap = task, swap
         self.prompt_rubrics, self.max_invalid, self.max_tokens = prompt_rubrics, max_invalid, max_tokens
-        self.system_prompt = load_template(f"judge_system_{task}").format(rubrics=rubrics.strip())
+        self.direct = rubrics is None  # the paper's baseline rows: the VLM judging without a rubric (deviation 7)
+        self._system_name = f"judge_system_{task}" + ("_direct" if self.direct else "")
+        self._extra_name = "judge_prompt_rubrics" + ("_only" if self.direct else "")
+        self.system_prompt = load_template(self._system_name).format(rubrics=(rubrics or "").strip())
         self._user_template = load_template(f"judge_user_{task}")
-        self._extra_template = load_template("judge_prompt_rubrics")
+        self._extra_template = load_template(self._extra_name)
         self._reask_template = load_template("judge_reask")
         self._start(client, cache, max_workers)
 
     def templates(self):
         """{template name: sha256} of the templates this judge uses (for provenance records)."""
-        return templates_sha256([f"judge_system_{self.task}", f"judge_user_{self.task}", "judge_prompt_rubrics",
-                                 "judge_reask"])
+        return templates_sha256([self._system_name, f"judge_user_{self.task}", self._extra_name, "judge_reask"])
 
-    def compare_detailed(self, prompt, images, source_image=None):
-        """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics."""
+    def compare_detailed(self, prompt, images, source_image=None, prompt_rubric=None):
+        """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics.
+        prompt_rubric: rubric text for this judgment only, in place of the per-prompt one (train.py
+        --prompt_rubrics per_group: rubrics.GroupRubricJudge)."""
         started = time.monotonic()
         presentations = []
         try:
@@ -255,7 +268,8 @@ class Judge(_PooledJudge):
                 raise ValueError("source_image given to a t2i judge (use task='edit')")
             urls = [self.client.encode(image) for image in images]  # once, shared by both orders
             source_url = self.client.encode(source_image) if source_image is not None else None
-            extra = self._prompt_rubric(prompt)
+            extra = self._prompt_rubric(prompt) if prompt_rubric is None else \
+                self._extra_template.format(prompt_rubrics=prompt_rubric.strip())
             orders = [list(range(n))] + ([list(range(n))[::-1]] if self.swap else [])
             calls = 0
             for k, order in enumerate(orders):
@@ -424,16 +438,20 @@ class GroupJudgment:
                             rank)
 
 
-def submit_group(judge, prompt, images, mode="listwise", source_image=None):
+def submit_group(judge, prompt, images, mode="listwise", source_image=None, prompt_rubric=None):
     """Judge the N candidates of one prompt with anything that has `submit` (Judge, demo.DemoJudge): `listwise` is
     one judgment of all N (both orders with swap, combined by mean rank; N = 2 is the paper's pair verdict),
-    `pairs` judges all N (N - 1) / 2 pairs. Returns a GroupJudgment; .result() -> GroupVerdict."""
+    `pairs` judges all N (N - 1) / 2 pairs. prompt_rubric: rubric text for every judgment of this group (Judge
+    only). Returns a GroupJudgment; .result() -> GroupVerdict."""
     if mode not in GROUP_JUDGING:
         raise ValueError(f"group judging must be one of {GROUP_JUDGING}, got {mode!r}")
+    if hasattr(judge, "submit_group"):  # a judge that prepares each group itself (rubrics.GroupRubricJudge)
+        return judge.submit_group(prompt, images, mode, source_image)
     n = len(images)
+    options = {} if prompt_rubric is None else {"prompt_rubric": prompt_rubric}
     keys = [None] if mode == "listwise" else [(i, j) for i in range(n) for j in range(i + 1, n)]
     return GroupJudgment(mode, n, {key: judge.submit(prompt, images if key is None else [images[k] for k in key],
-                                                     source_image=source_image) for key in keys})
+                                                     source_image=source_image, **options) for key in keys})
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -466,9 +484,12 @@ def request_settings(client):
 
 
 def _record(item, verdict, presentations, settings):
-    return {"line": item.line, "prompt": item.prompt, "settings": settings, "label_rank": item.label_rank,
+    tied = not is_ranking(item.label_rank)  # judged only with --ties judge: right when the judge's orders disagree
+    correct = verdict.error is None and not verdict.consistent if tied else verdict.rank == item.label_rank
+    where = {key: value for key, value in (("group", item.group), ("tags", item.tags)) if value}
+    return {"line": item.line, "prompt": item.prompt, "settings": settings, "label_rank": item.label_rank, **where,
             "rank": verdict.rank,
-            "correct": verdict.rank == item.label_rank, "consistent": verdict.consistent, "error": verdict.error,
+            "correct": correct, "consistent": verdict.consistent, "error": verdict.error,
             "reason": verdict.reason, "first_position_wins": verdict.first_position_wins,
             "latency": round(verdict.latency, 4),
             "presentations": [{"order": p.order, "rank": p.rank, "error": p.error} for p in presentations]}
@@ -478,9 +499,12 @@ def summarize(records):
     """The evaluation summary over per-item records (the JSON lines of `eval --out`):
     n; accuracy = final rank equals the label (ties and failures count as wrong) / n; accuracy_first /
     accuracy_second = accuracy over the presentations in which the human-preferred candidate was shown first / not
-    first (second, for pairs), a failed presentation counting as wrong; position_gap = accuracy_first -
-    accuracy_second (paper Table 5); tie_rate = order-inconsistent items / n; failure_rate = failed items / n.
-    A rate with an empty denominator is None."""
+    first (second, for pairs), a failed presentation counting as wrong; accuracy_avg = (accuracy_first +
+    accuracy_second) / 2, the paper's number (Table 1; Table 5's "Avg": (84.5 + 49.9) / 2 = 67.2), which credits a
+    pair judged right in one order only with half, where the strict `accuracy` needs both; position_gap =
+    accuracy_first - accuracy_second (paper Table 5); tie_rate = order-inconsistent items / n; failure_rate =
+    failed items / n. A rate with an empty denominator is None (accuracy_avg and position_gap: when either order
+    has none)."""
     def rate(hits, total):
         return round(hits / total, 6) if total else None
 
@@ -498,9 +522,56 @@ def summarize(records):
             "accuracy": rate(sum(r["rank"] == r["label_rank"] for r in records), n),
             "accuracy_first": first,
             "accuracy_second": second,
+            "accuracy_avg": round((first + second) / 2, 6) if first is not None and second is not None else None,
             "position_gap": round(first - second, 6) if first is not None and second is not None else None,
             "tie_rate": rate(sum(not r["consistent"] for r in records), n),
             "failure_rate": rate(sum(r["error"] is not None for r in records), n)}
+
+
+def benchmark_summary(records):
+    """What the benchmarks' own scripts report, from per-item records that carry `tags` / `group` (data.py's
+    EditReward-Bench loaders), and the tied labels judged with --ties judge:
+    n_tied_labels, tied_label_accuracy: a tie is right when the judge's two orders disagreed (its own tie);
+    by_tag {tag: {value: {n, accuracy, accuracy_avg[, group_accuracy, n_groups]}}}: the summary of each subset
+        (EditScore: every task_type and dimension; TIGER: each subset), with `{tag}_mean` {accuracy,
+        accuracy_avg}: the mean over the tag's values (EditScore's calculate_statistics.py averages its 13 task
+        types); accuracy here counts tied labels too (right as above), accuracy_avg is over preferences only;
+    groups {n_groups, group_accuracy}: the share of candidate sets whose every comparison is right (TIGER's group
+        accuracy; a failed comparison is wrong)."""
+    tied = [r for r in records if not is_ranking(r["label_rank"])]
+    out = {}
+    if tied:
+        out["n_tied_labels"] = len(tied)
+        out["tied_label_accuracy"] = round(sum(r["correct"] for r in tied) / len(tied), 6)
+
+    def figures(subset):
+        prefs = [r for r in subset if is_ranking(r["label_rank"])]
+        row = {"n": len(subset), "accuracy": round(sum(r["correct"] for r in subset) / len(subset), 6),
+               "accuracy_avg": summarize(prefs)["accuracy_avg"] if prefs else None}
+        groups = {}
+        for r in subset:
+            if r.get("group"):
+                groups.setdefault(r["group"], []).append(r["correct"])
+        if groups:
+            row["n_groups"] = len(groups)
+            row["group_accuracy"] = round(sum(all(hits) for hits in groups.values()) / len(groups), 6)
+        return row
+
+    by_tag = {}
+    for r in records:
+        for tag, value in (r.get("tags") or {}).items():
+            by_tag.setdefault(tag, {}).setdefault(value, []).append(r)
+    if by_tag:
+        out["by_tag"] = {tag: {value: figures(rows) for value, rows in sorted(values.items())}
+                         for tag, values in by_tag.items()}
+        for tag, values in out["by_tag"].items():
+            out[f"{tag}_mean"] = {key: round(sum(v[key] for v in values.values()) / len(values), 6)
+                                  if all(v[key] is not None for v in values.values()) else None
+                                  for key in ("accuracy", "accuracy_avg")}
+    if any(r.get("group") for r in records):
+        whole = figures(records)
+        out["groups"] = {"n_groups": whole["n_groups"], "group_accuracy": whole["group_accuracy"]}
+    return out
 
 
 def read_results(out, items, settings):
@@ -570,7 +641,8 @@ def evaluate(judge, items, out=None, progress=False):
         if sink is not None:
             sink.close()
     records = [done[item.line] for item in items]
-    return {**summarize(records), "skipped": skipped,
+    preferences = [r for r in records if is_ranking(r["label_rank"])]  # tied labels: benchmark_summary
+    return {**summarize(preferences), **benchmark_summary(records), "skipped": skipped,
             "failure_reasons": failure_reasons(r["error"] for r in records),
             **usage_report(spent_before, judge.client.usage(), {"item": len(todo)})}
 
@@ -627,8 +699,9 @@ def client_from_args(args):
 
 
 def _cmd_eval(args):
-    rubrics = read_text(args.rubrics, "rubrics")
-    items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image)
+    rubrics = None if args.rubrics in (None, "none") else read_text(args.rubrics, "rubrics")
+    items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image,
+                       ties=args.ties)
     task = task_of(args.task, items)
     prompt_rubrics = load_prompt_rubrics(args.prompt_rubrics, "prompt_rubrics") if args.prompt_rubrics else None
     with client_from_args(args) as client, Judge(client, rubrics, task=task, swap=not args.no_swap,
@@ -638,8 +711,26 @@ def _cmd_eval(args):
               f"of at most {client.max_tokens or judge.max_tokens} completion tokens each", file=sys.stderr)
         summary = evaluate(judge, items, out=args.out, progress=True)
     print_report(summary, "items")
+    print(f"[judge] {accuracy_line(summary)}", file=sys.stderr)
+    for tag, values in (summary.get("by_tag") or {}).items():
+        for value, row in values.items():
+            print(f"[judge] {tag} {value}: {accuracy_line(row)}"
+                  + (f" group_accuracy {row['group_accuracy']:.3f} of {row['n_groups']}" if "n_groups" in row else ""),
+                  file=sys.stderr)
     print(json.dumps(summary))
     return 1 if summary["n"] and summary["failure_rate"] == 1.0 else 0
+
+
+def accuracy_line(summary):
+    """The accuracies of an evaluation summary in one line: the paper's mean over orders beside our strict one."""
+    def show(key, spec=".3f"):
+        return "-" if summary.get(key) is None else format(summary[key], spec)
+    if "accuracy_first" not in summary:  # a benchmark subset (benchmark_summary): no per-order figures
+        return f"n {summary['n']}: accuracy_avg {show('accuracy_avg')} accuracy {show('accuracy')}"
+    return (f"n {summary['n']}: accuracy_avg {show('accuracy_avg')} (paper: mean over the orders) accuracy "
+            f"{show('accuracy')} (strict: both orders right) first {show('accuracy_first')} second "
+            f"{show('accuracy_second')} gap {show('position_gap', '+.3f')} ties {show('tie_rate', '.2f')} failures "
+            f"{show('failure_rate', '.2f')}")
 
 
 def print_report(summary, unit, tag="judge"):
@@ -656,7 +747,7 @@ def print_report(summary, unit, tag="judge"):
 
 
 def _cmd_ping(args):
-    rubrics = read_text(args.rubrics, "rubrics") if args.rubrics else PING_RUBRIC
+    rubrics = None if args.rubrics == "none" else read_text(args.rubrics, "rubrics") if args.rubrics else PING_RUBRIC
     prompt, images, source, expected = ping_case(args.task)
     with client_from_args(args) as client, Judge(client, rubrics, task=args.task, swap=not args.no_swap) as judge:
         verdict = judge.compare(prompt, images, source)
@@ -678,7 +769,8 @@ def main(argv=None):
     common.add_argument("--max_tokens", type=int, default=None, help="completion tokens per request at most "
                         "(default 1024); a judgment sends up to 2 orders x (1 + max_invalid) requests")
     common.add_argument("--no_swap", action="store_true", help="judge only the given order")
-    common.add_argument("--rubrics", default=None, help="rubric text file")
+    common.add_argument("--rubrics", default=None, help="rubric text file; eval without it (or 'none'): the direct "
+                        "judge of the paper's baseline rows, whose requests say nothing of rubrics")
     ev = sub.add_parser("eval", parents=[common], help="accuracy and position bias on preference pairs")
     ev.add_argument("--data", required=True, help="ARR JSON/JSONL, HPDv3 or MMRB2 file")
     ev.add_argument("--task", choices=["t2i", "edit"], default=None, help="default: edit when items have a source")
@@ -686,12 +778,12 @@ def main(argv=None):
     ev.add_argument("--cache", default=None, help="sqlite answer cache file")
     ev.add_argument("--prompt_rubrics", default=None, help="JSON file {prompt: per-prompt rubric text}")
     ev.add_argument("--max_invalid", type=int, default=2, help="re-asks of an invalid reply")
+    ev.add_argument("--ties", choices=("skip", "judge"), default="skip", help="tied labels (A=B in TIGER's "
+                    "EditReward-Bench): skipped, or judged and right when the two orders disagree")
     add_data_options(ev)
     ping = sub.add_parser("ping", parents=[common], help="judge one synthetic pair with an obvious answer")
     ping.add_argument("--task", choices=["t2i", "edit"], default="t2i")
     args = parser.parse_args(argv)
-    if args.command == "eval" and not args.rubrics:
-        parser.error("eval needs --rubrics")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _cmd_eval(args) if args.command == "eval" else _cmd_ping(args)

@@ -3,8 +3,9 @@ AutoRubric-T2I selector (rubric_select.py) share.
 
 For "Auto-Rubric as Reward" (arXiv 2605.08354, §3.2) and AutoRubric-T2I (arXiv 2605.17602):
 - `numbered(rubrics)`: a rubric list as the numbered text the judge reads in its system prompt;
-- `rubric_list(k)`: the parser of a VLM's {"rubrics": [...]} reply (enumeration stripped, deduplicated by
-  `same_key`), and `read_rubric_list(path)`: candidate rubrics from a text file or a sidecar JSON;
+- `rubric_list(k, retries)`: the parser of a VLM's {"rubrics": [...]} reply (enumeration stripped, deduplicated by
+  `same_key`; the one rule for a reply with fewer than k), and `read_rubric_list(path)`: candidate rubrics from a
+  text file or a sidecar JSON;
 - `ask(...)`: `VLMClient.ask_json` with the rubric re-ask template, and `image_parts(...)`: an item's images in the
   judge's layout (judge.labelled_images), so every rubric request lays images out as the judge does;
 - `check_task`, `check_label`: what every rubric request demands of its item.
@@ -64,9 +65,15 @@ def dedupe(rubrics):
     return unique
 
 
-def rubric_list(k, exact=False):
-    """Parser of a {"rubrics": [...]} reply: strings, enumeration stripped, non-empty, deduplicated, at most k
-    (exactly k distinct ones when `exact`: fewer is an unusable reply, re-asked)."""
+def rubric_list(k, retries):
+    """Parser of a {"rubrics": [...]} reply (strings, enumeration stripped, deduplicated) for a request allowed
+    `retries` re-asks. The one rule for a reply with fewer rubrics than asked, shared by every rubric request
+    (`rubrics.py induce`'s generation and refinement, `rubrics.py prompt`): fewer than k distinct rubrics is an
+    unusable reply and re-asked, except the last allowed reply, which is kept with what it holds (at least one);
+    more than k are cut to the first k. An empty list is never usable. `ask` counts the attempts (an empty answer
+    is one too) through parse.next_attempt."""
+    attempt = [1]
+
     def parse(obj):
         raw = obj.get("rubrics")
         if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
@@ -74,9 +81,10 @@ def rubric_list(k, exact=False):
         rubrics = dedupe(ENUMERATION.sub("", r).strip() for r in raw)
         if not rubrics:
             raise ValueError('"rubrics" is empty')
-        if exact and len(rubrics) < k:
+        if len(rubrics) < k and attempt[0] <= retries:
             raise ValueError(f'"rubrics" must hold {k} distinct rubrics, got {len(rubrics)}')
         return rubrics[:k]
+    parse.next_attempt = lambda: attempt.__setitem__(0, attempt[0] + 1)
     return parse
 
 
@@ -108,7 +116,8 @@ def image_parts(client, item, task, images, name):
 def ask(client, messages, schema, parse, retries, cache, what):
     """`client.ask_json` with the rubric re-ask template (VLMClient.ask_json: the re-ask is a new request, so the
     cache replays an interrupted run faithfully). A ReplyError names what was being asked."""
-    def reask(problem):
+    def reask(problem):  # called after every unusable attempt, an empty answer included
+        getattr(parse, "next_attempt", lambda: None)()
         return load_template("rubric_reask").format(problem=problem)
     try:
         return client.ask_json(messages, parse, reask, json_schema=schema, retries=retries, max_tokens=MAX_TOKENS,

@@ -8,12 +8,15 @@ structuring; zero-shot prompt-specific rubrics). The l1-regularised selector of 
 Run (the API key, if the server needs one, is read from OPENAI_API_KEY by vlm_client.VLMClient):
     python rubrics.py induce --data seed_pairs.json --base_url http://localhost:8000/v1 \
         --model Qwen/Qwen3-VL-8B-Instruct --out rubrics.txt [--num_rubrics 5] [--max_refine 3] [--categories 5] \
-        [--task t2i|edit] [--concurrency 8] [--cache rubrics.txt.cache.sqlite] [--force]
+        [--task t2i|edit] [--concurrency 8] [--cache rubrics.txt.cache.sqlite] [--force] \
+        [--verify both|mean|first] [--no_swap]
     python rubrics.py select --data pairs.json --rubrics candidates.txt --base_url URL --model NAME --top_n 5 \
         --out selected.txt [--l1 0.01] [--holdout 0.3] [--mode pairwise|pointwise] [--seed 0]
     python rubrics.py prompt --data prompts.txt --base_url URL --model NAME --out prompt_rubrics.json
     every command also takes [--api_key_env VAR] [--max_tokens N] [--min_confidence 0.95] [--multi_image ...]; induce
     prints the skipped items, the failure reasons with counts and the requests and tokens spent (stderr)
+In training (`train.py --prompt_rubrics per_prompt | per_group`), `GroupRubricJudge` makes each judged group's
+rubrics before judging it: zero-shot from the prompt, or from the prompt and the group's candidates (§3.3).
 `induce` writes the rubric text (what `judge.py eval --rubrics` and `train.py --rubrics` read) and a provenance
 sidecar `rubrics.json`; `select` writes the selected rubrics and `selected.json` with their weights and held-out
 accuracies; `prompt` writes the zero-shot rubrics per prompt that `judge.py eval --prompt_rubrics` reads.
@@ -23,6 +26,7 @@ Pipeline per labelled item (pair or N-candidate list, `label_rank`, 1 = best):
     repeat up to 1 + max_refine times:
         passed, ranks = verify(item, rubrics)       M_verify: the judge protocol with these rubrics, NO label,
                                                     original AND reversed order; pass iff both recover the label
+                                                    (--verify both; mean / first: deviation 2)
         if passed: keep the rubrics, stop
         rubrics = refine(item, rubrics, feedback)   M_refine: sees the label and both predicted rankings
     never passed -> the item is discarded and counted
@@ -32,9 +36,18 @@ Deliberate deviations from the paper and the official code
     1. Verification never sees the label. The official verifier prompt contains the expected ranking, so it tests
        whether the VLM copies the label; ours is exactly the judge protocol (`judge.Judge` with the candidate
        rubrics as the rubric text), so a rubric passes only if it alone recovers the preference.
-    2. Verification judges both the original and the reversed candidate order and requires both to recover the
-       label, so rubrics that only work through position bias are refined or discarded. A tie or an invalid
-       ranking fails (the official argsort check lets the tie [1, 1] pass for the label [1, 2]).
+    2. Verification judges both the original and the reversed candidate order. The default (`--verify both`)
+       requires both to recover the label: our reading of §3.2, where the verifier checks that the rubric
+       "consistently" supports / recovers the original preference, so rubrics that only work through position
+       bias are refined or discarded. A real VLM's position bias (Table 5) can fail that on every item, so
+       `--verify mean` passes an item whose mean over the orders of being right is at least 1/2 (the paper's
+       accuracy, Table 1's mean over orders: one of two orders), and `--verify first` lets the given order decide
+       as the official verifier's single call does (the reversed order is still asked and recorded);
+       `--no_swap` asks the given order only. Every round's ranks per order go into the sidecar, also when
+       nothing passed. A tie or an invalid ranking fails (the official argsort check lets the tie [1, 1] pass for
+       the label [1, 2]).
+    8. A reply with fewer rubrics than asked: re-asked, the last allowed reply kept with what it holds (at least
+       one), for generation, refinement and `prompt` alike (rubric_text.rubric_list).
     3. The rubrics produced by the last refinement are verified too; the official loop refines once more after its
        last verification and throws the result away.
     4. Bounded concurrency: items run on a pool of `client.max_concurrency` threads (the official code starts every
@@ -51,15 +64,17 @@ Deliberate deviations from the paper and the official code
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data import (add_data_options, file_sha256, load_labelled, load_pairs, load_prompts, prepare_outputs,
                   sidecar_path, task_of)
-from judge import (CANDIDATE_LABEL, Judge, add_client_options, client_from_args, load_template, print_report,
-                   templates_sha256)
+from judge import (CANDIDATE_LABEL, GroupVerdict, Judge, add_client_options, client_from_args, labelled_images,
+                   load_template, print_report, submit_group, templates_sha256)
 from rubric_text import (INPUT_LABEL, RUBRIC_LIST_SCHEMA, TASK_NAME, TASKS, ask, check_label, check_task, dedupe,
                          image_parts, numbered, rubric_list, same_key, schema)
 from vlm_client import JudgeError, ResponseCache, failure_reasons, map_concurrently, public_url, usage_report
@@ -83,8 +98,9 @@ def _ranking_text(rank, task):
 def generate(client, item, k=5, task="t2i", retries=2, cache=None):
     """M_gen: ask for exactly `k` rubrics that explain the labelled ranking of `item` (the label is shown).
 
-    cache: a judge.ResponseCache (None: the client's own). Returns exactly k cleaned, distinct rubric strings (a
-    reply with fewer is re-asked); raises JudgeError, or ReplyError when no reply holds k.
+    cache: a judge.ResponseCache (None: the client's own). Returns k cleaned, distinct rubric strings (a reply with
+    fewer is re-asked; the last allowed one is kept as it is: rubric_text.rubric_list); raises JudgeError, or
+    ReplyError when no reply holds a rubric.
     """
     check_task(task)
     check_label(item)
@@ -93,25 +109,33 @@ def generate(client, item, k=5, task="t2i", retries=2, cache=None):
         k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
     parts = image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-    return ask(client, messages, RUBRIC_LIST_SCHEMA, rubric_list(k, exact=True), retries, cache,
+    return ask(client, messages, RUBRIC_LIST_SCHEMA, rubric_list(k, retries), retries, cache,
                f"rubric generation for item at line {item.line}")
 
 
-def verify(client, item, rubrics, task="t2i", cache=None):
-    """M_verify: judge `item` with only `rubrics`, without its label, in the original and the reversed order.
+VERIFY = ("both", "mean", "first")
 
-    Returns (passed, ranks): ranks[0] is the verdict on the original order, ranks[1] the verdict on the reversed
-    order mapped back to the original numbering, None where the judge gave no valid ranking after its re-asks (a
-    failed verification: the rubrics did not get the judge to rank); passed iff both equal item.label_rank. The
-    requests are exactly those of `judge.Judge(client, numbered(rubrics), task, swap=False)`: nothing in them
-    depends on the label. Raises JudgeError when the judge fails otherwise (transport), so that callers can tell a
-    failure from a disagreement.
+
+def verify(client, item, rubrics, task="t2i", cache=None, mode="both", swap=True):
+    """M_verify: judge `item` with only `rubrics`, without its label, in the original and (swap) the reversed order.
+
+    Returns (passed, ranks): ranks[0] is the verdict on the original order, ranks[1] (swap only) the verdict on the
+    reversed order mapped back to the original numbering, None where the judge gave no valid ranking after its
+    re-asks (that order failed: the rubrics did not get the judge to rank). passed, by `mode` (VERIFY; deviation
+    2): "both" every order asked recovers item.label_rank; "mean" the mean over the orders asked of (rank ==
+    label) is at least 1/2, the item's share of the paper's accuracy (Table 1 averages the two orders), so with two
+    orders one right order passes; "first" the original order decides (the reversed one is still asked and
+    recorded when swap). Without swap every mode reduces to the one order. The requests are exactly those of
+    `judge.Judge(client, numbered(rubrics), task, swap=False)`: nothing in them depends on the label. Raises
+    JudgeError when the judge fails otherwise (transport), so that callers can tell a failure from a disagreement.
     """
     check_task(task)
     check_label(item)
+    if mode not in VERIFY:
+        raise ValueError(f"verification mode must be one of {VERIFY}, got {mode!r}")
     with Judge(client, numbered(rubrics), task=task, swap=False, cache=cache) as judge:
         ranks = []
-        for images in (list(item.images), list(item.images)[::-1]):
+        for images in (list(item.images), list(item.images)[::-1])[:1 + swap]:
             verdict, presentations = judge.compare_detailed(item.prompt, images, source_image=item.source_image)
             if presentations and all(p.invalid for p in presentations):
                 ranks.append(None)
@@ -119,28 +143,30 @@ def verify(client, item, rubrics, task="t2i", cache=None):
                 raise JudgeError(f"verification of item at line {item.line} failed: {verdict.error or 'no rank'}")
             else:
                 ranks.append(list(verdict.rank))
-    if ranks[1] is not None:
+    if swap and ranks[1] is not None:
         ranks[1] = ranks[1][::-1]  # candidate i was shown at position N-1-i
-    return all(rank == list(item.label_rank) for rank in ranks), ranks
+    hits = [rank == list(item.label_rank) for rank in ranks]
+    passed = {"both": all(hits), "mean": sum(hits) / len(hits) >= 0.5, "first": hits[0]}[mode]
+    return passed, ranks
 
 
 def describe_failure(item, ranks, task="t2i"):
-    """Feedback for M_refine: the expected ranking and the judge's ranking in both presentation orders ("no valid
-    ranking" where the judge gave none)."""
+    """Feedback for M_refine: the expected ranking and the judge's ranking in each presentation order asked ("no
+    valid ranking" where the judge gave none)."""
     def text(rank):
         return "no valid ranking" if rank is None else _ranking_text(rank, task)
 
-    return "\n".join([
-        f"Expected: {_ranking_text(item.label_rank, task)}",
-        f"Judge with the candidates in the order shown: {text(ranks[0])}",
-        f"Judge with the candidates in reversed order (numbered as shown above): {text(ranks[1])}",
-    ])
+    lines = [f"Expected: {_ranking_text(item.label_rank, task)}",
+             f"Judge with the candidates in the order shown: {text(ranks[0])}"]
+    if len(ranks) > 1:
+        lines.append(f"Judge with the candidates in reversed order (numbered as shown above): {text(ranks[1])}")
+    return "\n".join(lines)
 
 
 def refine(client, item, rubrics, feedback, k=5, task="t2i", retries=2, cache=None):
     """M_refine: ask for `k` improved rubrics given the failed ones and the verification feedback (which holds the
-    label). Returns exactly k cleaned, distinct rubric strings (a reply with fewer is re-asked); raises JudgeError,
-    or ReplyError when no reply holds k."""
+    label). Returns k cleaned, distinct rubric strings (fewer: rubric_text.rubric_list's rule); raises JudgeError,
+    or ReplyError when no reply holds a rubric."""
     check_task(task)
     check_label(item)
     text = load_template("rubric_refine").format(
@@ -148,7 +174,7 @@ def refine(client, item, rubrics, feedback, k=5, task="t2i", retries=2, cache=No
         rubrics=numbered(rubrics), feedback=feedback, k=k, input_label=INPUT_LABEL[task], prompt=item.prompt)
     parts = image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
     messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-    return ask(client, messages, RUBRIC_LIST_SCHEMA, rubric_list(k, exact=True), retries, cache,
+    return ask(client, messages, RUBRIC_LIST_SCHEMA, rubric_list(k, retries), retries, cache,
                f"rubric refinement for item at line {item.line}")
 
 
@@ -238,7 +264,7 @@ def prompt_rubrics(client, prompt, k=5, task="t2i", retries=2, cache=None):
     check_task(task)
     text = load_template("rubric_prompt").format(
         task=load_template(f"rubric_task_{task}"), input_label=INPUT_LABEL[task], prompt=prompt, k=k)
-    return ask(client, [{"role": "user", "content": text}], RUBRIC_LIST_SCHEMA, rubric_list(k), retries,
+    return ask(client, [{"role": "user", "content": text}], RUBRIC_LIST_SCHEMA, rubric_list(k, retries), retries,
                cache, "prompt rubric generation")
 
 
@@ -259,6 +285,87 @@ def prompt_rubric_provider(client, k=5, task="t2i", cache=None):
     return provide
 
 
+def group_rubrics(client, prompt, images, source_image=None, k=5, task="t2i", retries=2, cache=None):
+    """§3.3's "rubrics are regenerated per prompt-output pair": `k` rubrics for one judged group from its prompt and
+    its N candidates (and the source image when editing), label-free (no preference exists yet; the request says
+    so, and asks for no verdict), in the judge's image layout. Raises JudgeError."""
+    check_task(task)
+    text = load_template("rubric_group").format(
+        task=load_template(f"rubric_task_{task}"), n=len(images), input_label=INPUT_LABEL[task], prompt=prompt, k=k)
+    source = client.encode(source_image) if task == "edit" and source_image is not None else None
+    parts = labelled_images([client.encode(image) for image in images], CANDIDATE_LABEL[task], source)
+    return ask(client, [{"role": "user", "content": parts + [{"type": "text", "text": text}]}], RUBRIC_LIST_SCHEMA,
+               rubric_list(k, retries), retries, cache, "group rubric generation")
+
+
+class GroupRubricJudge:
+    """train.py --prompt_rubrics per_prompt | per_group: a rubric judge (judge.Judge) whose every group is judged
+    with rubrics made for it first (rubrics added to the fixed one, in the user turn, as judge.py adds per-prompt
+    rubrics): per_prompt = prompt_rubrics(prompt) (zero-shot ARR, from the text alone), per_group =
+    group_rubrics(prompt, the group's candidates). Made once per prompt / per group (kept in memory, so a group
+    judged again asks nothing) on `rubric_client`, a client of its own whose usage (rubric_usage) is counted apart
+    from the judge's. A failed generation masks the group (GroupVerdict error "group rubrics: ...") and is counted
+    in rubric_usage()["failures"]; it never raises. judge.submit_group hands groups to submit_group; everything
+    else (compare, submit, client, task, swap) is the wrapped judge's."""
+
+    def __init__(self, judge, rubric_client, mode="per_group", k=5, max_workers=None):
+        if mode not in ("per_prompt", "per_group"):
+            raise ValueError(f"mode must be 'per_prompt' or 'per_group', got {mode!r}")
+        self.judge, self.rubric_client, self.mode, self.k = judge, rubric_client, mode, k
+        self.client, self.task, self.swap = judge.client, judge.task, judge.swap
+        self._memo, self._lock, self.failures = {}, threading.Lock(), 0
+        self._pool = ThreadPoolExecutor(max_workers or rubric_client.max_concurrency, thread_name_prefix="rubrics")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def compare(self, *args, **kwargs):
+        return self.judge.compare(*args, **kwargs)
+
+    def submit(self, *args, **kwargs):
+        return self.judge.submit(*args, **kwargs)
+
+    def rubric_usage(self):
+        """The rubric client's usage (vlm_client.VLMClient.usage) plus failures: generations that masked a group."""
+        with self._lock:
+            return {**self.rubric_client.usage(), "failures": self.failures}
+
+    def rubrics_for(self, prompt, images, source_image=None):
+        """The numbered rubric text of this prompt (per_prompt) or group (per_group), made on first use."""
+        urls = [] if self.mode == "per_prompt" else [self.rubric_client.encode(image) for image in images]
+        key = hashlib.sha256(json.dumps([prompt, urls]).encode()).hexdigest()
+        with self._lock:
+            if key in self._memo:
+                return self._memo[key]
+        if self.mode == "per_prompt":
+            made = prompt_rubrics(self.rubric_client, prompt, k=self.k, task=self.task)
+        else:
+            made = group_rubrics(self.rubric_client, prompt, images, source_image, k=self.k, task=self.task)
+        with self._lock:
+            return self._memo.setdefault(key, numbered(made))
+
+    def submit_group(self, prompt, images, mode="listwise", source_image=None):
+        """The group's rubrics first, then judge.submit_group with them: a Future whose result() is the
+        GroupVerdict (what judge.GroupJudgment.result() gives)."""
+        def run():
+            try:
+                text = self.rubrics_for(prompt, images, source_image)
+            except Exception as exc:  # a failed generation masks the group; training goes on
+                with self._lock:
+                    self.failures += 1
+                return GroupVerdict(None, error=f"group rubrics: {type(exc).__name__}: {exc}")
+            return submit_group(self.judge, prompt, images, mode, source_image, prompt_rubric=text).result()
+        return self._pool.submit(run)
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.rubric_client.close()
+        self.judge.close()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # induce: the whole pipeline over a seed set
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,7 +377,9 @@ class ItemOutcome:
     verified: bool
     error: str | None           # set when the judge failed on this item (then neither verified nor discarded)
     rubrics: list               # the item's last rubrics (the verified ones when verified)
-    ranks: list                 # the last verification's ranks: [original order, reversed order]
+    ranks: list                 # the last verification's ranks: [original order, reversed order (swap only)]
+    verifications: list = dataclasses.field(default_factory=list)  # every round: {attempt, ranks, passed}, so
+                                # the sidecar shows per order what the verifier said, whether or not it passed
 
 
 @dataclasses.dataclass
@@ -285,26 +394,29 @@ class RubricSet:
     n_errors: int               # the judge failed; a rerun with the same cache retries only what is missing
 
 
-def induce_item(client, item, num_rubrics=5, max_refine=3, task="t2i", cache=None):
+def induce_item(client, item, num_rubrics=5, max_refine=3, task="t2i", cache=None, verify_mode="both", swap=True):
     """generate -> verify -> (refine -> verify) * max_refine for one item; judge failures go into `error`."""
-    attempts, rubrics, ranks = 0, [], []
+    attempts, rubrics, ranks, rounds = 0, [], [], []
     try:
         rubrics = generate(client, item, k=num_rubrics, task=task, cache=cache)
         for attempts in range(1, max_refine + 2):
             if attempts > 1:
                 feedback = describe_failure(item, ranks, task)
                 rubrics = refine(client, item, rubrics, feedback, k=num_rubrics, task=task, cache=cache)
-            passed, ranks = verify(client, item, rubrics, task=task, cache=cache)
+            passed, ranks = verify(client, item, rubrics, task=task, cache=cache, mode=verify_mode, swap=swap)
+            rounds.append({"attempt": attempts, "ranks": ranks, "passed": passed})
             if passed:
-                return ItemOutcome(item.line, attempts, True, None, rubrics, ranks)
-        return ItemOutcome(item.line, attempts, False, None, rubrics, ranks)
+                return ItemOutcome(item.line, attempts, True, None, rubrics, ranks, rounds)
+        return ItemOutcome(item.line, attempts, False, None, rubrics, ranks, rounds)
     except (JudgeError, OSError, ValueError) as exc:
-        return ItemOutcome(item.line, attempts, False, f"{type(exc).__name__}: {exc}", rubrics, ranks)
+        return ItemOutcome(item.line, attempts, False, f"{type(exc).__name__}: {exc}", rubrics, ranks, rounds)
 
 
 def induce(client, items, num_rubrics=5, max_refine=3, categories=5, task="t2i", cache_path=None, progress=None,
-           max_rubrics_per_request=100):
+           max_rubrics_per_request=100, verify_mode="both", swap=True):
     """Run the whole ARR induction over labelled `items`, at most client.max_concurrency items at a time.
+
+    verify_mode, swap: how verification decides and which orders it asks (`verify`; deviation 2).
 
     cache_path: sqlite answer cache (judge.ResponseCache); rerunning with the same file after an interruption
         re-sends no request that was already answered. None: the client's own cache, if any.
@@ -314,7 +426,8 @@ def induce(client, items, num_rubrics=5, max_refine=3, categories=5, task="t2i",
     cache = ResponseCache(cache_path) if cache_path is not None else None
     try:
         outcomes = [None] * len(items)
-        results = map_concurrently(lambda item: induce_item(client, item, num_rubrics, max_refine, task, cache),
+        results = map_concurrently(lambda item: induce_item(client, item, num_rubrics, max_refine, task, cache,
+                                                            verify_mode, swap),
                                    items, client.max_concurrency, name="induce")
         try:
             for done, (i, future) in enumerate(results, start=1):
@@ -361,8 +474,10 @@ def cmd_induce(args):
     args.task = task_of(args.task, items)
     client = client_from_args(args)
     before = client.usage()
+    swap = not args.no_swap
     print(f"inducing rubrics from {len(items)} items of {data} with {args.model}: k={args.num_rubrics}, "
-          f"max_refine={args.max_refine}, categories={args.categories}, concurrency={args.concurrency}, "
+          f"max_refine={args.max_refine}, categories={args.categories}, verify={args.verify} over "
+          f"{'both orders' if swap else 'the given order only'}, concurrency={args.concurrency}, "
           f"cache={cache_path} (rerun with it to resume)", flush=True)
 
     def progress(done, total, outcome):
@@ -374,21 +489,22 @@ def cmd_induce(args):
 
     with client:
         result = induce(client, items, num_rubrics=args.num_rubrics, max_refine=args.max_refine,
-                        categories=args.categories, task=args.task, cache_path=cache_path, progress=progress)
+                        categories=args.categories, task=args.task, cache_path=cache_path, progress=progress,
+                        verify_mode=args.verify, swap=swap)
     print(f"{result.n_verified} verified, {result.n_discarded} discarded, {result.n_errors} judge errors of "
           f"{result.n_pairs} items; {len(result.rubrics)} distinct verified rubrics", flush=True)
     print_report({"skipped": skipped, "failure_reasons": failure_reasons(o.error for o in result.outcomes),
                   **usage_report(before, client.usage(), {"item": len(items)})}, "items", tag="rubrics")
-    if not result.rubrics:
-        print("error: no rubric passed verification; nothing written", file=sys.stderr)
-        return 1
-    with Judge(client, result.text, task=args.task, swap=False) as judge:
+    with Judge(client, result.text or "-", task=args.task, swap=False) as judge:
         judge_templates = judge.templates()
     templates = templates_sha256(["rubric_generate", "rubric_refine", "rubric_reask", "rubric_structure",
                                  f"rubric_task_{args.task}"])
-    out.write_text(result.text + "\n", encoding="utf-8")
+    if result.rubrics:
+        out.write_text(result.text + "\n", encoding="utf-8")
     sidecar.write_text(json.dumps({
-        "rubrics_file": out.name,
+        "rubrics_file": out.name if result.rubrics else None,
+        "verify": args.verify,
+        "swap": swap,
         "task": args.task,
         "judge_model": client.model,
         "judge_base_url": public_url(args.base_url),
@@ -407,6 +523,12 @@ def cmd_induce(args):
         "rubric_sources": _rubric_sources(result),
         "items": [dataclasses.asdict(outcome) for outcome in result.outcomes],
     }, indent=2) + "\n", encoding="utf-8")
+    if not result.rubrics:
+        hint = " (a position-biased judge fails 'both' on every item: try --verify mean)" \
+            if args.verify == "both" and swap else ""
+        print(f"error: no rubric passed verification; no rubric file written; {sidecar} holds every item's "
+              f"verifier ranks per order{hint}", file=sys.stderr)
+        return 1
     print(f"wrote {out} and {sidecar}" + ("" if result.structured else " (structuring failed: a numbered list)"))
     if result.n_errors:
         print(f"warning: {result.n_errors} item(s) failed on judge errors; rerun the same command with --force "
@@ -479,6 +601,12 @@ def build_parser():
             p.add_argument("--max_refine", type=int, default=3, help="refinement rounds before an item is discarded")
             p.add_argument("--categories", type=int, default=5, help="themes in the structured rubric, at most")
             p.add_argument("--cache", default=None, help="sqlite answer cache for resuming (default OUT.cache.sqlite)")
+            p.add_argument("--verify", choices=VERIFY, default="both", help="what verification asks of the judge's "
+                           "rankings: both (every order recovers the label; the paper's 'consistently'), mean (the "
+                           "mean over the orders is at least 1/2, the paper's accuracy: one of two orders), first "
+                           "(the given order decides; the reversed one is still asked and recorded)")
+            p.add_argument("--no_swap", action="store_true", help="verify in the given order only (half the "
+                           "verification requests; every --verify mode then reads that one order)")
         else:
             p.add_argument("--cache", default=None, help="sqlite answer cache (resume)")
         if name == "select":

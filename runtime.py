@@ -72,6 +72,9 @@ def load_inputs(cfg, demo, task):
         if cfg.model_type != "flux" or cfg.rubrics or cfg.eval_rubrics:
             raise ConfigError("--judge_mode score: the score judge (T2I-Eval-R1) judges text-to-image candidates "
                               "without a rubric; drop --rubrics / --eval_rubrics and use --model_type flux")
+    if cfg.prompt_rubrics != "fixed" and (cfg.judge_url is None or cfg.judge_mode != "rank"):
+        raise ConfigError(f"--prompt_rubrics {cfg.prompt_rubrics} needs a rubric judge: --judge_url and "
+                          "--judge_mode rank (the demo judge and the score judge read no rubric)")
     if cfg.minibatches > cfg.prompts_per_rank:
         raise ConfigError(f"--minibatches {cfg.minibatches} is more than --prompts_per_rank {cfg.prompts_per_rank}: "
                           "every minibatch takes the same number of each rank's prompts, at least one")
@@ -146,7 +149,14 @@ def make_judge(cfg, demo, rubric, task, url=None, model=None):
         raise ConfigError(f"judge at {public_url(url)} (key from ${cfg.judge_api_key_env}): {e}") from None
     if cfg.judge_mode == "score":
         return ScoreJudge(client, *score_scale(cfg)), f"{url} model {model} (score judge)"
-    return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{url} model {model}"
+    judge = Judge(client, rubric, task=task, swap=cfg.judge_swap)
+    if cfg.prompt_rubrics == "fixed":
+        return judge, f"{url} model {model}"
+    from rubrics import GroupRubricJudge  # rubrics made per prompt or group, on a client of their own
+    rubric_client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env),
+                              max_concurrency=cfg.judge_concurrency)
+    return (GroupRubricJudge(judge, rubric_client, cfg.prompt_rubrics, cfg.prompt_rubrics_k),
+            f"{url} model {model} (+ {cfg.prompt_rubrics_k} rubrics {cfg.prompt_rubrics.replace('_', ' ')})")
 
 
 def make_judges(cfg, demo, rubric, eval_rubric, task, d, judge=None):
@@ -191,7 +201,9 @@ def judge_usage(judge, since=None):
     if client is None:
         return None
     now = client.usage()
-    return now if since is None else {key: now[key] - since[key] for key in USAGE_KEYS}
+    if hasattr(judge, "rubric_usage"):  # --prompt_rubrics per_prompt | per_group: counted apart, as rubric_*
+        now.update({f"rubric_{key}": value for key, value in judge.rubric_usage().items()})
+    return now if since is None else {key: now[key] - since[key] for key in now}
 
 
 def judge_check(run):
@@ -209,7 +221,8 @@ def judge_check(run):
             with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
                 summary = evaluate(check, run.check_items)
         record = {"step": run.step, **{f"judge_check_{key}": summary[key] for key in (
-            "accuracy", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons", "requests")}}
+            "accuracy", "accuracy_avg", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons",
+            "requests")}}
         log(run, record)
         first = run.checks[0] if run.checks else None
         run.checks.append((run.step, summary["accuracy"]))
@@ -417,7 +430,9 @@ def window_metrics(run, windows):
             "skipped": None if taken else skipped[0], "nonfinite_skips": run.nonfinite_skips,
             "stop_requested": any(w.stop_requested for w in windows),
             "judge_failure_reasons": failure_reasons(e for w in windows for e in w.errors),
-            **{f"judge_{key}": value for key, value in cost.items()}}
+            **{f"judge_{key}": value for key, value in cost.items()},
+            **({key: sum(w.spent[key] for w in windows) for key in windows[0].spent if key.startswith("rubric_")}
+               if windows[0].spent is not None else {})}
 
 
 def save_grid(columns, path):
@@ -480,12 +495,14 @@ def log(run, record):
         print(f"  judge failed {count} x: {reason}", flush=True)
 
 
-CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_position_gap": "+.3f", "judge_check_failure_rate": ".2f",
+CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_accuracy_avg": ".3f", "judge_check_position_gap": "+.3f",
+           "judge_check_failure_rate": ".2f",
            "eval_win_rate": ".3f", "eval_win_rate_lo": ".3f", "eval_win_rate_hi": ".3f", "eval_n": "d",
            "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "judge_score_mean": ".2f", "kl": ".2e",
            "approx_kl": ".1e", "clipfrac": ".2f", "grad_norm": ".2e", "optimizer_steps": "d",
            "judge_failure_rate": ".2f", "tie_rate": ".2f", "first_position_win_rate": ".2f", "judge_calls": ".1f",
            "judge_latency_p50": ".2f", "step_time": ".2f", "time_judge_wait": ".2f", "judge_requests": "d",
+           "rubric_requests": "d",
            "judge_completion_tokens": "d"}
 # the progress line (metric name -> format): what moves while the policy learns. The loss is left out: at ratio 1
 # it is minus the mean advantage (-0.45 with the paper's rewards), the same at every step.

@@ -45,6 +45,9 @@ Deliberate deviations from the paper and the official code
     7. As in the official code, each window feeds one optimizer step by default: ratio 1, the clip never binds.
        Beyond the paper, off by default: M x E steps per window (Flow-GRPO, DanceGRPO; the clip can bind), N > 2
        candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO).
+    8. The rubric is fixed by default, as the official code reads one rubric file once; §3.3 says rubrics are
+       regenerated per prompt-output pair: --prompt_rubrics per_group does that (rubrics.GroupRubricJudge: each
+       group's rubrics from its prompt and candidates before it is judged, counted apart as rubric_*).
 """
 import sys
 from dataclasses import dataclass
@@ -123,6 +126,13 @@ class Config:
     lr_warmup_steps: int = beyond(0, "linear LR warmup steps, then constant", "ours", valid=at_least(0))
     ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off)", "Flow-GRPO",
                               valid=within(0, 1, high_open=True))
+    prompt_rubrics: str = beyond("fixed", "fixed: the rubric file alone (the official code); per_prompt: K "
+                                          "zero-shot rubrics per prompt added; per_group: K rubrics made from each "
+                                          "judged group's prompt and candidates before judging (counted as rubric_*)",
+                                 "paper §3.3 (per_group: regenerated per prompt-output pair); ARR zero-shot",
+                                 choices=("fixed", "per_prompt", "per_group"))
+    prompt_rubrics_k: int = beyond(5, "K rubrics per prompt / group with --prompt_rubrics per_prompt | per_group",
+                                   "paper (cardinality ablation: 1 / 5 / 10 / 20)", valid=at_least(1))
     judge_mode: str = beyond("rank", "rank: the paper's rubric-conditioned judge; score: T2I-Eval-R1 "
                                      "(train_judge.py)", "T2I-Eval-R1 (score)", choices=("rank", "score"))
     judge_scale: str = beyond("0,10", "score mode: the score range low,high the judge was trained on",

@@ -31,6 +31,9 @@ Run:
     python train_judge.py merge --model Qwen/Qwen2.5-VL-7B-Instruct --adapter runs/judge/adapter --out merged
     python train_judge.py eval --data test.jsonl --base_url http://localhost:8000/v1 --model judge \\
         --out results.jsonl                # resumable; last stdout line = JSON summary
+    python train_judge.py eval --data data/test/t2i-eval-bench.json --scores data/test/scores.json \\
+        --image_root data/test --base_url ... --model judge      # T2I-Eval-Bench: rho / tau per annotator
+Meta-evaluation on T2I-Eval-Bench (load_t2i_eval_bench): Spearman and Kendall per annotator and against their mean.
 Data: single-wise JSONL {"image", "prompt", "score"[, "criterion"]} (image paths relative to the file, scores in
 [--low, --high]); pairwise: every format data.load_pairs reads (ARR, HPDv3, MMRB2), two T2I candidates per item.
 
@@ -200,6 +203,7 @@ class ScoredItem:
     score: float                     # human score in [low, high]
     criterion: str | None = None     # what the score rates; None = judge.SCORE_CRITERION
     line: int = 0                    # 1-based line (JSONL) or item index (JSON list), for messages
+    annotators: list | None = None   # T2I-Eval-Bench: each annotator's score (score = their mean, as shipped)
 
 
 def load_items(path, low, high, min_confidence=None, multi_image="error"):
@@ -213,6 +217,8 @@ def load_items(path, low, high, min_confidence=None, multi_image="error"):
     records = data.read_records(path)
     if not records:
         raise DataError(f"{path}: no items")
+    if isinstance(records[0][1], dict) and {"gt_image", "image_caption"} <= set(records[0][1]):
+        raise DataError(f"{path}: a T2I-Eval-Bench file (gt_image, image_caption): pass its scores.json with --scores")
     if isinstance(records[0][1], dict) and "score" in records[0][1]:
         return [_scored_item(path, f"{path}: {kind} {number}", number, obj, low, high)
                 for (kind, number), obj in records]
@@ -224,6 +230,57 @@ def load_items(path, low, high, min_confidence=None, multi_image="error"):
             raise DataError(f"{path}: item {item.line}: T2I-Eval-R1 judges pairs of text-to-image candidates, got "
                             + ("an editing item" if item.source_image else f"{len(item.images)} candidates"))
     return pairs
+
+
+T2I_EVAL_DIMENSIONS = {  # T2I-Eval-Bench's score dimensions -> what our score request asks to rate (ours)
+    "overall": None,
+    "appearance": "appearance: whether every object the prompt names is present and looks as it describes",
+    "intrinsic": "intrinsic attributes: whether each object has the colours, counts, materials and other "
+                 "attributes the prompt gives it",
+    "relationship": "relationships: whether the objects stand in the spatial and other relations the prompt names"}
+
+
+def load_t2i_eval_bench(bench, scores, low=0.0, high=10.0, image_root=None, dimension="overall"):
+    """T2I-Eval-Bench as maziao/T2I-Eval ships it (HF DataHammer/T2I-Eval-Bench): `bench` = t2i-eval-bench.json, a
+    list of {id, image_caption (the prompt), gt_image (the generated image, relative to image_root, where
+    images.tar.gz is unpacked; default: next to the file), ...}; `scores` = scores.json, a list of {id, overall:
+    {dimension: {score (GPT-4o's), manual_score: [annotator 1, 2, 3, their mean]}}} with dimension one of
+    appearance, intrinsic, relationship, overall. One ScoredItem per image: score = the annotators' mean,
+    annotators = the three, criterion = T2I_EVAL_DIMENSIONS[dimension]. Bad input raises DataError naming the file,
+    the item and the field."""
+    _check_range(low, high)
+    if dimension not in T2I_EVAL_DIMENSIONS:
+        raise DataError(f"--dimension: expected one of {sorted(T2I_EVAL_DIMENSIONS)}, got {dimension!r}")
+    bench, scores = Path(bench), Path(scores)
+    human = {}
+    for (kind, number), obj in data.read_records(scores):
+        where = f"{scores}: {kind} {number}"
+        try:
+            manual = obj["overall"][dimension]["manual_score"]
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: field 'overall.{dimension}.manual_score': missing (expected the list "
+                            "[annotator 1, 2, 3, mean])") from None
+        if not isinstance(manual, list) or len(manual) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in manual):
+            raise DataError(f"{where}: field 'overall.{dimension}.manual_score': expected 4 numbers in "
+                            f"[{low:g}, {high:g}] (annotators 1-3, mean), got {data.short_repr(manual)}")
+        human[str(obj.get("id"))] = [float(v) for v in manual]
+    items = []
+    for (kind, number), obj in data.read_records(bench):
+        where = f"{bench}: {kind} {number}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("image_caption"), str):
+            raise DataError(f"{where}: field 'image_caption': expected the text prompt")
+        manual = human.get(str(obj.get("id")))
+        if manual is None:
+            raise DataError(f"{where}: field 'id': {obj.get('id')!r} has no entry in {scores}")
+        image = obj.get("gt_image")
+        if isinstance(image, str) and image_root is not None:
+            image = str(Path(image_root) / image)
+        items.append(ScoredItem(obj["image_caption"], data.resolve_image(bench, where, "gt_image", image),
+                                manual[3], T2I_EVAL_DIMENSIONS[dimension], number, manual[:3]))
+    if not items:
+        raise DataError(f"{bench}: no items")
+    return items
 
 
 def _scored_item(path, where, number, obj, low, high):
@@ -442,7 +499,9 @@ def judge_item(client, item, low, high, templates, swap, settings):
     record = {"line": item.line, "prompt": item.prompt, "settings": settings}
     if isinstance(item, ScoredItem):
         text, scores, error = _ask(client, item, [item.image], low, high, templates)
-        return {**record, "target": item.score, "score": scores and scores[0], "answer": text, "error": error}
+        extra = {"annotators": item.annotators} if item.annotators else {}
+        return {**record, "target": item.score, **extra, "score": scores and scores[0], "answer": text,
+                "error": error}
     presentations = []
     for order in ([0, 1], [1, 0])[:1 + swap]:
         text, scores, error = _ask(client, item, [item.images[i] for i in order], low, high, templates)
@@ -458,14 +517,25 @@ def judge_item(client, item, low, high, templates, swap, settings):
 
 def summarize_scores(records):
     """n; n_scored (answers with a valid score); failure_rate = 1 - n_scored / n; spearman and kendall_tau_b between
-    the judge's and the human scores over the scored items; mae = mean |judge - human|."""
+    the judge's and the human scores over the scored items; mae = mean |judge - human|. Records with `annotators`
+    (T2I-Eval-Bench) add annotators {manual_1, manual_2, manual_3, manual_avg: {spearman, kendall_tau_b}}: the
+    judge against each annotator and against their mean, the columns T2I-Eval reports."""
+    def correlations(judged, human):
+        rho, tau = spearman(judged, human), kendall_tau_b(judged, human)
+        return {"spearman": None if rho is None else round(rho, 6),
+                "kendall_tau_b": None if tau is None else round(tau, 6)}
+
     scored = [r for r in records if r["error"] is None]
     judged, human = [r["score"] for r in scored], [r["target"] for r in scored]
-    rho, tau = spearman(judged, human), kendall_tau_b(judged, human)
-    return {"n": len(records), "n_scored": len(scored),
-            "failure_rate": round(1 - len(scored) / len(records), 6) if records else None,
-            "spearman": None if rho is None else round(rho, 6), "kendall_tau_b": None if tau is None else round(tau, 6),
-            "mae": round(sum(abs(a - b) for a, b in zip(judged, human)) / len(scored), 6) if scored else None}
+    summary = {"n": len(records), "n_scored": len(scored),
+               "failure_rate": round(1 - len(scored) / len(records), 6) if records else None,
+               **correlations(judged, human),
+               "mae": round(sum(abs(a - b) for a, b in zip(judged, human)) / len(scored), 6) if scored else None}
+    if scored and all(r.get("annotators") for r in scored):
+        summary["annotators"] = {**{f"manual_{k + 1}": correlations(judged, [r["annotators"][k] for r in scored])
+                                    for k in range(len(scored[0]["annotators"]))},
+                                 "manual_avg": correlations(judged, human)}
+    return summary
 
 
 def evaluate(client, items, low, high, templates="t2i_eval", out=None, swap=True):
@@ -648,14 +718,27 @@ def main(argv=None):
             ("--max_tokens", int, 1024, "completion tokens per request (think + answer)")]:
         ev.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
     ev.add_argument("--no_swap", action="store_true", help="judge pairs only in the given order")
+    ev.add_argument("--scores", default=None, help="T2I-Eval-Bench: its scores.json (then --data is "
+                    "t2i-eval-bench.json): Spearman and Kendall against each annotator and their mean")
+    ev.add_argument("--image_root", default=None, help="T2I-Eval-Bench: where images.tar.gz was unpacked "
+                    "(default: next to --data)")
+    ev.add_argument("--dimension", choices=sorted(T2I_EVAL_DIMENSIONS), default="overall",
+                    help="T2I-Eval-Bench: the score dimension to correlate with")
     data.add_data_options(ev)
     args = parser.parse_args(argv or ["demo"])
     try:
         if args.command == "eval":
-            items = load_items(args.data, args.low, args.high, args.min_confidence, args.multi_image)
+            items = load_t2i_eval_bench(args.data, args.scores, args.low, args.high, args.image_root,
+                                        args.dimension) if args.scores else \
+                load_items(args.data, args.low, args.high, args.min_confidence, args.multi_image)
             with judge.client_from_args(args) as client:
                 summary = evaluate(client, items, args.low, args.high, args.templates, args.out, not args.no_swap)
             judge.print_report(summary, "items", tag="train_judge")
+            if "accuracy_avg" in summary:  # pairs: the paper's accuracy beside the strict one
+                print(f"[train_judge] {judge.accuracy_line(summary)}", file=sys.stderr)
+            for name, row in (summary.get("annotators") or {}).items():
+                print(f"[train_judge] {name}: spearman {row['spearman']} kendall_tau_b {row['kendall_tau_b']}",
+                      file=sys.stderr)
             print(json.dumps(summary))
             return 1 if summary["n"] and summary["failure_rate"] == 1.0 else 0
         if args.command == "merge":

@@ -76,7 +76,7 @@ def hpdv3(root, confidences=(1.0, 0.97, 0.6, 0.95)):
     for i, confidence in enumerate(confidences):
         good = _png(root / "images" / f"{i}_good.png", RED)
         bad = _png(root / "images" / f"{i}_bad.png", BLUE)
-        share = round(confidence, 4)
+        share = 0.5 if confidence is None else round(confidence, 4)
         items.append({"prompt": f"a red object number {i}", "path1": str(good.relative_to(root)),
                       "path2": str(bad.relative_to(root)), "model1": "m1", "model2": "m2",
                       "confidence": confidence, "choice_dist": [share, round(1 - share, 4)]})

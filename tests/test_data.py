@@ -285,6 +285,18 @@ def test_tied_labels_are_loaded_skipped_and_counted(tmp_path, fake, rubric, caps
     assert "[judge] skipped 2 items: 2 tied label" in captured.err
 
 
+def test_min_confidence_skips_a_null_confidence_under_its_own_reason(tmp_path, fake, rubric, capsys):
+    data = shipped_data.hpdv3(tmp_path, confidences=(1.0, None, 0.6, None))  # HPDv3 ships nulls
+    assert [item.skip for item in load_pairs(data, min_confidence=0.95)] == [
+        None, "confidence null", "confidence < 0.95", "confidence null"]
+    assert [item.skip for item in load_pairs(data)] == [None] * 4  # no filter asked: nothing skipped
+    assert eval_cli(fake, data, rubric, "--min_confidence", "0.95") == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["n"] == 1 and summary["skipped"] == {"confidence null": 2, "confidence < 0.95": 1}
+    assert "skipped 3 items: 2 confidence null, 1 confidence < 0.95" in captured.err
+
+
 def test_min_confidence_drops_low_agreement_hpdv3_pairs(tmp_path, fake, rubric, capsys):
     data = shipped_data.hpdv3(tmp_path, confidences=(1.0, 0.97, 0.6, 0.95))
     assert [item.skip for item in load_pairs(data)] == [None] * 4

@@ -110,11 +110,17 @@ def test_induce_on_two_pairs(tmp_path, random_server, fixed_server, capsys):
     cost = next(line for line in err.splitlines() if line.startswith("[rubrics] cost"))
     requests = int(cost.split()[2])
     assert f"{requests * MAX_TOKENS} completion tokens" in cost and 2 <= requests <= 6
-    assert "no rubric passed verification; nothing written" in err and not (tmp_path / "random.txt").exists()
+    assert "no rubric passed verification; no rubric file written" in err and not (tmp_path / "random.txt").exists()
     # valid rubrics and verdicts, but a judge that always prefers the first position verifies nothing
     assert induce(fixed_server, data, tmp_path / "fixed.txt") == 1
-    out = capsys.readouterr().out
-    assert "0 verified, 2 discarded, 0 judge errors of 2 items" in out
+    captured = capsys.readouterr()
+    assert "0 verified, 2 discarded, 0 judge errors of 2 items" in captured.out
+    assert "try --verify mean" in captured.err
+    sidecar = json.loads((tmp_path / "fixed.json").read_text())  # the ranks that caused the discards, per order
+    assert all(v["ranks"] == [[1, 2], [2, 1]] for item in sidecar["items"] for v in item["verifications"])
+    # the paper's metric (the mean over the orders) accepts what one order recovers
+    assert induce(fixed_server, data, tmp_path / "mean.txt", "--verify", "mean") == 0
+    assert json.loads((tmp_path / "mean.json").read_text())["n_verified"] == 2
 
 
 def train_args(tmp_path, cache, server, *extra):

@@ -241,6 +241,65 @@ def test_generate_with_fewer_than_k_rubrics_is_reasked(tmp_path):
         assert len(fake.requests) == 2 and "5 distinct rubrics, got 2" in _text(fake.requests[1])
 
 
+@pytest.mark.parametrize("step", ["generate", "prompt"])
+def test_one_rule_for_a_reply_with_fewer_rubrics_than_asked(tmp_path, step):
+    """induce's generation and `prompt` share it: re-asked, then the last allowed reply is kept as it is."""
+    red, blue = _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
+    item = PairItem("red", [red, blue], [1, 2], None, 1)
+    with FakeVLM(handler=lambda body: json.dumps({"rubrics": ["a", "b"], "reason": "scripted"})) as fake:
+        client = _client(fake)
+        got = rubrics.generate(client, item, k=5, retries=1) if step == "generate" else \
+            rubrics.prompt_rubrics(client, "red", k=5, retries=1)
+        assert got == ["a", "b"] and len(fake.requests) == 2  # one re-ask, then 2 of 5 kept
+        assert "5 distinct rubrics, got 2" in _text(fake.requests[1])
+    with FakeVLM(handler=lambda body: json.dumps({"rubrics": ["a", "b"], "reason": "scripted"})) as fake:
+        fake.script("length")  # an empty first answer is an attempt too: the second, short one is the last
+        assert rubrics.prompt_rubrics(_client(fake), "red", k=5, retries=1) == ["a", "b"]
+        assert len(fake.requests) == 2
+    with FakeVLM(handler=lambda body: json.dumps({"rubrics": [], "reason": "scripted"})) as fake:
+        with pytest.raises(JudgeError, match='"rubrics" is empty'):
+            rubrics.prompt_rubrics(_client(fake), "red", k=5, retries=1)
+
+
+def _always_first(body):
+    """The extreme of a real VLM's position bias: the first candidate shown always wins; scripted rubrics else."""
+    kind = _kind(body)
+    if kind == "judge":
+        return json.dumps({"reason": "the first one", "rank": [1, 2]})
+    return _scripted()(body)
+
+
+@pytest.mark.parametrize("mode, swap, verified", [("both", True, [False, False]), ("mean", True, [True, True]),
+                                                  ("first", True, [True, False]), ("both", False, [True, False])])
+def test_induce_with_an_always_same_ranking_judge_under_each_verify_mode(tmp_path, capsys, mode, swap, verified):
+    _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
+    data = tmp_path / "seed.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "first preferred", "response": ["red.png", "blue.png"], "label_rank": [1, 2]},
+        {"query": "second preferred", "response": ["blue.png", "red.png"], "label_rank": [2, 1]}]) + "\n")
+    out = tmp_path / "rubrics.txt"
+    with FakeVLM(handler=_always_first) as fake:
+        code = rubrics.main(["induce", "--data", str(data), "--base_url", fake.url, "--model", "fake-model",
+                             "--out", str(out), "--num_rubrics", "3", "--max_refine", "1", "--verify", mode]
+                            + ([] if swap else ["--no_swap"]))
+        judged = len(_requests_of(fake, "judge"))
+    captured = capsys.readouterr()
+    sidecar = json.loads((tmp_path / "rubrics.json").read_text())  # written whether or not anything passed
+    assert [i["verified"] for i in sidecar["items"]] == verified
+    assert (sidecar["verify"], sidecar["swap"]) == (mode, swap)
+    rounds = [len(i["verifications"]) for i in sidecar["items"]]
+    assert rounds == [1 if ok else 2 for ok in verified]  # max_refine 1: a failed item is verified twice
+    assert judged == sum(rounds) * (2 if swap else 1)
+    for item in sidecar["items"]:
+        for verification in item["verifications"]:  # per round and order: what the biased judge answered
+            assert verification["ranks"] == ([[1, 2], [2, 1]] if swap else [[1, 2]])
+    if any(verified):
+        assert code == 0 and out.exists()
+    else:
+        assert code == 1 and not out.exists() and sidecar["rubrics_file"] is None
+        assert "no rubric passed verification" in captured.err and "--verify mean" in captured.err
+
+
 def test_induce_counts_judge_failures_and_goes_on(tmp_path):
     red, blue = _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
     items = [PairItem("keep red", [red, blue], [1, 2], None, 1),
@@ -382,15 +441,15 @@ def test_prompt_rubrics_are_generated_from_text_only_and_cached_per_prompt(tmp_p
     cache_path = tmp_path / "prompt.sqlite"
     with FakeVLM(handler=_prompt_handler) as fake:
         client, cache = _client(fake), ResponseCache(cache_path)
-        first = rubrics.prompt_rubrics(client, "a red cube", k=5, cache=cache)
-        again = rubrics.prompt_rubrics(client, "a red cube", k=5, cache=cache)
-        other = rubrics.prompt_rubrics(client, "a blue cone", k=5, cache=cache)
+        first = rubrics.prompt_rubrics(client, "a red cube", k=2, cache=cache)
+        again = rubrics.prompt_rubrics(client, "a red cube", k=2, cache=cache)
+        other = rubrics.prompt_rubrics(client, "a blue cone", k=2, cache=cache)
         cache.close()
         assert len(fake.requests) == 2
         assert all(p["type"] == "text" for body in fake.requests for m in body["messages"]
                    for p in (m["content"] if isinstance(m["content"], list) else []))
         cache = ResponseCache(cache_path)  # a new process with the same cache file asks nothing
-        assert rubrics.prompt_rubrics(_client(fake), "a red cube", k=5, cache=cache) == first
+        assert rubrics.prompt_rubrics(_client(fake), "a red cube", k=2, cache=cache) == first
         cache.close()
         assert len(fake.requests) == 2
     assert first == again == ["a red cube is shown", "a red cube is sharp"]  # enumeration stripped, deduplicated
@@ -401,7 +460,7 @@ def test_prompt_rubric_provider_feeds_the_judge_once_per_prompt(tmp_path):
     red, blue = _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
     with FakeVLM(handler=_prompt_handler) as fake:
         client = _client(fake)
-        provider = rubrics.prompt_rubric_provider(client, k=3)
+        provider = rubrics.prompt_rubric_provider(client, k=2)
         with Judge(client, "1. Prefer red.", swap=True, prompt_rubrics=provider) as judge:
             verdicts = [judge.compare("a red cube", [red, blue]) for _ in range(2)]
         kinds = [_kind(body) for body in fake.requests]

@@ -242,6 +242,7 @@ def test_pairwise_eval_accuracy_ties_and_position_gap(tmp_path, capsys):
     assert summary["position_gap"] == 0
     assert (biased["accuracy"], biased["tie_rate"]) == (0, 1)
     assert (biased["accuracy_first"], biased["accuracy_second"], biased["position_gap"]) == (1, 0, 1)
+    assert summary["accuracy_avg"] == pytest.approx(1 / 3, abs=1e-6) and biased["accuracy_avg"] == 0.5  # the paper's
 
 
 # ------------------------------------------------------------------ judge.ScoreJudge: the trained judge serving RPO
