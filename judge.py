@@ -391,6 +391,9 @@ class GroupVerdict:
     verdicts: list = field(default_factory=list)  # the Verdicts behind it: one (listwise) or one per pair
     rank: list[int] | None = None    # N = 2: the pair's verdict ([1, 2] = the first preferred), what the paper's
                                      # reward reads; None for N > 2 and for a masked pair
+    rewards: list[float] | None = None  # the judge's own reward per candidate, used as it is (rewards.py: the
+                                        # weighted rubric logit, a composition); None: from the rank / win rates
+    components: dict | None = None   # a composition (rewards.CompositeJudge): {reward name: its GroupVerdict}
 
     @property
     def calls(self):
@@ -430,6 +433,8 @@ def submit_group(judge, prompt, images, mode="listwise", source_image=None):
     `pairs` judges all N (N - 1) / 2 pairs. Returns a GroupJudgment; .result() -> GroupVerdict."""
     if mode not in GROUP_JUDGING:
         raise ValueError(f"group judging must be one of {GROUP_JUDGING}, got {mode!r}")
+    if hasattr(judge, "submit_group"):  # a judge that judges groups itself (rewards.py)
+        return judge.submit_group(prompt, images, mode, source_image)
     n = len(images)
     keys = [None] if mode == "listwise" else [(i, j) for i in range(n) for j in range(i + 1, n)]
     return GroupJudgment(mode, n, {key: judge.submit(prompt, images if key is None else [images[k] for k in key],
