@@ -333,7 +333,7 @@ def mine_rules(client, item, rubrics, k=3, task="t2i", retries=2, cache=None):
                rubric_list(k), retries, cache, f"rule mining for item at line {item.line}")
 
 
-def selection_record(round_, args, data, client, candidates_file, extra):
+def selection_record(round_, args, data, client, items, extra):
     """The selected.json of a round: what rewards.load_selected reads (rubrics, weights, bias, task, mode) first,
     then the selector's settings, the held-out accuracy and the provenance."""
     if args.mode == "pairwise":
@@ -355,8 +355,8 @@ def selection_record(round_, args, data, client, candidates_file, extra):
         "judge_base_url": public_url(args.base_url),
         "data": str(data),
         "data_sha256": file_sha256(data),
-        "candidates": str(candidates_file),
-        "candidates_sha256": file_sha256(candidates_file),
+        "candidates": str(args.rubrics),
+        "candidates_sha256": file_sha256(args.rubrics),
         "templates_sha256": templates,
         "l1": args.l1,
         "top_n": args.top_n,
@@ -364,6 +364,8 @@ def selection_record(round_, args, data, client, candidates_file, extra):
         "seed": args.seed,
         "n_train": len(round_.train),
         "n_holdout": len(round_.hold),
+        "train_lines": sorted(items[i].line for i in round_.train),
+        "holdout_lines": sorted(items[i].line for i in round_.hold),
         "n_dropped": round_.n_dropped,
         "never_scored": round_.never_scored,
         "selected": [{"index": i, "rubric": round_.candidates[i], "weight": round_.weights[i].item()}
@@ -436,7 +438,7 @@ def cmd_select(args):
                                   args, cache)
                     mined_log.append(mined)
                 if args.rounds > 1:
-                    record = selection_record(result, args, data, client, args.rubrics, {})
+                    record = selection_record(result, args, data, client, items, {})
                     _write_round(rounds_dir / f"round-{number}", result, record, mined)
                 if mined is None:
                     break
@@ -453,7 +455,7 @@ def cmd_select(args):
     if len(rounds) > 1:
         print(f"best round: {best.number} (held-out accuracy {best.held_out:.3f}; rounds: "
               + ", ".join(f"{r.number}: {r.held_out:.3f}" for r in rounds) + ")")
-    record = selection_record(best, args, data, client, args.rubrics, {
+    record = selection_record(best, args, data, client, items, {
         "rubrics_file": out.name, "n_pairs": len(items), "skipped": skipped,
         "failure_reasons": failure_reasons(errors), "rubric_failures": _rubric_failures(best),
         "rounds": [{"round": r.number, "n_candidates": len(r.candidates), "held_out_accuracy": r.held_out}
