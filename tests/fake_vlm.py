@@ -21,6 +21,7 @@ URL, serves until stdin closes, then prints {"requests": ..., "max_in_flight": .
 import argparse
 import base64
 import collections
+import hashlib
 import io
 import json
 import re
@@ -100,16 +101,19 @@ SCORES_ASKED = re.compile(r'The "scores" list must hold exactly (\d+) integers')
 
 
 def rubric_scores(body):
-    """The answer to a weighted-rubric score request (prompts/rubric_score_all.txt), else None: every rubric scored
-    round(3 + redness / 80), clipped to 1-5, so a redder image scores higher under each one."""
+    """The answer to a weighted-rubric score request (prompts/rubric_score_all.txt), else None: the first rubric
+    graded round(3 + redness / 80), clipped to 1-5 (a redder image scores higher), the others 1-5 from a hash of the
+    pixels (so two different images rarely tie)."""
     text = "\n".join(part.get("text", "") for m in body.get("messages", []) if isinstance(m.get("content"), list)
                      for part in m["content"] if part.get("type") == "text")
     asked = SCORES_ASKED.search(text)
     if asked is None:
         return None
     (image,) = candidate_images(body)
-    score = max(1, min(5, round(3 + redness(image) / 80)))
-    return json.dumps({"reason": "graded by redness", "scores": [score] * int(asked.group(1))})
+    digest = hashlib.sha256(image.convert("RGB").tobytes()).digest()
+    scores = [max(1, min(5, round(3 + redness(image) / 80)))]
+    scores += [1 + digest[k] % 5 for k in range(int(asked.group(1)) - 1)]
+    return json.dumps({"reason": "graded by redness", "scores": scores})
 
 
 class FakeVLM:

@@ -217,7 +217,8 @@ def test_rubric_weights_and_a_composition_train_two_steps(tmp_path, cache, capsy
         judge = ["--judge_url", fake.url, "--judge_model", "fake-vl", "--max_steps", "2"]
         with pytest.raises(ConfigError, match="group-relative --advantage"):
             train.runtime.check_rewards(train.make_config(demo_args(
-                tmp_path / "x", cache, *judge, "--judge_mode", "rubric_weights", "--selected", str(selected))))
+                tmp_path / "x", cache, *judge, "--judge_mode", "rubric_weights", "--selected", str(selected),
+                "--advantage", "paper")))
         argv = demo_args(tmp_path / "rw", cache, *judge, "--judge_mode", "rubric_weights", "--selected",
                          str(selected), "--advantage", "group_norm")
         assert train.main(argv) == 0
