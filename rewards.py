@@ -16,7 +16,8 @@ Run: `python train.py --judge_mode rubric_weights --selected selected.json --adv
 --judge_model NAME ...`, or `python train.py --reward "rank:1.0,rubric_weights:0.5" --rubrics rubrics.txt
 --selected selected.json --judge_url URL ...` (docs/rewards.md).
 
-Choices that are ours (the AutoRubric-T2I method text is not readable here)
+Deliberate deviations: none from a readable method text; choices that are ours (the AutoRubric-T2I method text
+is not readable here):
     1. All selected rubrics of one image are scored in one request, answered as a list of 1-5 integers in the
        rubrics' order; the selector (rubric_select.py) scores one rubric per request. One request per image is N
        times cheaper; the scale and the wording of a grade are the same in both templates.
