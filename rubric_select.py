@@ -455,6 +455,8 @@ def cmd_select(args):
     if len(rounds) > 1:
         print(f"best round: {best.number} (held-out accuracy {best.held_out:.3f}; rounds: "
               + ", ".join(f"{r.number}: {r.held_out:.3f}" for r in rounds) + ")")
+        print_report({"failure_reasons": failure_reasons(errors), **usage_report(before, client.usage(), {})},
+                     "pairs", tag="rubrics all rounds")
     record = selection_record(best, args, data, client, items, {
         "rubrics_file": out.name, "n_pairs": len(items), "skipped": skipped,
         "failure_reasons": failure_reasons(errors), "rubric_failures": _rubric_failures(best),

@@ -430,3 +430,22 @@ def test_seeds_cli_reads_a_margin_column_or_asks_the_judge(tmp_path, capsys):
                              str(tmp_path / "s2.json"), "--base_url", fake.url, "--model", "fake-model"]) == 0
     picked = json.loads((tmp_path / "s2.json").read_text())
     assert sorted(p["query"] for p in picked) == ["p1", "p3", "p5"] and {p["margin"] for p in picked} == {1.0}
+
+
+def test_select_counts_failures_per_rubric_and_fits_without_a_never_scored_one(tmp_path, capsys):
+    data, out = _pairs(tmp_path, 6), tmp_path / "selected.txt"
+    candidates = tmp_path / "candidates.txt"
+    candidates.write_text("1. REDNESS: the redder image is better.\n2. BROKEN: the judge never grades this.\n")
+
+    def handler(body):
+        if "BROKEN" in _text(body):
+            return "I would rather not say."
+        return json.dumps({"score": 5 if redness(candidate_images(body)[0]) > 0 else 1, "reason": "pixels"})
+    with FakeVLM(handler=handler) as fake:
+        assert _select(fake, data, candidates, out, "--l1", "0") == 0
+    err = capsys.readouterr().err
+    assert "[rubrics] rubric 2 failed on 6 of 6 pairs (never scored: left out of the fit): BROKEN" in err
+    sidecar = json.loads((tmp_path / "selected.json").read_text())
+    assert sidecar["rubrics"] == ["REDNESS: the redder image is better."] and sidecar["n_dropped"] == 0
+    assert sidecar["never_scored"] == ["BROKEN: the judge never grades this."]
+    assert sidecar["rubric_failures"] == {"BROKEN: the judge never grades this.": 6}
