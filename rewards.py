@@ -39,6 +39,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from arr_rpo import combine_rewards, rubric_logit, tournament_win_rates
 from judge import GroupVerdict, Presentation, Verdict, _PooledJudge, labelled_images, load_template, \
@@ -67,7 +68,7 @@ def load_selected(path, task=None):
     JSON, rubrics and weights of different lengths, a weight that is not a finite number, another task than `task`,
     or weights fitted on pairwise verdicts (a pointwise score per image is what a reward needs)."""
     try:
-        obj = json.loads(open(path, encoding="utf-8").read())
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"--selected {path}: cannot read it as JSON ({exc})") from None
     if not isinstance(obj, dict):
@@ -93,8 +94,8 @@ def load_selected(path, task=None):
 
 # ----------------------------------------------------------------------------------------- the rubric judge
 
-class _Done:
-    """A finished group judgment (submit_group's result() interface)."""
+class _LogitJudgment:
+    """A group being scored: result() waits for the verdict and turns it into the GroupVerdict."""
 
     def __init__(self, future, combine):
         self.future, self.combine = future, combine
@@ -177,7 +178,7 @@ class RubricWeightJudge(_PooledJudge):
 
     def submit_group(self, prompt, images, mode="listwise", source_image=None):
         """The N candidates scored once each; .result() -> GroupVerdict with rewards = the logits (None: masked)."""
-        return _Done(self.submit(prompt, images, source_image), _logit_group)
+        return _LogitJudgment(self.submit(prompt, images, source_image), _logit_group)
 
 
 def _grade(value):
@@ -285,9 +286,10 @@ class CompositeJudge:
     def compare_detailed(self, prompt, images, source_image=None):
         started = time.monotonic()
         group = self.submit_group(prompt, images, "listwise", source_image).result()
-        if group.rewards is None:
-            verdict = Verdict(rank=None, error=group.error, consistent=group.error is not None,
-                              reason="every component tied" if group.error is None else "")
+        if group.error is not None:
+            verdict = Verdict(rank=None, error=group.error)
+        elif group.rewards is None:  # no preference: a tie, as an order-inconsistent rank judgment
+            verdict = Verdict(rank=None, reason="no preference: every component tied", consistent=False)
         else:
             order = sorted(range(len(images)), key=lambda i: -group.rewards[i])
             rank = [order.index(i) + 1 for i in range(len(images))]
