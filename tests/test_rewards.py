@@ -109,6 +109,15 @@ def test_rubric_weight_reward_equals_a_hand_computation_on_planted_scores(tmp_pa
         assert all(rubric in _text(body) for rubric in RUBRICS) and len(candidate_images(body)) == 1
 
 
+def test_the_rubric_judge_is_evaluated_on_labelled_pairs_as_the_drift_alarm_does(tmp_path):
+    data = _pairs(tmp_path, 4)
+    selected = rewards.load_selected(_selected(tmp_path, rubrics_=RUBRICS[:1], weights=[2.0]), "t2i")
+    with FakeVLM() as fake:  # the default answer grades the first rubric by redness: red 5, blue 1
+        with rewards.RubricWeightJudge(_client(fake), selected) as judge:
+            summary = train.judge_lib.evaluate(judge, rubrics.load_pairs(data))
+    assert summary["n"] == 4 and summary["accuracy"] == 1.0 and summary["failure_rate"] == 0.0
+
+
 def test_a_failed_score_masks_the_group_and_missing_rubrics_are_counted(tmp_path):
     selected = rewards.load_selected(_selected(tmp_path), "t2i")
     with FakeVLM(handler=_planted_handler) as fake:
