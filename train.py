@@ -44,7 +44,9 @@ Deliberate deviations from the paper and the official code
        not weigh its remaining pairs more; gradients are normalised after it, which lets phase 4 start early.
     7. As in the official code, each window feeds one optimizer step by default: ratio 1, the clip never binds.
        Beyond the paper, off by default: M x E steps per window (Flow-GRPO, DanceGRPO; the clip can bind), N > 2
-       candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO).
+       candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO),
+       AutoRubric-T2I's weighted rubric reward (--judge_mode rubric_weights) and weighted compositions of the
+       judges (--reward; rewards.py, docs/rewards.md).
 """
 import sys
 from dataclasses import dataclass
