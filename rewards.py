@@ -18,9 +18,10 @@ Run: `python train.py --judge_mode rubric_weights --selected selected.json --adv
 
 Deliberate deviations: none from a readable method text; choices that are ours (the AutoRubric-T2I method text
 is not readable here):
-    1. All selected rubrics of one image are scored in one request, answered as a list of 1-5 integers in the
-       rubrics' order; the selector (rubric_select.py) scores one rubric per request. One request per image is N
-       times cheaper; the scale and the wording of a grade are the same in both templates.
+    1. By default all selected rubrics of one image are scored in one request, answered as a list of 1-5 integers
+       in the rubrics' order; the selector (rubric_select.py) scores one rubric per request. One request per image
+       is N times cheaper and the grade wording is the same, but the context differs from what the weights were
+       fitted on; `per_rubric=True` (--rubric_requests per_rubric) sends exactly the selector's requests.
     2. A reply without a score for every rubric is re-asked (max_invalid times); when it stays incomplete the
        candidate fails, its group is masked and counted, and the error names the rubrics that got no score
        (`missing` counts them per rubric over the run). No score is ever filled in.
@@ -44,7 +45,8 @@ from pathlib import Path
 from arr_rpo import combine_rewards, rubric_logit, tournament_win_rates
 from judge import GroupVerdict, Presentation, Verdict, _PooledJudge, labelled_images, load_template, \
     submit_group, templates_sha256
-from rubric_text import INPUT_LABEL, TASKS, numbered, schema
+from rubric_select import SCORE_SCHEMA, parse_score, pointwise_messages
+from rubric_text import INPUT_LABEL, TASKS, ask, numbered, schema
 from vlm_client import ReplyError
 
 REWARD_NAMES = ("rank", "score", "rubric_weights")  # the judges a --reward may combine
@@ -108,8 +110,9 @@ class RubricWeightJudge(_PooledJudge):
     """AutoRubric-T2I's reward: each candidate scored alone under the selected rubrics, r = sum_i w_i s_i + b."""
     swap, prompt_rubrics = False, None  # what judge.eval_settings reads: one image per request, no order
 
-    def __init__(self, client, selected, max_invalid=2, max_workers=None, max_tokens=1024, cache=None):
-        self.selected, self.task = selected, selected.task
+    def __init__(self, client, selected, max_invalid=2, max_workers=None, max_tokens=1024, cache=None,
+                 per_rubric=False):
+        self.selected, self.task, self.per_rubric = selected, selected.task, per_rubric
         self.max_invalid, self.max_tokens = max_invalid, max_tokens
         self.system_prompt = numbered(selected.rubrics)  # what identifies the judge (judge.eval_settings digests it)
         self.missing = [0] * len(selected.rubrics)  # per rubric: candidates failed because it never got a score
@@ -117,7 +120,8 @@ class RubricWeightJudge(_PooledJudge):
         self._start(client, cache, max_workers)
 
     def templates(self):
-        return templates_sha256(["rubric_score_all", "rubric_reask", f"rubric_task_{self.task}"])
+        request = "rubric_score" if self.per_rubric else "rubric_score_all"
+        return templates_sha256([request, "rubric_reask", f"rubric_task_{self.task}"])
 
     def messages(self, prompt, url, source_url=None):
         """One user turn: the source image (editing), the candidate, then the request with every rubric."""
@@ -131,6 +135,8 @@ class RubricWeightJudge(_PooledJudge):
     def score(self, prompt, image, source_image=None):
         """The candidate's scores (R,) under the R rubrics. Raises ReplyError (naming the rubrics left without a
         score, counted in `missing`) or JudgeError (transport)."""
+        if self.per_rubric:
+            return self._score_each(prompt, image, source_image)
         n, last = len(self.selected.rubrics), {"missing": []}
 
         def parse(obj):
@@ -156,6 +162,21 @@ class RubricWeightJudge(_PooledJudge):
                 for i in last["missing"]:
                     self.missing[i - 1] += 1
             raise
+
+    def _score_each(self, prompt, image, source_image):
+        """per_rubric: one request per rubric, exactly the selector's (rubric_select.pointwise_messages), so the
+        weights are applied to the features they were fitted on; R times the requests."""
+        scores = []
+        for i, rubric in enumerate(self.selected.rubrics):
+            messages = pointwise_messages(self.client, prompt, image, rubric, self.task, source_image)
+            try:
+                scores.append(ask(self.client, messages, SCORE_SCHEMA, parse_score, self.max_invalid, self.cache,
+                                  f"no score from 1 to 5 for rubric(s) {i + 1} of {len(self.selected.rubrics)}"))
+            except ReplyError:
+                with self._missing_lock:
+                    self.missing[i] += 1
+                raise
+        return scores
 
     def compare_detailed(self, prompt, images, source_image=None):
         """(Verdict with scores = the N logits, [one Presentation]); equal logits are a tie. Never raises."""

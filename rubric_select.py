@@ -56,7 +56,8 @@ from pathlib import Path
 import torch
 
 from data import file_sha256, load_labelled, prepare_outputs, read_records, sidecar_path, task_of
-from judge import CANDIDATE_LABEL, Judge, client_from_args, load_template, print_report, templates_sha256
+from judge import (CANDIDATE_LABEL, Judge, client_from_args, labelled_images, load_template, print_report,
+                   templates_sha256)
 from rubric_text import (INPUT_LABEL, RUBRIC_LIST_SCHEMA, ask, check_label, check_task, dedupe, image_parts, numbered,
                          read_rubric_list, rubric_list, same_key, schema)
 from vlm_client import JudgeError, ResponseCache, failure_reasons, map_concurrently, public_url, usage_report
@@ -190,7 +191,8 @@ def score_rubrics(client, items, rubrics, mode="pairwise", task="t2i", retries=2
     return diffs, labels
 
 
-def _score(obj):
+def parse_score(obj):
+    """The 1-5 "score" of a pointwise reply (an integer string is accepted); ValueError otherwise."""
     score = obj.get("score")
     if isinstance(score, str) and score.strip().isdigit():
         score = int(score)
@@ -199,15 +201,22 @@ def _score(obj):
     return float(score)
 
 
+def pointwise_messages(client, prompt, image, rubric, task, source_image=None):
+    """The pointwise request (prompts/rubric_score.txt): one candidate image (after the source image when editing)
+    graded 1-5 under one rubric. The selector and rewards.RubricWeightJudge(per_rubric=True) send exactly this."""
+    source = client.encode(source_image) if task == "edit" and source_image is not None else None
+    parts = labelled_images([client.encode(image)], "Candidate image", source)
+    text = load_template("rubric_score").format(
+        task=load_template(f"rubric_task_{task}"), rubric=rubric, input_label=INPUT_LABEL[task], prompt=prompt)
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
 def _pointwise_score(client, item, candidate, rubric, task, retries, cache):
     """(1-5 score of one candidate under one rubric, None) or (None, the error) when the judge failed."""
-    parts = image_parts(client, item, task, [item.images[candidate]], "Candidate image")
-    text = load_template("rubric_score").format(
-        task=load_template(f"rubric_task_{task}"), rubric=rubric, input_label=INPUT_LABEL[task], prompt=item.prompt)
-    messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+    messages = pointwise_messages(client, item.prompt, item.images[candidate], rubric, task, item.source_image)
     try:
-        return ask(client, messages, SCORE_SCHEMA, _score, retries, cache,
-                    f"pointwise score of item at line {item.line}"), None
+        return ask(client, messages, SCORE_SCHEMA, parse_score, retries, cache,
+                   f"pointwise score of item at line {item.line}"), None
     except JudgeError as exc:
         return None, f"{type(exc).__name__}: {exc}"
 

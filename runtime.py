@@ -211,7 +211,8 @@ def judge_of_kind(cfg, kind, url, model, rubric, task):
         return ScoreJudge(client, *score_scale(cfg))
     if kind == "rubric_weights":
         try:
-            return rewards.RubricWeightJudge(client, rewards.load_selected(cfg.selected, task))
+            return rewards.RubricWeightJudge(client, rewards.load_selected(cfg.selected, task),
+                                             per_rubric=cfg.rubric_requests == "per_rubric")
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return Judge(client, rubric, task=task, swap=cfg.judge_swap)

@@ -132,6 +132,9 @@ class Config:
                              choices=("rank", "score", "rubric_weights"))
     selected: str | None = beyond(None, "selected.json of rubrics.py select: the rubrics and weights of the "
                                         "rubric_weights reward", "AutoRubric-T2I arXiv 2605.17602")
+    rubric_requests: str = beyond("joint", "rubric_weights: joint (every rubric of an image in one request) or "
+                                           "per_rubric (one request per rubric: the selector's own request)", "ours",
+                                  choices=("joint", "per_rubric"))
     reward: str | None = beyond(None, 'combine judges, e.g. "rank:1.0,rubric_weights:0.5,score:0.2" (a [reward] '
                                       "table in --config): each reward z-scored in its group, then weighted",
                                 "Flow-Factory (GDPO-style per-reward normalisation)")

@@ -109,6 +109,26 @@ def test_rubric_weight_reward_equals_a_hand_computation_on_planted_scores(tmp_pa
         assert all(rubric in _text(body) for rubric in RUBRICS) and len(candidate_images(body)) == 1
 
 
+def test_per_rubric_requests_are_the_selectors_and_give_the_same_logits(tmp_path):
+    selected = rewards.load_selected(_selected(tmp_path), "t2i")
+
+    def one_rubric(body):  # the selector's request: one rubric, its planted score
+        text = _text(body)
+        (image,) = candidate_images(body)
+        rgb = tuple(round(c) for c in image.convert("RGB").getpixel((0, 0)))
+        (i,) = [i for i, rubric in enumerate(RUBRICS) if rubric in text]
+        return json.dumps({"score": PLANTED[rgb][i], "reason": "planted"})
+    with FakeVLM(handler=one_rubric) as fake:
+        client = _client(fake)
+        with rewards.RubricWeightJudge(client, selected, per_rubric=True) as judge:
+            group = judge.submit_group("a red square", [solid(RED), solid(PINK), solid(GREY)]).result()
+        bodies = list(fake.requests)
+        expected = rubric_select.pointwise_messages(client, "a red square", solid(PINK), RUBRICS[1], "t2i")
+    assert group.rewards == pytest.approx([sum(w * s for w, s in zip(WEIGHTS, PLANTED[c])) + 0.25
+                                           for c in (RED, PINK, GREY)])
+    assert len(bodies) == 3 * 3 and any(body["messages"] == expected for body in bodies)
+
+
 def test_the_rubric_judge_is_evaluated_on_labelled_pairs_as_the_drift_alarm_does(tmp_path):
     data = _pairs(tmp_path, 4)
     selected = rewards.load_selected(_selected(tmp_path, rubrics_=RUBRICS[:1], weights=[2.0]), "t2i")
