@@ -47,7 +47,7 @@ from judge import GroupVerdict, Presentation, Verdict, _PooledJudge, labelled_im
     submit_group, templates_sha256
 from rubric_select import SCORE_SCHEMA, parse_score, pointwise_messages
 from rubric_text import INPUT_LABEL, TASKS, ask, numbered, schema
-from vlm_client import ReplyError
+from vlm_client import ReplyError, extract_json
 
 REWARD_NAMES = ("rank", "score", "rubric_weights")  # the judges a --reward may combine
 
@@ -152,11 +152,15 @@ class RubricWeightJudge(_PooledJudge):
 
         def reask(problem):
             return load_template("rubric_reask").format(problem=problem)
+
+        def extract(text):  # every answer starts clean: only the LAST answer's missing rubrics are counted
+            last["missing"] = []
+            return extract_json(text)
         source = self.client.encode(source_image) if source_image is not None else None
         try:
             return self.client.ask_json(self.messages(prompt, self.client.encode(image), source), parse, reask,
                                         json_schema=_scores_schema(n), retries=self.max_invalid,
-                                        max_tokens=self.max_tokens, cache=self.cache)
+                                        max_tokens=self.max_tokens, cache=self.cache, extract=extract)
         except ReplyError:
             with self._missing_lock:
                 for i in last["missing"]:

@@ -155,6 +155,12 @@ def test_a_failed_score_masks_the_group_and_missing_rubrics_are_counted(tmp_path
     assert verdict.rank is None and "no score from 1 to 5 for rubric(s) 3 of 3" in verdict.error
     assert judge.missing == [0, 0, 1] and sent == 2  # the first image failed after 1 re-ask; no second image
 
+    answers = iter([json.dumps({"reason": "partial", "scores": [4, 4]}), "prose, no JSON"])
+    with FakeVLM(handler=lambda body: next(answers)) as fake:  # only the last answer's missing rubrics count
+        with rewards.RubricWeightJudge(_client(fake), selected, max_invalid=1) as judge:
+            verdict = judge.compare("a red square", [solid(RED), solid(PINK)])
+    assert "no JSON object" in verdict.error and judge.missing == [0, 0, 0]
+
 
 @pytest.mark.parametrize("change, message", [
     (dict(task="edit"), "selected for task 'edit', this run is 't2i'"),
