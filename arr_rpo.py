@@ -58,6 +58,11 @@ Beyond the paper (options; the paper's recipe is the default and stays exact)
        2505.05470, DanceGRPO arXiv 2505.07818) next to the paper's A = r (`advantages`).
     6. `ema_update`: an exponential moving average of the LoRA parameters for evaluation (Flow-GRPO's EMA).
     7. `wilson_interval`: the 95% interval of an evaluation win rate.
+    9. `rubric_logit`: the weighted rubric reward of AutoRubric-T2I (arXiv 2605.17602): each candidate scored alone
+       under the N selected rubrics, r = sum_i w_i s_i + b, the logit of the selector's logistic model (rewards.py).
+    10. `combine_rewards`: K judges' rewards of one group, each z-scored within the group, then weighted:
+       r = sum_k lambda_k (r_k - mean_N r_k) / (std_N r_k + eps) (GDPO-style decoupled normalisation, as
+       Flow-Factory's default `gdpo` aggregation in src/flow_factory/advantage/advantage_processor.py).
 """
 import math
 
@@ -337,3 +342,38 @@ def ema_update(ema_params, params, decay):
         raise ValueError(f"decay must be in [0, 1), got {decay}")
     for ema, p in zip(ema_params, params, strict=True):
         ema.lerp_(p.detach().to(ema.dtype), 1.0 - decay)
+
+
+def rubric_logit(scores, weights, bias=0.0):
+    """AutoRubric-T2I's weighted rubric reward (arXiv 2605.17602; "Beyond the paper" item 9): r = sum_i w_i s_i + b.
+
+    scores: (..., R) the candidate's score under each selected rubric (1-5, pointwise); weights: (R,) the weights
+    the l1 refiner fitted on score differences (rubric_select.select_rubrics_l1); bias: its intercept (0: ours has
+    none). The refiner models P(a preferred over b) = sigmoid(w . (s_a - s_b)) = sigmoid(r_a - r_b), a Bradley-Terry
+    model (`bradley_terry_prob`) whose implicit reward of one candidate is this logit; the bias cancels in every
+    difference, so it never changes a group-relative advantage. Returns (...) float64.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.dim() != 1 or scores.shape[-1:] != weights.shape:
+        raise ValueError(f"scores (..., R) and weights (R,) disagree: {tuple(scores.shape)} vs {tuple(weights.shape)}")
+    return scores @ weights + float(bias)
+
+
+def combine_rewards(rewards, weights, eps=1e-4):
+    """The composition of K judges' rewards of one group of N candidates ("Beyond the paper" item 10):
+
+        r = sum_k lambda_k (r_k - mean_N(r_k)) / (std_N(r_k) + eps)
+
+    each judge's rewards z-scored within the group first (`advantages(..., "group_norm")`: population std, equal
+    rewards give exactly 0), then weighted. Normalising before weighting (GDPO-style, Flow-Factory's default)
+    makes lambda_k the share of judge k in the push whatever its scale (ranks in [r_l, r_w], 0-10 scores, rubric
+    logits), and a judge whose rewards tie contributes nothing instead of its constant.
+    rewards: (K, N) or K lists of N floats; weights: (K,). Returns (N,) float32.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    if rewards.dim() != 2 or weights.shape != (rewards.shape[0],):
+        raise ValueError(f"rewards must be (K, N) and weights (K,), got {tuple(rewards.shape)} and "
+                         f"{tuple(weights.shape)}")
+    return weights @ advantages(rewards, "group_norm", eps)  # (K,) @ (K, N) -> (N,)

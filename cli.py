@@ -11,7 +11,8 @@ mistyped option are answered before torch and diffusers load (about a second ins
 - Booleans are `--flag` / `--no_flag`. No prefix matching (`--judge_ur` is an error, not `--judge_url`), and an
   unknown option is answered in one line with the closest known one.
 - `--config FILE`: a TOML file of `option = value` lines (the standard library's tomllib); an unknown key is an
-  error naming the key and the file.
+  error naming the key and the file. A table (`[reward]` then `rank = 1.0` lines) gives a text option its
+  `name:value,name:value` form.
 
 Run: nothing to run; `python -m pytest tests/test_cli.py` covers it.
 
@@ -144,7 +145,10 @@ def read_config_file(path, config_cls):
         raise ConfigError(f"--config {path}: not a TOML file ({e})") from None
     hints = typing.get_type_hints(config_cls)
     names = [f.name for f in dataclasses.fields(config_cls)]
-    for key, value in values.items():
+    for key, value in list(values.items()):
+        if isinstance(value, dict) and key in hints and _kind(hints[key]) is str:
+            # a table such as [reward] rank = 1.0: the option's "name:value,name:value" form (train.py --reward)
+            values[key] = value = ",".join(f"{name}:{v}" for name, v in value.items())
         if key not in hints:
             close = suggestion(key, names)
             raise ConfigError(f"{path}: unknown key {key!r}" + (f" (did you mean {close!r}?)" if close else ""))

@@ -405,6 +405,9 @@ class GroupVerdict:
     verdicts: list = field(default_factory=list)  # the Verdicts behind it: one (listwise) or one per pair
     rank: list[int] | None = None    # N = 2: the pair's verdict ([1, 2] = the first preferred), what the paper's
                                      # reward reads; None for N > 2 and for a masked pair
+    rewards: list[float] | None = None  # the judge's own reward per candidate, used as it is (rewards.py: the
+                                        # weighted rubric logit, a composition); None: from the rank / win rates
+    components: dict | None = None   # a composition (rewards.CompositeJudge): {reward name: its GroupVerdict}
 
     @property
     def calls(self):
@@ -445,7 +448,7 @@ def submit_group(judge, prompt, images, mode="listwise", source_image=None, prom
     only). Returns a GroupJudgment; .result() -> GroupVerdict."""
     if mode not in GROUP_JUDGING:
         raise ValueError(f"group judging must be one of {GROUP_JUDGING}, got {mode!r}")
-    if hasattr(judge, "submit_group"):  # a judge that prepares each group itself (rubrics.GroupRubricJudge)
+    if hasattr(judge, "submit_group"):  # a judge that judges groups itself (rewards.py, rubrics.GroupRubricJudge)
         return judge.submit_group(prompt, images, mode, source_image)
     n = len(images)
     options = {} if prompt_rubric is None else {"prompt_rubric": prompt_rubric}

@@ -11,7 +11,8 @@ Run (the API key, if the server needs one, is read from OPENAI_API_KEY by vlm_cl
         [--task t2i|edit] [--concurrency 8] [--cache rubrics.txt.cache.sqlite] [--force] \
         [--verify both|mean|first] [--no_swap]
     python rubrics.py select --data pairs.json --rubrics candidates.txt --base_url URL --model NAME --top_n 5 \
-        --out selected.txt [--l1 0.01] [--holdout 0.3] [--mode pairwise|pointwise] [--seed 0]
+        --out selected.txt [--l1 0.01] [--holdout 0.3] [--mode pointwise|pairwise] [--seed 0] [--rounds 1]
+    python rubrics.py seeds --data pairs.json --n 256 --out seeds.json [--margin_field F] [--base_url URL --model M]
     python rubrics.py prompt --data prompts.txt --base_url URL --model NAME --out prompt_rubrics.json
     every command also takes [--api_key_env VAR] [--max_tokens N] [--min_confidence 0.95] [--multi_image ...]; induce
     prints the skipped items, the failure reasons with counts and the requests and tokens spent (stderr)
@@ -19,7 +20,9 @@ In training (`train.py --prompt_rubrics per_prompt | per_group`), `GroupRubricJu
 rubrics before judging it: zero-shot from the prompt, or from the prompt and the group's candidates (§3.3).
 `induce` writes the rubric text (what `judge.py eval --rubrics` and `train.py --rubrics` read) and a provenance
 sidecar `rubrics.json`; `select` writes the selected rubrics and `selected.json` with their weights and held-out
-accuracies; `prompt` writes the zero-shot rubrics per prompt that `judge.py eval --prompt_rubrics` reads.
+accuracies (what `train.py --judge_mode rubric_weights --selected` reads); `seeds` writes high-margin pairs over
+diverse prompts (rubric_select.py); `prompt` writes the zero-shot rubrics per prompt that `judge.py eval
+--prompt_rubrics` reads.
 
 Pipeline per labelled item (pair or N-candidate list, `label_rank`, 1 = best):
     rubrics = generate(item)                        M_gen: sees the label, asks for exactly K rubrics
@@ -582,13 +585,18 @@ def build_parser():
                                      "The API key is read from OPENAI_API_KEY.")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = (("induce", "generate, verify, refine and structure rubrics from labelled pairs"),
-                ("select", "l1-select the most discriminative of a set of candidate rubrics"),
+                ("select", "l1-select the most discriminative of a set of candidate rubrics (AutoRubric-T2I)"),
+                ("seeds", "pick high-margin pairs over diverse prompts as seed pairs (AutoRubric-T2I)"),
                 ("prompt", "zero-shot rubrics per prompt, as JSON for `judge.py eval --prompt_rubrics`"))
     for name, help_text in commands:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--data", required=True, help="labelled pairs (any format `judge.py eval` reads); for "
                        "`prompt` also a .txt file with one prompt per line")
         add_client_options(p)
+        if name == "seeds":  # the server is asked only when the data has no margin column
+            for action in p._actions:
+                if action.dest in ("base_url", "model"):
+                    action.required, action.default = False, None
         p.add_argument("--out", required=True, help="file to write (induce/select: a .json sidecar goes next to it)")
         p.add_argument("--task", choices=TASKS, default=None, help="default: edit when items have a source image")
         p.add_argument("--max_tokens", type=int, default=None, help="completion tokens per request at most "
@@ -607,6 +615,8 @@ def build_parser():
                            "(the given order decides; the reversed one is still asked and recorded)")
             p.add_argument("--no_swap", action="store_true", help="verify in the given order only (half the "
                            "verification requests; every --verify mode then reads that one order)")
+        elif name in ("select", "seeds"):
+            p.add_argument("--cache", default=None, help="sqlite answer cache for resuming (default OUT.cache.sqlite)")
         else:
             p.add_argument("--cache", default=None, help="sqlite answer cache (resume)")
         if name == "select":
@@ -615,16 +625,30 @@ def build_parser():
             p.add_argument("--l1", type=float, default=0.01, help="l1 penalty of the logistic refiner")
             p.add_argument("--holdout", type=float, default=0.3, help="fraction of the scored pairs held out for "
                            "accuracy (at least one pair is always kept for fitting)")
-            p.add_argument("--mode", choices=("pairwise", "pointwise"), default="pairwise")
+            p.add_argument("--mode", choices=("pointwise", "pairwise"), default="pointwise",
+                           help="pointwise (AutoRubric-T2I's): a 1-5 score per image and rubric, diff = score "
+                           "difference; pairwise: that rubric alone judges the pair in both orders, diff +1/0/-1")
             p.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
+            p.add_argument("--rounds", type=int, default=1, help="refiner rounds: score, fit, mine the misclassified "
+                           "held-in pairs, ask for new rules, refit; the best held-out round is kept")
+            p.add_argument("--mine", type=int, default=8, help="misclassified held-in pairs mined per round, at most")
+            p.add_argument("--new_rules", type=int, default=3, help="new rules asked for per mined pair, at most")
+        if name == "seeds":
+            p.add_argument("--n", type=int, default=256, help="seed pairs to pick")
+            p.add_argument("--margin_field", default=None, help="the record field holding each pair's margin "
+                           "(default: confidence or margin, else |score1 - score2|, else the judge's agreement)")
+            p.add_argument("--pool", type=float, default=2.0, help="diversity is chosen among the pool x n pairs of "
+                           "largest margin")
+            p.add_argument("--rubrics", default=None, help="rubric text of the judge that measures agreement "
+                           "(default: a generic two-line rubric)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "select":
-        from rubric_select import cmd_select  # the selector needs torch: loaded only when asked
-        command = cmd_select
+    if args.command in ("select", "seeds"):
+        import rubric_select  # the selector needs torch: loaded only when asked
+        command = rubric_select.cmd_select if args.command == "select" else rubric_select.cmd_seeds
     else:
         command = {"induce": cmd_induce, "prompt": cmd_prompt}[args.command]
     try:

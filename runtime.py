@@ -41,6 +41,7 @@ from PIL import Image
 
 from cli import ConfigError
 from data import load_pairs, load_prompts, read_text, split_skipped
+import rewards
 from judge import Judge, ScoreJudge, VLMClient, evaluate
 from vlm_client import USAGE_KEYS, failure_reasons, public_url, usage_report
 
@@ -62,6 +63,51 @@ def score_scale(cfg):
     return low, high
 
 
+def reward_weights(cfg):
+    """{judge name: weight} of --reward; without it, {judge_mode: 1.0}. ConfigError naming the option."""
+    if cfg.reward is None:
+        return {cfg.judge_mode: 1.0}
+    try:
+        return rewards.parse_reward(cfg.reward)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_rewards(cfg):
+    """The options of the weighted rubric reward and of a --reward composition, before anything loads."""
+    used = reward_weights(cfg)
+    if cfg.reward is not None and cfg.judge_mode != "rank":
+        raise ConfigError(f"--reward replaces --judge_mode; drop --judge_mode {cfg.judge_mode} (name it in --reward)")
+    if ("rubric_weights" in used or cfg.reward is not None) and cfg.judge_url is None:
+        raise ConfigError("--judge_mode rubric_weights and --reward need --judge_url (the VLM that scores)")
+    if ("rubric_weights" in used or cfg.reward is not None) and cfg.group_judging != "listwise":
+        raise ConfigError("--judge_mode rubric_weights and --reward judge each group once: --group_judging listwise")
+    if "rubric_weights" in used and cfg.selected is None:
+        raise ConfigError("rubric_weights needs --selected selected.json (written by rubrics.py select)")
+    if "rubric_weights" not in used and cfg.selected is not None:
+        raise ConfigError("--selected is read only by --judge_mode rubric_weights or a --reward naming it")
+    if cfg.reward is None and cfg.judge_mode == "rubric_weights" and cfg.advantage == "paper":
+        raise ConfigError("--judge_mode rubric_weights: the logit is no reward on the paper's +1.0 / -0.1 scale; "
+                          "use a group-relative --advantage group_norm (Flow-GRPO, as AutoRubric-T2I's RL) or "
+                          "centered")
+    if "rank" in used and cfg.reward is not None and cfg.rubrics is None:
+        raise ConfigError("--reward with rank needs --rubrics (the rubric text of the rank judge)")
+    if "score" in used and cfg.reward is not None:
+        score_scale(cfg)
+    if cfg.reward is not None and cfg.judge_check_data is not None:
+        raise ConfigError("--judge_check_data watches one judge; it is not available with --reward")
+    if (cfg.score_judge_url or cfg.score_judge_model) and (cfg.reward is None or "score" not in used):
+        raise ConfigError("--score_judge_url / --score_judge_model are for a --reward naming score")
+    if "score" in used and cfg.reward is not None and cfg.model_type != "flux":
+        raise ConfigError("--reward with score: the score judge (T2I-Eval-R1) judges text-to-image candidates; use "
+                          "--model_type flux")
+    if cfg.selected is not None:
+        try:
+            rewards.load_selected(cfg.selected)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 def load_inputs(cfg, demo, task):
     """Every input, checked before any model is loaded. Returns (train items, eval items, rubric text or None, eval
     rubric text or None, labelled pairs of --judge_check_data to use, possibly []). Without --eval_prompts (and
@@ -72,20 +118,23 @@ def load_inputs(cfg, demo, task):
         if cfg.model_type != "flux" or cfg.rubrics or cfg.eval_rubrics:
             raise ConfigError("--judge_mode score: the score judge (T2I-Eval-R1) judges text-to-image candidates "
                               "without a rubric; drop --rubrics / --eval_rubrics and use --model_type flux")
-    if cfg.prompt_rubrics != "fixed" and (cfg.judge_url is None or cfg.judge_mode != "rank"):
+    if cfg.prompt_rubrics != "fixed" and (cfg.judge_url is None or cfg.judge_mode != "rank" or cfg.reward):
         raise ConfigError(f"--prompt_rubrics {cfg.prompt_rubrics} needs a rubric judge: --judge_url and "
-                          "--judge_mode rank (the demo judge and the score judge read no rubric)")
+                          "--judge_mode rank without --reward (the demo, score and weighted-rubric judges read no "
+                          "rubric text)")
+    check_rewards(cfg)
     if cfg.minibatches > cfg.prompts_per_rank:
         raise ConfigError(f"--minibatches {cfg.minibatches} is more than --prompts_per_rank {cfg.prompts_per_rank}: "
                           "every minibatch takes the same number of each rank's prompts, at least one")
     if cfg.eval_judge_url is None and (cfg.eval_rubrics or cfg.eval_judge_model):
         raise ConfigError("--eval_rubrics and --eval_judge_model need --eval_judge_url (the eval judge's server)")
-    if cfg.eval_judge_url is not None and not (cfg.eval_rubrics or cfg.rubrics) and cfg.judge_mode == "rank":
+    if cfg.eval_judge_url is not None and not (cfg.eval_rubrics or cfg.rubrics) and cfg.judge_mode != "score":
         raise ConfigError("--eval_rubrics is required with --eval_judge_url when training uses the demo judge")
     eval_rubric = read_text(cfg.eval_rubrics, "eval_rubrics") if cfg.eval_rubrics else None
     if demo is None and cfg.judge_url is None:
         raise ConfigError("--judge_url is required with --model (the in-process demo judge only runs the demo)")
-    if cfg.judge_url is not None and cfg.rubrics is None and cfg.judge_mode == "rank":
+    if cfg.judge_url is not None and cfg.rubrics is None and cfg.judge_mode == "rank" and \
+            "rank" in reward_weights(cfg):
         raise ConfigError("--rubrics is required with --judge_url: the rubric text conditions the judge")
     if cfg.rubrics is not None and cfg.judge_url is None:
         raise ConfigError("--rubrics needs --judge_url: the demo judge has a fixed rubric")
@@ -137,26 +186,48 @@ def resolve_output(cfg, d):
 def make_judge(cfg, demo, rubric, task, url=None, model=None):
     """The VLM judge at `url` (default judge_url; rubric-conditioned), or the demo's in-process stand-in.
     Returns (judge, words)."""
+    training = url is None
     url, model = url or cfg.judge_url, model or cfg.judge_model
     if url is None:
         from tools.demo import DemoJudge
         return (DemoJudge(demo.score, swap=cfg.judge_swap, max_workers=cfg.judge_concurrency),
                 f"in-process demo judge ({demo.rubric.split(':')[0]})")
+    if training and cfg.reward is not None:
+        weights = reward_weights(cfg)
+        urls = {"score": (cfg.score_judge_url or url, cfg.score_judge_model or model)}
+        components = {name: judge_of_kind(cfg, name, *urls.get(name, (url, model)), rubric, task)
+                      for name in weights}
+        return (rewards.CompositeJudge(components, weights, cfg.judge_concurrency),
+                f"{url} model {model} (reward {cfg.reward})")
+    kind = cfg.judge_mode if training or cfg.judge_mode != "rubric_weights" else "rank"
+    extra = f", + {cfg.prompt_rubrics_k} rubrics {cfg.prompt_rubrics.replace('_', ' ')}" if (
+        kind == "rank" and cfg.prompt_rubrics != "fixed") else ""
+    return judge_of_kind(cfg, kind, url, model, rubric, task), f"{url} model {model} ({kind} judge{extra})"
+
+
+def judge_of_kind(cfg, kind, url, model, rubric, task):
+    """The served judge of one kind: rank (judge.Judge), score (judge.ScoreJudge) or rubric_weights
+    (rewards.RubricWeightJudge)."""
     try:
         client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env),
                            max_concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens)
     except ValueError as e:  # e.g. a key HTTP cannot carry: an input error, not a crash
         raise ConfigError(f"judge at {public_url(url)} (key from ${cfg.judge_api_key_env}): {e}") from None
-    if cfg.judge_mode == "score":
-        return ScoreJudge(client, *score_scale(cfg)), f"{url} model {model} (score judge)"
+    if kind == "score":
+        return ScoreJudge(client, *score_scale(cfg))
+    if kind == "rubric_weights":
+        try:
+            return rewards.RubricWeightJudge(client, rewards.load_selected(cfg.selected, task),
+                                             per_rubric=cfg.rubric_requests == "per_rubric")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     judge = Judge(client, rubric, task=task, swap=cfg.judge_swap)
     if cfg.prompt_rubrics == "fixed":
-        return judge, f"{url} model {model}"
+        return judge
     from rubrics import GroupRubricJudge  # rubrics made per prompt or group, on a client of their own
     rubric_client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env),
                               max_concurrency=cfg.judge_concurrency)
-    return (GroupRubricJudge(judge, rubric_client, cfg.prompt_rubrics, cfg.prompt_rubrics_k),
-            f"{url} model {model} (+ {cfg.prompt_rubrics_k} rubrics {cfg.prompt_rubrics.replace('_', ' ')})")
+    return GroupRubricJudge(judge, rubric_client, cfg.prompt_rubrics, cfg.prompt_rubrics_k)
 
 
 def make_judges(cfg, demo, rubric, eval_rubric, task, d, judge=None):
@@ -214,7 +285,7 @@ def judge_check(run):
     if not run.check_items or run.step % run.cfg.judge_check_every:
         return
     if run.d.rank == 0:
-        if run.cfg.judge_mode == "score":  # the run's score judge itself: a score sees one image, no order to swap
+        if run.cfg.judge_mode != "rank":  # the run's scoring judge itself: a score sees one image, no order
             summary = evaluate(run.judge, run.check_items)
         else:
             rubric = read_text(run.cfg.rubrics, "rubrics")
@@ -416,6 +487,7 @@ def window_metrics(run, windows):
     mean = {k: sum(v) / len(v) if v else None for k, v in every.items()}
     return {"step": run.step, **per_term,
             **({"judge_score_mean": mean["scores"]} if every["scores"] else {}),
+            **component_metrics(windows),
             "reward_mean": mean["rewards"],
             "judge_failure_rate": total["failed"] / total["groups"], "tie_rate": total["ties"] / total["groups"],
             "first_position_win_rate": mean["first_position_wins"],
@@ -433,6 +505,19 @@ def window_metrics(run, windows):
             **{f"judge_{key}": value for key, value in cost.items()},
             **({key: sum(w.spent[key] for w in windows) for key in windows[0].spent if key.startswith("rubric_")}
                if windows[0].spent is not None else {})}
+
+
+def component_metrics(windows):
+    """--reward: reward_NAME_mean (the judge's own reward before normalisation: rank win rate, score, rubric
+    logit), NAME_failure_rate and NAME_tie_rate of every composed judge, over every rank's train.WindowStats."""
+    out = {}
+    for name in windows[0].components:
+        parts = [w.components[name] for w in windows if name in w.components]
+        groups, values = sum(c.groups for c in parts), [r for c in parts for r in c.rewards]
+        out |= {f"reward_{name}_mean": sum(values) / len(values) if values else None,
+                f"{name}_failure_rate": sum(c.failed for c in parts) / groups if groups else None,
+                f"{name}_tie_rate": sum(c.ties for c in parts) / groups if groups else None}
+    return out
 
 
 def save_grid(columns, path):

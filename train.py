@@ -44,7 +44,9 @@ Deliberate deviations from the paper and the official code
        not weigh its remaining pairs more; gradients are normalised after it, which lets phase 4 start early.
     7. As in the official code, each window feeds one optimizer step by default: ratio 1, the clip never binds.
        Beyond the paper, off by default: M x E steps per window (Flow-GRPO, DanceGRPO; the clip can bind), N > 2
-       candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO).
+       candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO),
+       AutoRubric-T2I's weighted rubric reward (--judge_mode rubric_weights) and weighted compositions of the
+       judges (--reward; rewards.py, docs/rewards.md).
     8. The rubric is fixed by default, as the official code reads one rubric file once; §3.3 says rubrics are
        regenerated per prompt-output pair: --prompt_rubrics per_group does that (rubrics.GroupRubricJudge: each
        group's rubrics from its prompt and candidates before it is judged, counted apart as rubric_*).
@@ -134,7 +136,20 @@ class Config:
     prompt_rubrics_k: int = beyond(5, "K rubrics per prompt / group with --prompt_rubrics per_prompt | per_group",
                                    "paper (cardinality ablation: 1 / 5 / 10 / 20)", valid=at_least(1))
     judge_mode: str = beyond("rank", "rank: the paper's rubric-conditioned judge; score: T2I-Eval-R1 "
-                                     "(train_judge.py)", "T2I-Eval-R1 (score)", choices=("rank", "score"))
+                                     "(train_judge.py); rubric_weights: AutoRubric-T2I's weighted rubrics "
+                                     "(--selected; needs a group-relative --advantage)",
+                             "T2I-Eval-R1 (score), AutoRubric-T2I (rubric_weights)",
+                             choices=("rank", "score", "rubric_weights"))
+    selected: str | None = beyond(None, "selected.json of rubrics.py select: the rubrics and weights of the "
+                                        "rubric_weights reward", "AutoRubric-T2I arXiv 2605.17602")
+    rubric_requests: str = beyond("joint", "rubric_weights: joint (every rubric of an image in one request) or "
+                                           "per_rubric (one request per rubric: the selector's own request)", "ours",
+                                  choices=("joint", "per_rubric"))
+    reward: str | None = beyond(None, 'combine judges, e.g. "rank:1.0,rubric_weights:0.5,score:0.2" (a [reward] '
+                                      "table in --config): each reward z-scored in its group, then weighted",
+                                "Flow-Factory (GDPO-style per-reward normalisation)")
+    score_judge_url: str | None = beyond(None, "the score judge's server in a --reward; unset: judge_url", "ours")
+    score_judge_model: str | None = beyond(None, "the score judge's model in a --reward; unset: judge_model", "ours")
     judge_scale: str = beyond("0,10", "score mode: the score range low,high the judge was trained on",
                               "T2I-Eval-R1")
     judge_api_key_env: str = beyond("OPENAI_API_KEY", "environment variable holding the judge's API key", "ours")
@@ -251,6 +266,8 @@ def judge_outcome(group, cfg):
     from their win rates w over the others (arr_rpo.win_rate_to_reward)."""
     if group.win_rates is None:
         return None
+    if group.rewards is not None:  # the judge's own reward: the weighted rubric logit, a composition (rewards.py)
+        return group.rewards
     if group.rank is not None:  # N = 2
         return arr_rpo.rank_to_reward(group.rank, cfg.reward_win, cfg.reward_lose)
     return arr_rpo.win_rate_to_reward(group.win_rates, cfg.reward_win, cfg.reward_lose)
@@ -343,6 +360,15 @@ def reduce_and_step(run, sums):
 
 
 @dataclass
+class ComponentStats:
+    """One reward of a --reward composition over a window: its groups, failures, ties and raw rewards."""
+    groups: int = 0
+    failed: int = 0
+    ties: int = 0
+    rewards: list = field(default_factory=list)
+
+
+@dataclass
 class WindowStats:
     """One window's bookkeeping on this rank: what train_step counts and times, gathered from every rank and
     turned into the window's metrics by runtime.window_metrics."""
@@ -357,6 +383,7 @@ class WindowStats:
     latencies: list = field(default_factory=list)         # seconds, per judge.Verdict
     first_position_wins: list = field(default_factory=list)  # per valid presentation: did the first shown win?
     scores: list = field(default_factory=list)            # per candidate, from a judge that scores (score mode)
+    components: dict = field(default_factory=dict)        # --reward: name -> ComponentStats
     time_rollout: float = 0.0                             # seconds
     time_judge_wait: float = 0.0
     time_update: float = 0.0
@@ -380,7 +407,12 @@ class WindowStats:
         for v in group.verdicts:
             self.latencies.append(v.latency)
             self.first_position_wins += v.first_position_wins
-            self.scores += v.scores or []
+            self.scores += [] if group.components else v.scores or []
+        for name, g in (group.components or {}).items():  # each reward of a composition counted on its own
+            c = self.components.setdefault(name, ComponentStats())
+            c.groups, c.failed = c.groups + 1, c.failed + (g.error is not None)
+            c.ties += g.error is None and g.win_rates is None
+            c.rewards += g.rewards if g.win_rates is not None else []
         if rewards is not None:
             self.rewards += rewards
         elif group.error:

@@ -3,6 +3,7 @@
 It speaks POST {url}/chat/completions (stdlib http.server, one thread per connection, HTTP/1.1 keep-alive) and, by
 default, judges by pixels: the candidate images are ranked by "redness" mean(R - (G + B) / 2), reddest = rank 1.
 For editing requests (a text part "Image BASE (original image):" before an image) the base image is not ranked.
+A weighted-rubric score request (rewards.RubricWeightJudge) gets every rubric graded from the one image's redness.
 
     with FakeVLM(latency=0.1) as fake:
         client = VLMClient(fake.url, "fake-model")
@@ -20,8 +21,10 @@ URL, serves until stdin closes, then prints {"requests": ..., "max_in_flight": .
 import argparse
 import base64
 import collections
+import hashlib
 import io
 import json
+import re
 import threading
 import sys
 import time
@@ -94,6 +97,25 @@ def pixel_verdict(body):
     return json.dumps({"reason": "ranked by redness", "rank": rank})
 
 
+SCORES_ASKED = re.compile(r'The "scores" list must hold exactly (\d+) integers')
+
+
+def rubric_scores(body):
+    """The answer to a weighted-rubric score request (prompts/rubric_score_all.txt), else None: the first rubric
+    graded round(3 + redness / 80), clipped to 1-5 (a redder image scores higher), the others 1-5 from a hash of the
+    pixels (so two different images rarely tie)."""
+    text = "\n".join(part.get("text", "") for m in body.get("messages", []) if isinstance(m.get("content"), list)
+                     for part in m["content"] if part.get("type") == "text")
+    asked = SCORES_ASKED.search(text)
+    if asked is None:
+        return None
+    (image,) = candidate_images(body)
+    digest = hashlib.sha256(image.convert("RGB").tobytes()).digest()
+    scores = [max(1, min(5, round(3 + redness(image) / 80)))]
+    scores += [1 + digest[k] % 5 for k in range(int(asked.group(1)) - 1)]
+    return json.dumps({"reason": "graded by redness", "scores": scores})
+
+
 class FakeVLM:
     def __init__(self, latency=0.0, handler=None):
         self.latency = latency
@@ -162,7 +184,7 @@ class FakeVLM:
             content = self.handler(body)
             if content is not None:
                 return content
-        return pixel_verdict(body)
+        return rubric_scores(body) or pixel_verdict(body)
 
     def respond(self, body, headers):
         """(status, JSON payload, extra headers) for one request; a rejected response_format consumes no script."""
