@@ -339,7 +339,7 @@ def mine_rules(client, item, rubrics, k=3, task="t2i", retries=2, cache=None):
         input_label=INPUT_LABEL[task], prompt=item.prompt)
     parts = image_parts(client, item, task, item.images, CANDIDATE_LABEL[task])
     return ask(client, [{"role": "user", "content": parts + [{"type": "text", "text": text}]}], RUBRIC_LIST_SCHEMA,
-               rubric_list(k), retries, cache, f"rule mining for item at line {item.line}")
+               rubric_list(k, 0), retries, cache, f"rule mining for item at line {item.line}")
 
 
 def selection_record(round_, args, data, client, items, extra):
