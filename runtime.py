@@ -42,7 +42,7 @@ from PIL import Image
 from cli import ConfigError
 from data import load_pairs, load_prompts, read_text, split_skipped
 from judge import Judge, ScoreJudge, VLMClient, evaluate
-from vlm_client import USAGE_KEYS, failure_reasons, public_url, usage_report
+from vlm_client import USAGE_KEYS, failure_reasons, public_url, redact, url_secrets, usage_report
 
 
 class RunStopped(Exception):
@@ -141,12 +141,30 @@ def make_judge(cfg, demo, rubric, task, url=None, model=None):
                 f"in-process demo judge ({demo.rubric.split(':')[0]})")
     try:
         client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env),
-                           max_concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens)
+                           max_concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens,
+                           timeout=cfg.judge_timeout, max_retries=cfg.judge_max_retries,
+                           max_total_time=cfg.judge_max_total_time, max_response_bytes=cfg.judge_max_response_bytes)
     except ValueError as e:  # e.g. a key HTTP cannot carry: an input error, not a crash
         raise ConfigError(f"judge at {public_url(url)} (key from ${cfg.judge_api_key_env}): {e}") from None
     if cfg.judge_mode == "score":
-        return ScoreJudge(client, *score_scale(cfg)), f"{url} model {model} (score judge)"
-    return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{url} model {model}"
+        return ScoreJudge(client, *score_scale(cfg)), f"{public_url(url)} model {model} (score judge)"
+    return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{public_url(url)} model {model}"
+
+
+def redacted(cfg):
+    """cfg with every URL option passed through vlm_client.public_url (user:password@ and query values masked):
+    what the config line, config.json, the checkpoints and the trackers get. A resume takes the URL (and its
+    secrets) from the command line again."""
+    urls = {f.name: public_url(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if f.name.endswith("_url") and getattr(cfg, f.name)}
+    return dataclasses.replace(cfg, **urls)
+
+
+def scrub(cfg, text):
+    """text with the secrets of cfg's URL options masked in every spelling (vlm_client.redact): for messages that
+    quote what a server or a library said."""
+    return redact(text, [s for f in dataclasses.fields(cfg) if f.name.endswith("_url") and getattr(cfg, f.name)
+                         for s in url_secrets(getattr(cfg, f.name))])
 
 
 def make_judges(cfg, demo, rubric, eval_rubric, task, d, judge=None):
@@ -442,14 +460,14 @@ def print0(d, *args):
 def start_logs(run):
     """Rank 0: config.json, metrics.jsonl (truncated after the resumed step), optional wandb / TensorBoard."""
     run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1) + "\n")
+    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
     metrics = run.out / "metrics.jsonl"
     kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() and run.step else [])
             if json.loads(line)["step"] <= run.step]
     metrics.write_text("".join(line + "\n" for line in kept))
     if run.cfg.log_with == "wandb":
         import wandb
-        run.tracker = wandb.init(project="arr-rpo", config=dataclasses.asdict(run.cfg), dir=str(run.out))
+        run.tracker = wandb.init(project="arr-rpo", config=dataclasses.asdict(redacted(run.cfg)), dir=str(run.out))
     elif run.cfg.log_with == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         run.tracker = SummaryWriter(str(run.out / "tensorboard"))
@@ -528,7 +546,7 @@ def save_checkpoint(run):
                     "lora_digests": digests,
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
                    tmp / "trainer_state.pt")
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1) + "\n")
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
