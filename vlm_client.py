@@ -684,15 +684,16 @@ class VLMClient:
             # a bounded excerpt of the bad answer: a flood is not sent back (nor re-billed) on every re-ask
             shown = [{"role": "assistant", "content": excerpt(text, REASK_CHARS)}] if text else []
             current = messages + shown + [follow_up]
-        raise ReplyError(self._redact(f"unusable reply after {1 + retries} attempt(s): {problem}"))
+        raise ReplyError(self.redact(f"unusable reply after {1 + retries} attempt(s): {problem}"))
 
     # -- internals
-    def _redact(self, text):
+    def redact(self, text):
+        """text with this client's key and URL secrets masked in every spelling (vlm_client.redact)."""
         # exceptions often quote the header with repr(), which escapes characters the raw key holds: spellings()
         return redact(text, self._url_secrets + ([self._key.value] if self._key.value else []))
 
     def _fail(self, detail):
-        return self._redact(f"{public_url(self._url)} (model {self.model!r}): {detail}")
+        return self.redact(f"{public_url(self._url)} (model {self.model!r}): {detail}")
 
     def _session(self):
         session = getattr(self._local, "session", None)
@@ -724,7 +725,7 @@ class VLMClient:
         with self._lock:
             if self._format_level == level:
                 self._format_level = level + 1
-                log.warning("%s", self._redact(f"{public_url(self.base_url)} rejected response_format "
+                log.warning("%s", self.redact(f"{public_url(self.base_url)} rejected response_format "
                                                f"{FORMAT_LEVELS[level]} ({message}); "
                                                f"using {FORMAT_LEVELS[level + 1]} from now on"))
 
@@ -842,7 +843,7 @@ class VLMClient:
                 message = server_message(payload) or excerpt(text.strip(), 300) or f"HTTP {status}"
                 last = f"HTTP {status}: {message}"
                 if status in (400, 422) and "response_format" in body and _rejects_format(message):
-                    raise _FormatRejected(self._redact(message))
+                    raise _FormatRejected(self.redact(message))
                 if not (status in RETRY_STATUS or 500 <= status < 600) or _is_quota(payload):
                     raise JudgeError(self._fail(last + _hint(status, message)))
                 retry_after = _retry_after(headers)
@@ -877,18 +878,23 @@ def failure_kind(error):
 
 def failure_reasons(errors, limit=5):
     """[[count, reason], ...] over the distinct kinds (failure_kind) of `errors` (None and "" skipped), most frequent
-    first, so a model that answers different garbage every time shows as one reason. Beyond `limit` reasons the rest
-    are summed into one entry. The errors are this module's (or built on them), hence already redacted."""
-    counts = {}
+    first, so a model that answers different garbage every time shows as one reason; a reason whose answer was
+    shortened to '...' ends with a bounded excerpt of its first answer, "(first: '...')", so the summary shows what
+    the model said. Beyond `limit` reasons the rest are summed into one entry. The errors are this module's (or
+    built on them), hence already redacted; the excerpt is redacted once more (redact)."""
+    counts, examples = {}, {}
     for error in errors:
         if error:
             reason = failure_kind(error)
             counts[reason] = counts.get(reason, 0) + 1
+            if reason not in examples:
+                quoted = _LONG_QUOTE.search(error)
+                examples[reason] = f" (first: {redact(excerpt(quoted.group(0)[2:], 80))})" if quoted else ""
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     if len(ranked) > limit:
         rest = ranked[limit:]
         ranked = ranked[:limit] + [(f"({len(rest)} other reasons)", sum(count for _, count in rest))]
-    return [[count, reason] for reason, count in ranked]
+    return [[count, reason + examples.get(reason, "")] for reason, count in ranked]
 
 
 def usage_report(before, after, units):

@@ -260,7 +260,7 @@ def test_api_key_with_trailing_newline_is_stripped_and_never_leaks(fake):
     assert verdict.rank == [2, 1] and verdict.error is None
     assert fake.headers[0]["Authorization"] == "Bearer sk-SECRET-123"
     inner = make_client(fake, api_key="sk-IN\tSIDE")  # what requests quotes with repr() is redacted as well
-    assert "sk-IN" not in inner._redact(f"Invalid header value {'Bearer sk-IN' + chr(9) + 'SIDE'!r}")
+    assert "sk-IN" not in inner.redact(f"Invalid header value {'Bearer sk-IN' + chr(9) + 'SIDE'!r}")
 
 
 def test_a_key_http_cannot_carry_is_refused_up_front_without_echoing_it(fake):
