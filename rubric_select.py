@@ -175,14 +175,14 @@ def _score(obj):
 
 def _pointwise_score(client, item, candidate, rubric, task, retries, cache):
     """(1-5 score of one candidate under one rubric, None) or (None, the error) when the judge failed."""
-    parts = image_parts(client, item, task, [item.images[candidate]], "Candidate image")
     text = load_template("rubric_score").format(
         task=load_template(f"rubric_task_{task}"), rubric=rubric, input_label=INPUT_LABEL[task], prompt=item.prompt)
-    messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-    try:
+    try:  # an unreadable image file (vlm_client.ImageError, a ValueError) fails this cell, not the command
+        parts = image_parts(client, item, task, [item.images[candidate]], "Candidate image")
+        messages = [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
         return ask(client, messages, SCORE_SCHEMA, _score, retries, cache,
-                    f"pointwise score of item at line {item.line}"), None
-    except JudgeError as exc:
+                   f"pointwise score of item at line {item.line}"), None
+    except (JudgeError, ValueError, OSError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 

@@ -260,7 +260,8 @@ def load_policy(cfg, cls, d, demo, items):
                                  gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
                                  shard_mesh=mesh)
     inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
-    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs)
+    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs,
+                                      progress=Progress("prompts: encoded") if d.rank == 0 else None)
     barrier(d)  # the shared folder is complete before any rank reads from it
     where = policy.release_text_encoders()
     print0(d, f"prompts: {encoded} encoded on rank 0 ({policy.embed_cache.stats['evicted']} did not fit in host "
@@ -270,6 +271,25 @@ def load_policy(cfg, cls, d, demo, items):
         if d.world_size > 1:
             dist.broadcast(p.data, src=0)
     return policy
+
+
+@dataclass
+class Progress:
+    """A progress callback (done, total) for long work: one line "{label} done/total (rate/s, about T s left)" when
+    `every` seconds have passed since the last line, so short work prints nothing and long work shows it moves."""
+    label: str
+    every: float = 10.0
+    clock: object = time.monotonic
+
+    def __post_init__(self):
+        self.started = self.last = self.clock()
+
+    def __call__(self, done, total):
+        now = self.clock()
+        if now - self.last >= self.every and done < total:
+            self.last, rate = now, done / max(now - self.started, 1e-9)
+            print(f"{self.label} {done}/{total} ({rate:.1f}/s, about {(total - done) / rate:.0f} s left)",
+                  flush=True)
 
 
 def memory_warning(cfg, world_size, gpu_bytes):

@@ -89,32 +89,68 @@ def is_url(value):
     return isinstance(value, str) and value.startswith(("http://", "https://", "data:"))
 
 
-def encode_image(image, image_format="PNG", max_side=None, jpeg_quality=95):
+MAX_IMAGE_BYTES = 64 * 2 ** 20  # an image file larger than this is refused before it is read
+SENT_AS_IS = ("RGB", "RGBA", "L", "LA", "P")  # 8-bit modes every server decodes right; others are converted
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used: too large, truncated, or not an image. The message names the file."""
+
+
+def read_image(image, max_bytes=MAX_IMAGE_BYTES):
+    """(the file's bytes, its decoded PIL image) for a path or bytes, checked in this order: the size before
+    anything is read (a huge file is never read whole), then a full decode (a truncated file is an error here,
+    not garbage sent on). Raises ImageError naming the file."""
+    name = str(image) if isinstance(image, (str, os.PathLike)) else "image bytes"
+    try:
+        size = Path(image).stat().st_size if isinstance(image, (str, os.PathLike)) else len(image)
+        if size > max_bytes:
+            raise ImageError(f"{name}: {size} bytes, over the {max_bytes}-byte cap for an image; not read")
+        raw = Path(image).read_bytes() if isinstance(image, (str, os.PathLike)) else bytes(image)
+        pil = Image.open(io.BytesIO(raw))
+        pil.load()
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL raises several types for truncated or foreign files, and bombs
+        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+    return raw, pil
+
+
+def to_rgb(pil):
+    """An RGB image of any PIL mode with its colours right: 16- and 32-bit grey ("I;16", "I") scaled to 8 bits (a
+    plain convert clips them: 32768 of 65535 would be white), float grey ("F") read as 0..1 when it fits there,
+    palette and alpha images composited over white (a transparent palette entry is not its colour)."""
+    if pil.mode.startswith("I") or pil.mode == "F":  # grey beyond 8 bits; + 0.5 rounds (convert truncates)
+        scale = 255 if pil.mode == "F" and pil.getextrema()[1] <= 1 else 1 if pil.mode == "F" else 1 / 257
+        wide = pil if pil.mode == "F" else pil.convert("I")
+        return wide.point(lambda v: v * scale + 0.5).convert("L").convert("RGB")
+    if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
+        rgba = pil.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return pil.convert("RGB")
+
+
+def encode_image(image, image_format="PNG", max_side=None, jpeg_quality=95, max_bytes=MAX_IMAGE_BYTES):
     """A data URL for a PIL image, encoded bytes or a file path; http(s) and data URLs are returned unchanged.
 
-    Files and bytes already in image_format and within max_side are sent as they are (no re-encoding), so their
-    digest, and hence the cache key, is the digest of the file.
+    Files and bytes already in image_format, in an 8-bit mode and within max_side are sent as they are (no
+    re-encoding), so their digest, and hence the cache key, is the digest of the file; others are converted with
+    to_rgb. Files and bytes are read with read_image (size cap, then a full decode: ImageError names the file).
     """
     if is_url(image):
         return image
     image_format = image_format.upper().replace("JPG", "JPEG")
-    raw = None
-    if isinstance(image, (str, os.PathLike)):
-        raw = Path(image).read_bytes()
-    elif isinstance(image, (bytes, bytearray)):
-        raw = bytes(image)
-    pil = Image.open(io.BytesIO(raw)) if raw is not None else image
+    is_file = isinstance(image, (str, os.PathLike, bytes, bytearray))
+    raw, pil = read_image(image, max_bytes) if is_file else (None, image)
     if not isinstance(pil, Image.Image):
         raise TypeError(f"cannot encode {type(image).__name__} as an image (PIL image, bytes, path or URL expected)")
     too_big = max_side is not None and max(pil.size) > max_side
-    if raw is None or too_big or pil.format != image_format:
+    if raw is None or too_big or pil.format != image_format or pil.mode not in SENT_AS_IS:
+        if pil.mode not in SENT_AS_IS or (image_format == "JPEG" and pil.mode != "RGB"):
+            pil = to_rgb(pil)  # JPEG has no alpha; 16-bit grey would be clipped to white by the server
         if too_big:
             scale = max_side / max(pil.size)
             pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.LANCZOS)
-        if image_format == "JPEG" and pil.mode != "RGB":
-            pil = pil.convert("RGB")  # JPEG has no alpha
-        elif pil.mode not in ("RGB", "RGBA", "L", "LA", "P"):
-            pil = pil.convert("RGB")
         buffer = io.BytesIO()
         pil.save(buffer, format=image_format, **({"quality": jpeg_quality} if image_format == "JPEG" else {}))
         raw = buffer.getvalue()
