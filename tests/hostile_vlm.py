@@ -10,6 +10,7 @@ Modes (`mode`, changeable between requests):
     huge          a valid-looking answer of `size` bytes (Content-Length set, or chunked with `chunked=True`)
     redirect      307 to `location` (e.g. another server's URL)
     body          200 with `body` (bytes) as it is: malformed shapes (MALFORMED), non-JSON, deep nesting
+    cycle         200 with the next of BODIES for each request, round robin (every malformed shape, in turn)
     verdict       200 with a normal verdict whose reason is `reason` (to test truncation of long reasons)
 Attributes read by tests: requests (the number of requests read), paths (each request's path with its query).
 
@@ -124,7 +125,11 @@ class HostileVLM:
             conn.sendall(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {self.location}\r\nContent-Length: 0\r\n"
                          "\r\n".encode())
             return
-        body = {"body": self.body, "verdict": verdict(self.reason)}.get(mode, verdict())
+        if mode == "cycle":
+            with self._lock:
+                body = list(BODIES.values())[(self.requests - 1) % len(BODIES)]
+        else:
+            body = {"body": self.body, "verdict": verdict(self.reason)}.get(mode, verdict())
         if mode == "huge":
             self._flood(conn)
             return
