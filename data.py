@@ -385,7 +385,7 @@ def load_prompts(path, task, flag):
             raise DataError(f"{where}: field 'instruction': expected a non-empty text instruction, "
                             f"got {short_repr(instruction)}")
         source = _source_path(path, where, value)
-        check_image(source, f"{where}: source_image")
+        check_image(source, where)
         items.append(Item(instruction.strip(), source, n))
     return items
 
@@ -403,17 +403,18 @@ def _source_path(path, where, value):
     return found
 
 
-def check_image(path, where, max_bytes=MAX_IMAGE_BYTES):
+def check_image(path, where, field="source_image", max_bytes=MAX_IMAGE_BYTES):
     """DataError unless `path` looks like a whole image: its size first (a huge file is not opened), then PIL's
     verify (reads the file's structure without decoding: a truncated PNG fails here, before any model loads)."""
     size = Path(path).stat().st_size
     if size > max_bytes:
-        raise DataError(f"{where}: {path} is {size} bytes, over the {max_bytes}-byte cap for an image")
+        raise DataError(f"{where}: cannot read {field} {path}: {size} bytes, over the {max_bytes}-byte cap for an "
+                        "image")
     try:
         with Image.open(path) as image:
             image.verify()
     except Exception as e:  # PIL raises several types for truncated or foreign files
-        raise DataError(f"{where}: cannot read {path} ({type(e).__name__}: {e})") from None
+        raise DataError(f"{where}: cannot read {field} {path} ({type(e).__name__}: {e})") from None
 
 
 def open_source(item):

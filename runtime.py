@@ -42,7 +42,7 @@ from PIL import Image
 from cli import ConfigError
 from data import load_pairs, load_prompts, read_text, split_skipped
 from judge import Judge, ScoreJudge, VLMClient, evaluate
-from vlm_client import USAGE_KEYS, failure_reasons, public_url, redact, url_secrets, usage_report
+from vlm_client import USAGE_KEYS, failure_reasons, public_url, usage_report
 
 
 class RunStopped(Exception):
@@ -158,13 +158,6 @@ def redacted(cfg):
     urls = {f.name: public_url(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
             if f.name.endswith("_url") and getattr(cfg, f.name)}
     return dataclasses.replace(cfg, **urls)
-
-
-def scrub(cfg, text):
-    """text with the secrets of cfg's URL options masked in every spelling (vlm_client.redact): for messages that
-    quote what a server or a library said."""
-    return redact(text, [s for f in dataclasses.fields(cfg) if f.name.endswith("_url") and getattr(cfg, f.name)
-                         for s in url_secrets(getattr(cfg, f.name))])
 
 
 def make_judges(cfg, demo, rubric, eval_rubric, task, d, judge=None):

@@ -217,6 +217,7 @@ import runtime  # noqa: E402
 from cli import ConfigError  # noqa: E402
 from data import DataError, open_source  # noqa: E402
 from runtime import RunStopped, warmup_factor  # noqa: E402
+from vlm_client import redact  # noqa: E402
 
 POLICIES = {"flux": policy_lib.FluxPolicy, "qwen_edit": policy_lib.QwenEditPolicy}
 
@@ -567,10 +568,10 @@ def main(argv=None):
     try:
         return train(make_config(argv))
     except (ConfigError, DataError) as e:
-        print(f"error: {runtime.redact(e)}", file=sys.stderr)  # redact: no URL secret in any message
+        print(f"error: {redact(e)}", file=sys.stderr)  # redact: no URL secret in any message
         return 2
     except RunStopped as e:
-        print(f"stopped: {runtime.redact(e)}", file=sys.stderr)
+        print(f"stopped: {redact(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("aborted without saving a checkpoint", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 Everything here is about talking to a server, nothing about judging: `VLMClient` (requests; retries with backoff,
 jitter and Retry-After; structured-output fallbacks; every answer and error shape of vLLM, SGLang, llama.cpp,
-Ollama, OpenAI and Gemini; a bound on requests in flight across threads; no API key in any log or error),
+Ollama, OpenAI and Gemini, and any malformed one as a named ReplyError; a bound on requests in flight across
+threads; a wall-clock deadline and a size cap per request; no redirect followed; no API key in any log or error),
+`public_url` / `redact` (the one redaction of URLs and secrets in everything printed or saved), `read_image` /
+`to_rgb` (image files checked for size before reading and decoded whole; 16-bit and palette pixels converted right),
 `ResponseCache` (sqlite answers keyed by request, for resuming), answer parsing (`extract_text`, `extract_json`,
 `strip_thinking`; `parse_answer` / `parse_scores` for <think>/<answer> replies), `encode_image`,
 `VLMClient.ask_json` (the one re-ask loop for malformed replies), `VLMClient.usage` (requests sent and the tokens
@@ -22,9 +25,13 @@ Deliberate deviations from the official code (its OpenAI-SDK client)
        extra_body.
     2. Failures are explicit and bounded: a request that fails for good raises JudgeError naming the URL, model,
        HTTP status and server message; 400/401/403/404 and quota errors are not retried; the total time of one
-       request's retries is capped. The official client retries nothing and crashes the trainer on an error.
-    3. A malformed reply is re-asked with the bad answer and the complaint appended (a new request), so a
-       temperature-0 model is not asked the identical question again and a cache replays a run faithfully.
+       request's retries is capped; each request ends at a wall-clock deadline that a slow-dripping server cannot
+       stretch (a timer shuts its socket), an answer past max_response_bytes is refused unread, and a redirect is
+       refused rather than re-sending the request elsewhere. The official client retries nothing and crashes the
+       trainer on an error.
+    3. A malformed reply is re-asked with a bounded excerpt of the bad answer and the complaint appended (a new
+       request), so a temperature-0 model is not asked the identical question again and a cache replays a run
+       faithfully.
 """
 import base64
 import email.utils

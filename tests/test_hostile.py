@@ -298,7 +298,7 @@ def test_a_truncated_image_is_a_data_error_naming_the_file(tmp_path):
     raw = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(raw[:len(raw) // 2])
     (tmp_path / "edits.jsonl").write_text(json.dumps({"source_image": "cut.png", "instruction": "redder"}))
-    with pytest.raises(data.DataError, match=r"edits.jsonl:1: source_image: cannot read .*cut.png"):
+    with pytest.raises(data.DataError, match=r"edits.jsonl:1: cannot read source_image .*cut.png"):
         data.load_prompts(tmp_path / "edits.jsonl", "edit", "prompts")
     with pytest.raises(ImageError, match="cut.png: not a readable image"):
         vlm_client.encode_image(str(tmp_path / "cut.png"))  # not sent to the server as it is
@@ -314,7 +314,7 @@ def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
     with pytest.raises(ImageError, match="1073741824 bytes, over the"):
         vlm_client.encode_image(str(huge))
     with pytest.raises(data.DataError, match="over the"):
-        data.check_image(huge, "source_image")
+        data.check_image(huge, "edits.jsonl:1")
     assert tracemalloc.get_traced_memory()[1] < 2 ** 20
     tracemalloc.stop()
 
