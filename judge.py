@@ -684,8 +684,8 @@ def _cmd_ping(args):
                   f"{client.max_tokens} tokens, {client.timeout:g} s each ...", file=sys.stderr, flush=True)
         else:
             said = f"rank {presentation.rank}" if presentation.rank else f"no verdict ({presentation.error})"
-            print(f"[ping] order {k}/{orders}: {excerpt(said, 300)} after {time.monotonic() - started:.1f} s",
-                  file=sys.stderr, flush=True)
+            print(f"[ping] order {k}/{orders}: {excerpt(said, 600)} after {client.usage()['requests']} request(s) "
+                  f"in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     with client_from_args(args) as client, Judge(client, rubrics, task=args.task, swap=not args.no_swap) as judge:
         started = time.monotonic()
         verdict = judge.compare_detailed(prompt, images, source, progress=show)[0]

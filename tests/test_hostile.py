@@ -359,7 +359,7 @@ def test_ping_prints_each_order_as_it_goes_with_a_small_budget(fake, capsys):
     assert [line.split(":")[0] for line in lines] == ["[ping] order 1/2 (candidates shown as [1, 2])",
                                                       "[ping] order 1/2", "[ping] order 2/2 (candidates shown as "
                                                       "[2, 1])", "[ping] order 2/2"]
-    assert "rank [1, 2]" in lines[1] and "rank [1, 2]" in lines[3]
+    assert "rank [1, 2] after 1 request(s)" in lines[1] and "rank [1, 2] after 2 request(s)" in lines[3]
     assert {body["max_tokens"] for body in fake.requests} == {judge.PING_MAX_TOKENS}
 
 
