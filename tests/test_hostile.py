@@ -153,6 +153,19 @@ def test_a_drip_cannot_stretch_the_deadline(mode):
         assert time.monotonic() - started < 4.0  # 1.5 s and the scheduler's slack; the drip alone takes ~60 s
 
 
+def test_train_with_a_dripping_judge_stops_within_its_bounds(tmp_path, cache, capsys):
+    """The run that hung (SIGKILL, no checkpoint): train.py's judge options bound the startup check's request."""
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    with HostileVLM("drip_body", interval=0.3) as server:
+        argv = demo_args(tmp_path / "run", cache, "--judge_url", server.url, "--judge_model", "m", "--rubrics",
+                         str(tmp_path / "rubrics.txt"), "--judge_timeout", "0.5", "--judge_max_total_time", "1")
+        started = time.monotonic()
+        assert train.main(argv) == 1
+        assert time.monotonic() - started < 20  # the drip alone would take minutes
+    err = capsys.readouterr().err
+    assert "stopped: judge check failed" in err and "no complete answer within" in err
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_a_flood_is_refused_at_the_size_cap_once(chunked):
     with HostileVLM("huge", size=64 * 2 ** 20, chunked=chunked) as server:
