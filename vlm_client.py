@@ -232,7 +232,7 @@ def extract_text(payload):
     answer; never another exception."""
     choices = payload.get("choices") if isinstance(payload, dict) else None
     if not choices:
-        message = server_message(payload)
+        message = excerpt(server_message(payload), 300)
         raise ReplyError(f"response has no choices{': ' + message if message else ''}")
     if not isinstance(choices, list) or not isinstance(choices[0], dict):
         shape = type(choices).__name__ if not isinstance(choices, list) else f"list of {type(choices[0]).__name__}"
@@ -883,7 +883,7 @@ class VLMClient:
                     raise JudgeError(self._fail(f"HTTP {status}: a redirect to {where}, not followed (it would send "
                                                 "the images, prompt, rubric and key there); set the base URL to "
                                                 "the address that answers"))
-                message = server_message(payload) or excerpt(text.strip(), 300) or f"HTTP {status}"
+                message = excerpt(server_message(payload) or text.strip(), 300) or f"HTTP {status}"
                 last = f"HTTP {status}: {message}"
                 if status in (400, 422) and "response_format" in body and _rejects_format(message):
                     raise _FormatRejected(self.redact(message))

@@ -202,6 +202,13 @@ def test_a_long_reason_is_cut_in_the_verdict_and_the_results_file(tmp_path, imag
     assert (tmp_path / "results.jsonl").stat().st_size < 4 * judge.REASON_CHARS
 
 
+def test_a_huge_error_message_is_quoted_bounded():
+    with HostileVLM("body", body=json.dumps({"error": {"message": "overloaded " * 100000}}).encode()) as server:
+        with pytest.raises(ReplyError) as info:
+            VLMClient(server.url, "m", max_retries=0).chat(HI)  # a 200 without choices, only an error envelope
+    assert "response has no choices: overloaded overloaded" in str(info.value) and len(str(info.value)) < 500
+
+
 def test_train_config_sets_the_clients_bounds(tmp_path):
     (tmp_path / "r.txt").write_text("1. Redder is better.\n")
     cfg = train.make_config(["--model", "m", "--judge_url", "http://x/v1", "--rubrics", str(tmp_path / "r.txt"),
