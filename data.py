@@ -46,7 +46,7 @@ from pathlib import Path
 from PIL import Image
 
 from arr_rpo import is_ranking
-from vlm_client import is_url
+from vlm_client import MAX_IMAGE_BYTES, ImageError, is_url, read_image, to_rgb
 
 
 class DataError(ValueError):
@@ -135,7 +135,7 @@ def read_records(path):
     if path.is_dir() or path.suffix.lower() in DATASET_SUFFIXES:
         return read_dataset_rows(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if path.suffix.lower() != ".jsonl":
@@ -454,12 +454,13 @@ class Item:
 
 
 def read_text(path, flag):
-    """The UTF-8 text of a non-empty file given by option `flag` (named in the error)."""
+    """The UTF-8 text of a non-empty file given by option `flag` (named in the error), without a byte-order mark
+    (it would become part of the first prompt or rubric)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"--{flag}: no such file {path}")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"--{flag}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not text.strip():
@@ -509,11 +510,7 @@ def load_prompts(path, task, flag):
             raise DataError(f"{where}: field 'instruction': expected a non-empty text instruction, "
                             f"got {short_repr(instruction)}")
         source = _source_path(path, where, value)
-        try:
-            with Image.open(source) as image:
-                image.verify()
-        except Exception as e:  # PIL raises several types for truncated or foreign files
-            raise DataError(f"{where}: cannot read source_image {source} ({e})") from None
+        check_image(source, where)
         items.append(Item(instruction.strip(), source, n))
     return items
 
@@ -531,12 +528,30 @@ def _source_path(path, where, value):
     return found
 
 
+def check_image(path, where, field="source_image", max_bytes=MAX_IMAGE_BYTES):
+    """DataError unless `path` looks like a whole image: its size first (a huge file is not opened), then PIL's
+    verify (reads the file's structure without decoding: a truncated PNG fails here, before any model loads)."""
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        raise DataError(f"{where}: cannot read {field} {path}: {size} bytes, over the {max_bytes}-byte cap for an "
+                        "image")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:  # PIL raises several types for truncated or foreign files
+        raise DataError(f"{where}: cannot read {field} {path} ({type(e).__name__}: {e})") from None
+
+
 def open_source(item):
-    """The item's source image as an RGB PIL image (None for text-to-image items)."""
+    """The item's source image as an RGB PIL image (None for text-to-image items): decoded whole (a truncated file
+    is a DataError naming it) and converted with vlm_client.to_rgb (16-bit grey scaled, not clipped to white;
+    palette and alpha composited over white)."""
     if item.source_image is None or isinstance(item.source_image, Image.Image):
         return item.source_image
-    with Image.open(item.source_image) as image:
-        return image.convert("RGB")
+    try:
+        return to_rgb(read_image(item.source_image)[1])
+    except ImageError as e:
+        raise DataError(f"source_image of line {item.line}: {e}") from None
 
 
 def load_labelled(args):

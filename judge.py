@@ -74,13 +74,15 @@ from arr_rpo import is_ranking, mean_rank_places, places_to_win_rates, tournamen
 # re-exported: `judge.VLMClient`, `judge.load_pairs` and the error types are the stable API
 from data import DataError, PairItem, load_pairs  # noqa: F401
 from data import add_data_options, load_prompt_rubrics, read_text, split_skipped, task_of
-from vlm_client import (JudgeError, ReplyError, ResponseCache, VLMClient, encode_image, extract_json,  # noqa: F401
-                        extract_text, failure_reasons, map_concurrently, parse_answer, parse_scores, public_url,
-                        server_message, strip_thinking, usage_report)
+from vlm_client import (MAX_RESPONSE_BYTES, JudgeError, ReplyError, ResponseCache, VLMClient,  # noqa: F401
+                        encode_image, excerpt, extract_json, extract_text, failure_reasons, map_concurrently,
+                        parse_answer, parse_scores, public_url, server_message, strip_thinking, usage_report)
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 BASE_LABEL = "Image BASE (original image):"
 CANDIDATE_LABEL = {"t2i": "Image", "edit": "Edited Image"}  # what the judge calls the candidates
+REASON_CHARS = 1000  # a verdict's reason is cut here: a flood of prose never reaches results files or logs
+PING_MAX_TOKENS = 256  # ping's default budget per request: a verdict needs a few dozen tokens
 
 
 @functools.lru_cache(maxsize=None)  # read once per process: score requests would read two files each
@@ -254,10 +256,11 @@ class Judge(_PooledJudge):
         """{template name: sha256} of the templates this judge uses (for provenance records)."""
         return templates_sha256([self._system_name, f"judge_user_{self.task}", self._extra_name, "judge_reask"])
 
-    def compare_detailed(self, prompt, images, source_image=None, prompt_rubric=None):
+    def compare_detailed(self, prompt, images, source_image=None, prompt_rubric=None, progress=None):
         """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics.
         prompt_rubric: rubric text for this judgment only, in place of the per-prompt one (train.py
-        --prompt_rubrics per_group: rubrics.GroupRubricJudge)."""
+        --prompt_rubrics per_group: rubrics.GroupRubricJudge). progress(k, orders, order, presentation): called
+        before asking order k of `orders` (presentation None) and after it (`judge.py ping` prints both)."""
         started = time.monotonic()
         presentations = []
         try:
@@ -274,10 +277,16 @@ class Judge(_PooledJudge):
             calls = 0
             for k, order in enumerate(orders):
                 calls += 1
+                if progress is not None:
+                    progress(k + 1, len(orders), order, None)
                 try:
-                    presentations.append(self._present(prompt, urls, source_url, order, extra))
+                    presentation = self._present(prompt, urls, source_url, order, extra)
                 except JudgeError as exc:  # the client already retried; the server is down or refusing us
-                    presentations.append(Presentation(order, None, "", str(exc)))
+                    presentation = Presentation(order, None, "", str(exc))
+                presentations.append(presentation)
+                if progress is not None:
+                    progress(k + 1, len(orders), order, presentation)
+                if presentation.error and not presentation.invalid:  # a transport failure: ask nothing more
                     presentations += [Presentation(o, None, "", "not asked: an earlier request failed")
                                       for o in orders[k + 1:]]
                     break
@@ -314,6 +323,7 @@ class Judge(_PooledJudge):
                 json_schema=rank_schema(n), retries=self.max_invalid, max_tokens=self.max_tokens, cache=self.cache)
         except ReplyError as exc:
             return Presentation(order, None, "", str(exc), invalid=True)
+        reason = excerpt(reason, REASON_CHARS)
         rank = [0] * n  # shown[p] = rank of the candidate at position p
         for p, i in enumerate(order):
             rank[i] = shown[p]
@@ -502,25 +512,26 @@ def summarize(records):
     """The evaluation summary over per-item records (the JSON lines of `eval --out`):
     n; accuracy = final rank equals the label (ties and failures count as wrong) / n; accuracy_first /
     accuracy_second = accuracy over the presentations in which the human-preferred candidate was shown first / not
-    first (second, for pairs), a failed presentation counting as wrong; accuracy_avg = (accuracy_first +
-    accuracy_second) / 2, the paper's number (Table 1; Table 5's "Avg": (84.5 + 49.9) / 2 = 67.2), which credits a
-    pair judged right in one order only with half, where the strict `accuracy` needs both; position_gap =
-    accuracy_first - accuracy_second (paper Table 5); tie_rate = order-inconsistent items / n; failure_rate =
-    failed items / n. A rate with an empty denominator is None (accuracy_avg and position_gap: when either order
-    has none)."""
+    first (second, for pairs), a failed presentation counting as wrong, None when no presentation there was ranked
+    at all; accuracy_avg = (accuracy_first + accuracy_second) / 2, the paper's number (Table 1; Table 5's "Avg":
+    (84.5 + 49.9) / 2 = 67.2), which credits a pair judged right in one order only with half, where the strict
+    `accuracy` needs both; position_gap = accuracy_first - accuracy_second (paper Table 5); tie_rate =
+    order-inconsistent items / n; failure_rate = failed items / n. A rate with an empty denominator is None
+    (accuracy_avg and position_gap: when either order has none)."""
     def rate(hits, total):
         return round(hits / total, 6) if total else None
 
     n = len(records)
-    hits = {True: 0, False: 0}
-    shown = {True: 0, False: 0}
+    hits, shown, ranked = {True: 0, False: 0}, {True: 0, False: 0}, {True: 0, False: 0}
     for record in records:
         preferred = record["label_rank"].index(1)
         for p in record["presentations"]:
             first = p["order"][0] == preferred
             shown[first] += 1
+            ranked[first] += p["rank"] is not None
             hits[first] += p["rank"] == record["label_rank"]
-    first, second = rate(hits[True], shown[True]), rate(hits[False], shown[False])
+    # nothing ranked in a position (every request failed): nothing was measured there, so null, not 0.0
+    first, second = (rate(hits[k], shown[k]) if ranked[k] else None for k in (True, False))
     return {"n": n,
             "accuracy": rate(sum(r["rank"] == r["label_rank"] for r in records), n),
             "accuracy_first": first,
@@ -675,9 +686,14 @@ def add_client_options(parser, timeout=60.0):
     parser.add_argument("--base_url", required=True, help="OpenAI-compatible endpoint, usually ending in /v1")
     parser.add_argument("--model", required=True, help="model name as the server knows it")
     parser.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    parser.add_argument("--timeout", type=float, default=timeout,
-                        help=f"read timeout per request (default {timeout:g} s)")
-    parser.add_argument("--max_retries", type=int, default=4, help="retries of connection errors, 408/409/429/5xx")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds one request may take, answer "
+                        f"included; a server that sends slowly cannot stretch it (default {timeout:g})")
+    parser.add_argument("--max_retries", type=int, default=4, help="retries of connection errors, timeouts, "
+                        "408/409/429/5xx")
+    parser.add_argument("--max_total_time", type=float, default=300.0, help="seconds one request may take with "
+                        "all its retries (default 300)")
+    parser.add_argument("--max_response_bytes", type=int, default=MAX_RESPONSE_BYTES, help="an answer larger "
+                        f"than this is refused unread, a failed request (default {MAX_RESPONSE_BYTES})")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
     parser.add_argument("--max_side", type=int, default=None, help="downscale images to this longest side")
     parser.add_argument("--jpeg", action="store_true", help="send JPEG (q95) instead of PNG")
@@ -698,7 +714,8 @@ def client_from_args(args):
         raise DataError(f"--extra_body: expected a JSON object, got {type(extra).__name__}")
     return VLMClient(args.base_url, args.model, api_key=key or "", timeout=args.timeout, max_retries=args.max_retries,
                      max_concurrency=args.concurrency, max_side=args.max_side, max_tokens=args.max_tokens,
-                     image_format="JPEG" if args.jpeg else "PNG", extra_body=extra)
+                     image_format="JPEG" if args.jpeg else "PNG", extra_body=extra, max_total_time=args.max_total_time,
+                     max_response_bytes=args.max_response_bytes)
 
 
 def _cmd_eval(args):
@@ -752,8 +769,19 @@ def print_report(summary, unit, tag="judge"):
 def _cmd_ping(args):
     rubrics = None if args.rubrics == "none" else read_text(args.rubrics, "rubrics") if args.rubrics else PING_RUBRIC
     prompt, images, source, expected = ping_case(args.task)
+
+    def show(k, orders, order, presentation):  # each request as it goes, and what each order said
+        if presentation is None:
+            print(f"[ping] order {k}/{orders} (candidates shown as {[i + 1 for i in order]}): asking "
+                  f"{public_url(client.base_url)}, at most {1 + judge.max_invalid} request(s) of <= "
+                  f"{client.max_tokens} tokens, {client.timeout:g} s each ...", file=sys.stderr, flush=True)
+        else:
+            said = f"rank {presentation.rank}" if presentation.rank else f"no verdict ({presentation.error})"
+            print(f"[ping] order {k}/{orders}: {excerpt(said, 600)} after {client.usage()['requests']} request(s) "
+                  f"in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     with client_from_args(args) as client, Judge(client, rubrics, task=args.task, swap=not args.no_swap) as judge:
-        verdict = judge.compare(prompt, images, source)
+        started = time.monotonic()
+        verdict = judge.compare_detailed(prompt, images, source, progress=show)[0]
     print(json.dumps({"task": args.task, "prompt": prompt, "expected": expected, **dataclasses.asdict(verdict)}))
     if verdict.rank != expected:
         why = (f"error: {verdict.error}" if verdict.error else
@@ -786,6 +814,7 @@ def main(argv=None):
     add_data_options(ev)
     ping = sub.add_parser("ping", parents=[common], help="judge one synthetic pair with an obvious answer")
     ping.add_argument("--task", choices=["t2i", "edit"], default="t2i")
+    ping.set_defaults(max_tokens=PING_MAX_TOKENS)  # small: a verdict needs few tokens, a broken model wastes them
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -51,6 +51,7 @@ Deliberate deviations from the paper and the official code
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import warnings
@@ -67,6 +68,22 @@ from safetensors import safe_open
 
 import arr_rpo
 from embed_cache import EmbeddingCache, module_identity, tokenizer_identity
+from vlm_client import excerpt
+
+
+class LongPromptWarnings(logging.Filter):
+    """diffusers' pipelines warn about a prompt longer than their tokenizers take by quoting the whole cut-off
+    remainder (11,000 characters of log for one long prompt): the remainder is cut to its first 80 characters and
+    its length."""
+
+    def filter(self, record):
+        head, _, removed = record.getMessage().partition(": ")
+        if "truncated" in head and len(removed) > 80:
+            record.msg, record.args = f"{head}: {excerpt(removed, 80)}", ()
+        return True
+
+
+LONG_PROMPTS = LongPromptWarnings()
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the adapter config in the safetensors header
@@ -129,6 +146,7 @@ class FlowLoraPolicy:
         """
         self.pipe = pipe
         self.transformer = pipe.transformer
+        logging.getLogger(type(pipe).__module__).addFilter(LONG_PROMPTS)  # its logger: diffusers' get_logger(__name__)
         self.device = torch.device(device)
         self.dtype = dtype
         self.mixed_precision = mixed_precision  # e.g. torch.bfloat16: autocast around transformer calls
@@ -196,15 +214,18 @@ class FlowLoraPolicy:
         entry = self.embed_cache.get(key)
         return entry if entry is not None else self.embed_cache.put(key, self._encode_item(item))
 
-    def cache_embeddings(self, items):
+    def cache_embeddings(self, items, progress=None):
         """Encode every item (prompts, or (instruction, source image) pairs) that no cache holds yet; returns how
-        many were encoded. Run it over the whole prompt set, then `release_text_encoders()`."""
+        many were encoded. progress(done, total) after each encoded item (runtime prints it for long files). Run it
+        over the whole prompt set, then `release_text_encoders()`."""
         keyed = {}
         for item in items:
             keyed.setdefault(self._item_key(item), item)
         missing = [(key, item) for key, item in keyed.items() if key not in self.embed_cache]
-        for key, item in missing:
+        for done, (key, item) in enumerate(missing, 1):
             self.embed_cache.put(key, self._encode_item(item))
+            if progress is not None:
+                progress(done, len(missing))
         return len(missing)
 
     def release_text_encoders(self):

@@ -213,11 +213,11 @@ def pointwise_messages(client, prompt, image, rubric, task, source_image=None):
 
 def _pointwise_score(client, item, candidate, rubric, task, retries, cache):
     """(1-5 score of one candidate under one rubric, None) or (None, the error) when the judge failed."""
-    messages = pointwise_messages(client, item.prompt, item.images[candidate], rubric, task, item.source_image)
-    try:
+    try:  # an unreadable image file (vlm_client.ImageError, a ValueError) fails this cell, not the command
+        messages = pointwise_messages(client, item.prompt, item.images[candidate], rubric, task, item.source_image)
         return ask(client, messages, SCORE_SCHEMA, parse_score, retries, cache,
                    f"pointwise score of item at line {item.line}"), None
-    except JudgeError as exc:
+    except (JudgeError, ValueError, OSError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 

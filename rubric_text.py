@@ -91,7 +91,7 @@ def rubric_list(k, retries):
 def read_rubric_list(path):
     """Candidate rubrics from a text file (one per non-empty line, enumeration stripped) or a sidecar JSON."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first rubric
     if path.suffix == ".json":
         try:
             rubrics = json.loads(text)["rubrics"]

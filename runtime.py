@@ -198,19 +198,19 @@ def make_judge(cfg, demo, rubric, task, url=None, model=None):
         components = {name: judge_of_kind(cfg, name, *urls.get(name, (url, model)), rubric, task)
                       for name in weights}
         return (rewards.CompositeJudge(components, weights, cfg.judge_concurrency),
-                f"{url} model {model} (reward {cfg.reward})")
+                f"{public_url(url)} model {model} (reward {cfg.reward})")
     kind = cfg.judge_mode if training or cfg.judge_mode != "rubric_weights" else "rank"
     extra = f", + {cfg.prompt_rubrics_k} rubrics {cfg.prompt_rubrics.replace('_', ' ')}" if (
         kind == "rank" and cfg.prompt_rubrics != "fixed") else ""
-    return judge_of_kind(cfg, kind, url, model, rubric, task), f"{url} model {model} ({kind} judge{extra})"
+    return (judge_of_kind(cfg, kind, url, model, rubric, task),
+            f"{public_url(url)} model {model} ({kind} judge{extra})")
 
 
 def judge_of_kind(cfg, kind, url, model, rubric, task):
     """The served judge of one kind: rank (judge.Judge), score (judge.ScoreJudge) or rubric_weights
     (rewards.RubricWeightJudge)."""
     try:
-        client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env),
-                           max_concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens)
+        client = judge_client(cfg, url, model, max_tokens=cfg.judge_max_tokens)
     except ValueError as e:  # e.g. a key HTTP cannot carry: an input error, not a crash
         raise ConfigError(f"judge at {public_url(url)} (key from ${cfg.judge_api_key_env}): {e}") from None
     if kind == "score":
@@ -225,9 +225,25 @@ def judge_of_kind(cfg, kind, url, model, rubric, task):
     if cfg.prompt_rubrics == "fixed":
         return judge
     from rubrics import GroupRubricJudge  # rubrics made per prompt or group, on a client of their own
-    rubric_client = VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env),
-                              max_concurrency=cfg.judge_concurrency)
-    return GroupRubricJudge(judge, rubric_client, cfg.prompt_rubrics, cfg.prompt_rubrics_k)
+    return GroupRubricJudge(judge, judge_client(cfg, url, model), cfg.prompt_rubrics, cfg.prompt_rubrics_k)
+
+
+def judge_client(cfg, url, model, **options):
+    """A VLMClient for `url` with the run's key, concurrency and request bounds (timeout, retries, total time,
+    response size: no server can hang or flood the run)."""
+    return VLMClient(url, model, api_key=os.environ.get(cfg.judge_api_key_env), max_concurrency=cfg.judge_concurrency,
+                     timeout=cfg.judge_timeout, max_retries=cfg.judge_max_retries,
+                     max_total_time=cfg.judge_max_total_time, max_response_bytes=cfg.judge_max_response_bytes,
+                     **options)
+
+
+def redacted(cfg):
+    """cfg with every URL option passed through vlm_client.public_url (user:password@ and query values masked):
+    what the config line, config.json, the checkpoints and the trackers get. A resume takes the URL (and its
+    secrets) from the command line again."""
+    urls = {f.name: public_url(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if f.name.endswith("_url") and getattr(cfg, f.name)}
+    return dataclasses.replace(cfg, **urls)
 
 
 def make_judges(cfg, demo, rubric, eval_rubric, task, d, judge=None):
@@ -326,7 +342,8 @@ def load_policy(cfg, cls, d, demo, items):
                                  gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
                                  shard_mesh=mesh)
     inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
-    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs)
+    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs,
+                                      progress=Progress("prompts: encoded") if d.rank == 0 else None)
     barrier(d)  # the shared folder is complete before any rank reads from it
     where = policy.release_text_encoders()
     print0(d, f"prompts: {encoded} encoded on rank 0 ({policy.embed_cache.stats['evicted']} did not fit in host "
@@ -336,6 +353,25 @@ def load_policy(cfg, cls, d, demo, items):
         if d.world_size > 1:
             dist.broadcast(p.data, src=0)
     return policy
+
+
+@dataclass
+class Progress:
+    """A progress callback (done, total) for long work: one line "{label} done/total (rate/s, about T s left)" when
+    `every` seconds have passed since the last line, so short work prints nothing and long work shows it moves."""
+    label: str
+    every: float = 10.0
+    clock: object = time.monotonic
+
+    def __post_init__(self):
+        self.started = self.last = self.clock()
+
+    def __call__(self, done, total):
+        now = self.clock()
+        if now - self.last >= self.every and done < total:
+            self.last, rate = now, done / max(now - self.started, 1e-9)
+            print(f"{self.label} {done}/{total} ({rate:.1f}/s, about {(total - done) / rate:.0f} s left)",
+                  flush=True)
 
 
 def memory_warning(cfg, world_size, gpu_bytes):
@@ -542,14 +578,14 @@ def print0(d, *args):
 def start_logs(run):
     """Rank 0: config.json, metrics.jsonl (truncated after the resumed step), optional wandb / TensorBoard."""
     run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1) + "\n")
+    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
     metrics = run.out / "metrics.jsonl"
     kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() and run.step else [])
             if json.loads(line)["step"] <= run.step]
     metrics.write_text("".join(line + "\n" for line in kept))
     if run.cfg.log_with == "wandb":
         import wandb
-        run.tracker = wandb.init(project="arr-rpo", config=dataclasses.asdict(run.cfg), dir=str(run.out))
+        run.tracker = wandb.init(project="arr-rpo", config=dataclasses.asdict(redacted(run.cfg)), dir=str(run.out))
     elif run.cfg.log_with == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         run.tracker = SummaryWriter(str(run.out / "tensorboard"))
@@ -630,7 +666,7 @@ def save_checkpoint(run):
                     "lora_digests": digests,
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
                    tmp / "trainer_state.pt")
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1) + "\n")
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

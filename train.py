@@ -156,6 +156,14 @@ class Config:
     judge_concurrency: int = beyond(8, "judge requests in flight per rank", "ours", valid=at_least(1))
     judge_max_tokens: int | None = beyond(None, "completion tokens per judge request (unset: 1024; <= 6 requests "
                                                 "per judgment)", "ours", valid=at_least(1))
+    judge_timeout: float = beyond(60.0, "seconds one judge request may take, answer included (a server that "
+                                        "sends slowly cannot stretch it)", "ours", valid=above(0))
+    judge_max_retries: int = beyond(4, "retries of a judge request on connection errors, timeouts, 408/409/429/5xx",
+                                    "ours", valid=at_least(0))
+    judge_max_total_time: float = beyond(300.0, "seconds one judge request may take with all its retries", "ours",
+                                         valid=above(0))
+    judge_max_response_bytes: int = beyond(8 * 2 ** 20, "a judge answer larger than this is refused unread "
+                                                        "(a failed judgment)", "ours", valid=at_least(1024))
     judge_check_data: str | None = beyond(None, "labelled pairs judged at step 0 and every judge_check_every: "
                                                 "the drift alarm", "ours")
     judge_check_every: int = beyond(25, "windows between judge checks on judge_check_data", "ours",
@@ -234,6 +242,7 @@ import runtime  # noqa: E402
 from cli import ConfigError  # noqa: E402
 from data import DataError, open_source  # noqa: E402
 from runtime import RunStopped, warmup_factor  # noqa: E402
+from vlm_client import redact  # noqa: E402
 
 POLICIES = {"flux": policy_lib.FluxPolicy, "qwen_edit": policy_lib.QwenEditPolicy}
 
@@ -518,7 +527,7 @@ def prepare(cfg, d, judge=None):
     items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
     cfg = replace(cfg, output_dir=str(out))
-    runtime.print0(d, f"config: {cli.changed(cfg, Config)} (every option: {out / 'config.json'})")
+    runtime.print0(d, f"config: {cli.changed(runtime.redacted(cfg), Config)} (every option: {out / 'config.json'})")
     judge, eval_judge = runtime.make_judges(cfg, demo, rubric, eval_rubric, cls.task, d, judge)
     try:
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once
@@ -601,10 +610,10 @@ def main(argv=None):
     try:
         return train(make_config(argv))
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(e)}", file=sys.stderr)  # redact: no URL secret in any message
         return 2
     except RunStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        print(f"stopped: {redact(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("aborted without saving a checkpoint", file=sys.stderr)

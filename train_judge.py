@@ -82,7 +82,7 @@ from PIL import Image
 import data
 import judge
 from data import DataError
-from vlm_client import ANSWER_TAG, JudgeError, failure_reasons, is_url, map_concurrently, parse_answer, \
+from vlm_client import ANSWER_TAG, JudgeError, excerpt, failure_reasons, is_url, map_concurrently, parse_answer, \
     parse_scores, usage_report
 
 # ------------------------------------------------------------------------------------------------ rewards
@@ -481,15 +481,16 @@ def merge(base, adapter, out, bf16=False, max_pixels=None):
 
 def _ask(client, item, images, low, high, templates):
     """(answer text, scores or None, error or None) of one request that shows `images` in this order."""
-    parts = [{"type": "image_url", "image_url": {"url": client.encode(image)}} for image in images]
     criterion = item.criterion if isinstance(item, ScoredItem) else None
-    try:
+    try:  # a malformed reply is a ReplyError (vlm_client.extract_text), an unreadable image file a ValueError
+        parts = [{"type": "image_url", "image_url": {"url": client.encode(image)}} for image in images]
         text = client.chat(judge.score_messages(item.prompt, parts, low, high, criterion, templates))
-    except JudgeError as exc:
-        return "", None, str(exc)
+    except (JudgeError, ValueError, OSError) as exc:
+        return "", None, str(exc) if isinstance(exc, JudgeError) else f"{type(exc).__name__}: {exc}"
     scores = parse_scores(parse_answer(text), len(images), low, high)
-    problem = f"no {len(images)} score(s) in [{low:g}, {high:g}] in the answer: {text[-200:]!r}"
-    return text, scores, None if scores is not None else problem
+    problem = client.redact(f"no {len(images)} score(s) in [{low:g}, {high:g}] in the answer: {text[-200:]!r}")
+    # the answer kept in the results file is bounded too: a flood of reasoning never fills the disk
+    return excerpt(text, judge.REASON_CHARS), scores, None if scores is not None else problem
 
 
 def judge_item(client, item, low, high, templates, swap, settings):

@@ -2,7 +2,10 @@
 
 Everything here is about talking to a server, nothing about judging: `VLMClient` (requests; retries with backoff,
 jitter and Retry-After; structured-output fallbacks; every answer and error shape of vLLM, SGLang, llama.cpp,
-Ollama, OpenAI and Gemini; a bound on requests in flight across threads; no API key in any log or error),
+Ollama, OpenAI and Gemini, and any malformed one as a named ReplyError; a bound on requests in flight across
+threads; a wall-clock deadline and a size cap per request; no redirect followed; no API key in any log or error),
+`public_url` / `redact` (the one redaction of URLs and secrets in everything printed or saved), `read_image` /
+`to_rgb` (image files checked for size before reading and decoded whole; 16-bit and palette pixels converted right),
 `ResponseCache` (sqlite answers keyed by request, for resuming), answer parsing (`extract_text`, `extract_json`,
 `strip_thinking`; `parse_answer` / `parse_scores` for <think>/<answer> replies), `encode_image`,
 `VLMClient.ask_json` (the one re-ask loop for malformed replies), `VLMClient.usage` (requests sent and the tokens
@@ -22,9 +25,13 @@ Deliberate deviations from the official code (its OpenAI-SDK client)
        extra_body.
     2. Failures are explicit and bounded: a request that fails for good raises JudgeError naming the URL, model,
        HTTP status and server message; 400/401/403/404 and quota errors are not retried; the total time of one
-       request's retries is capped. The official client retries nothing and crashes the trainer on an error.
-    3. A malformed reply is re-asked with the bad answer and the complaint appended (a new request), so a
-       temperature-0 model is not asked the identical question again and a cache replays a run faithfully.
+       request's retries is capped; each request ends at a wall-clock deadline that a slow-dripping server cannot
+       stretch (a timer shuts its socket), an answer past max_response_bytes is refused unread, and a redirect is
+       refused rather than re-sending the request elsewhere. The official client retries nothing and crashes the
+       trainer on an error.
+    3. A malformed reply is re-asked with a bounded excerpt of the bad answer and the complaint appended (a new
+       request), so a temperature-0 model is not asked the identical question again and a cache replays a run
+       faithfully.
 """
 import base64
 import email.utils
@@ -35,13 +42,16 @@ import logging
 import os
 import random
 import re
+import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import requests
+import urllib3
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,10 @@ FORMAT_LEVELS = ("json_schema", "json_object", "prompt_only")  # structured-outp
 RETRY_STATUS = (408, 409, 429)  # plus every 5xx
 QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "billing_not_active")
 USAGE_KEYS = ("requests", "prompt_tokens", "completion_tokens", "unreported", "cache_hits")
+MAX_RESPONSE_BYTES = 8 * 2 ** 20  # a verdict is a few hundred bytes: a body past the cap is refused, not read on
+EXCERPT_CHARS = 200  # what an error, a failure reason or a re-ask quotes of an unusable answer
+REASK_CHARS = 2000   # the bad answer shown back in a re-ask, at most
+MAX_NESTING = 32     # content parts nested deeper than this are a malformed reply, not a recursion
 
 
 class JudgeError(Exception):
@@ -82,32 +96,68 @@ def is_url(value):
     return isinstance(value, str) and value.startswith(("http://", "https://", "data:"))
 
 
-def encode_image(image, image_format="PNG", max_side=None, jpeg_quality=95):
+MAX_IMAGE_BYTES = 64 * 2 ** 20  # an image file larger than this is refused before it is read
+SENT_AS_IS = ("RGB", "RGBA", "L", "LA", "P")  # 8-bit modes every server decodes right; others are converted
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used: too large, truncated, or not an image. The message names the file."""
+
+
+def read_image(image, max_bytes=MAX_IMAGE_BYTES):
+    """(the file's bytes, its decoded PIL image) for a path or bytes, checked in this order: the size before
+    anything is read (a huge file is never read whole), then a full decode (a truncated file is an error here,
+    not garbage sent on). Raises ImageError naming the file."""
+    name = str(image) if isinstance(image, (str, os.PathLike)) else "image bytes"
+    try:
+        size = Path(image).stat().st_size if isinstance(image, (str, os.PathLike)) else len(image)
+        if size > max_bytes:
+            raise ImageError(f"{name}: {size} bytes, over the {max_bytes}-byte cap for an image; not read")
+        raw = Path(image).read_bytes() if isinstance(image, (str, os.PathLike)) else bytes(image)
+        pil = Image.open(io.BytesIO(raw))
+        pil.load()
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL raises several types for truncated or foreign files, and bombs
+        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+    return raw, pil
+
+
+def to_rgb(pil):
+    """An RGB image of any PIL mode with its colours right: 16- and 32-bit grey ("I;16", "I") scaled to 8 bits (a
+    plain convert clips them: 32768 of 65535 would be white), float grey ("F") read as 0..1 when it fits there,
+    palette and alpha images composited over white (a transparent palette entry is not its colour)."""
+    if pil.mode.startswith("I") or pil.mode == "F":  # grey beyond 8 bits; + 0.5 rounds (convert truncates)
+        scale = 255 if pil.mode == "F" and pil.getextrema()[1] <= 1 else 1 if pil.mode == "F" else 1 / 257
+        wide = pil if pil.mode == "F" else pil.convert("I")
+        return wide.point(lambda v: v * scale + 0.5).convert("L").convert("RGB")
+    if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
+        rgba = pil.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return pil.convert("RGB")
+
+
+def encode_image(image, image_format="PNG", max_side=None, jpeg_quality=95, max_bytes=MAX_IMAGE_BYTES):
     """A data URL for a PIL image, encoded bytes or a file path; http(s) and data URLs are returned unchanged.
 
-    Files and bytes already in image_format and within max_side are sent as they are (no re-encoding), so their
-    digest, and hence the cache key, is the digest of the file.
+    Files and bytes already in image_format, in an 8-bit mode and within max_side are sent as they are (no
+    re-encoding), so their digest, and hence the cache key, is the digest of the file; others are converted with
+    to_rgb. Files and bytes are read with read_image (size cap, then a full decode: ImageError names the file).
     """
     if is_url(image):
         return image
     image_format = image_format.upper().replace("JPG", "JPEG")
-    raw = None
-    if isinstance(image, (str, os.PathLike)):
-        raw = Path(image).read_bytes()
-    elif isinstance(image, (bytes, bytearray)):
-        raw = bytes(image)
-    pil = Image.open(io.BytesIO(raw)) if raw is not None else image
+    is_file = isinstance(image, (str, os.PathLike, bytes, bytearray))
+    raw, pil = read_image(image, max_bytes) if is_file else (None, image)
     if not isinstance(pil, Image.Image):
         raise TypeError(f"cannot encode {type(image).__name__} as an image (PIL image, bytes, path or URL expected)")
     too_big = max_side is not None and max(pil.size) > max_side
-    if raw is None or too_big or pil.format != image_format:
+    if raw is None or too_big or pil.format != image_format or pil.mode not in SENT_AS_IS:
+        if pil.mode not in SENT_AS_IS or (image_format == "JPEG" and pil.mode != "RGB"):
+            pil = to_rgb(pil)  # JPEG has no alpha; 16-bit grey would be clipped to white by the server
         if too_big:
             scale = max_side / max(pil.size)
             pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.LANCZOS)
-        if image_format == "JPEG" and pil.mode != "RGB":
-            pil = pil.convert("RGB")  # JPEG has no alpha
-        elif pil.mode not in ("RGB", "RGBA", "L", "LA", "P"):
-            pil = pil.convert("RGB")
         buffer = io.BytesIO()
         pil.save(buffer, format=image_format, **({"quality": jpeg_quality} if image_format == "JPEG" else {}))
         raw = buffer.getvalue()
@@ -153,26 +203,46 @@ def strip_thinking(text):
     return text
 
 
-def _content_text(content):
+def _content_text(content, depth=0):
+    """The text of message content: a string, null, a {"text": ..} part or a list of those (nested at most
+    MAX_NESTING deep); any other type is a malformed reply."""
+    if depth > MAX_NESTING:
+        raise ReplyError(f"malformed reply: message content nested deeper than {MAX_NESTING} levels")
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, dict):
-        return content.get("text") if isinstance(content.get("text"), str) else ""
+    if isinstance(content, dict):  # a part: {"type": "text", "text": ..}; other parts (images) hold no text
+        text = content.get("text")
+        if isinstance(text, (str, list)):
+            return _content_text(text, depth + 1)
+        if "type" not in content:
+            raise ReplyError(f"malformed reply: message content is an object without text ({excerpt(content, 40)})")
+        return ""
     if isinstance(content, list):
-        return "".join(_content_text(part) for part in content)
-    return ""
+        return "".join(_content_text(part, depth + 1) for part in content)
+    raise ReplyError(f"malformed reply: message content is a {type(content).__name__} ({excerpt(content, 40)})")
 
 
 def extract_text(payload):
     """The answer text of a chat-completions response: content as str, null or a list of parts; the reasoning /
-    reasoning_content field when content is empty; think blocks stripped. Raises ReplyError when nothing is left."""
-    if not isinstance(payload, dict) or not payload.get("choices"):
-        message = server_message(payload)
+    reasoning_content field when content is empty; think blocks stripped. The one reader of a reply's shape: any
+    malformed one (no choices, a choice or message that is not an object, content of another type or nested past
+    MAX_NESTING) raises ReplyError "malformed reply: ..." (re-asked, then a counted failure), as does an empty
+    answer; never another exception."""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not choices:
+        message = excerpt(server_message(payload), 300)
         raise ReplyError(f"response has no choices{': ' + message if message else ''}")
-    choice = payload["choices"][0]
-    message = choice.get("message") or {}
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        shape = type(choices).__name__ if not isinstance(choices, list) else f"list of {type(choices[0]).__name__}"
+        raise ReplyError(f"malformed reply: choices is a {shape}, not a list of objects ({excerpt(choices, 40)})")
+    choice = choices[0]
+    message = choice.get("message")
+    if message is None:
+        raise ReplyError(f"malformed reply: choices[0] has no message ({excerpt(choice, 60)})")
+    if not isinstance(message, dict):
+        raise ReplyError(f"malformed reply: choices[0].message is a {type(message).__name__}, not an object")
     text = strip_thinking(_content_text(message.get("content"))).strip()
     if not text:
         for key in ("reasoning_content", "reasoning"):  # reasoning parsers move the whole reply here on some servers
@@ -182,6 +252,7 @@ def extract_text(payload):
                 break
     if not text:
         finish = choice.get("finish_reason")
+        finish = finish if isinstance(finish, (str, type(None))) else excerpt(finish, 20)
         hint = "; raise max_tokens (thinking models spend it before answering)" if finish == "length" else ""
         raise ReplyError(f"empty answer (finish_reason={finish}){hint}")
     return text
@@ -195,7 +266,7 @@ def extract_json(text):
     for candidate in candidates:
         try:
             value = json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's stack
             continue
         if isinstance(value, dict):
             return value
@@ -203,14 +274,14 @@ def extract_json(text):
     while i != -1:
         try:
             value, end = decoder.raw_decode(text, i)
-        except ValueError:
+        except (ValueError, RecursionError):
             i = text.find("{", i + 1)
             continue
         if isinstance(value, dict):
             found = value
         i = text.find("{", end)  # skip the object's insides: only top-level objects count
     if found is None:
-        raise ReplyError(f"no JSON object in the answer: {text[:200]!r}")
+        raise ReplyError(f"no JSON object in the answer: {excerpt(text)!r}")
     return found
 
 
@@ -315,9 +386,161 @@ def _retry_after(headers):
 
 
 def public_url(url):
-    """url without credentials (user:password@) or query string, for errors, logs and sidecars."""
-    match = re.match(r"^([a-z]+://)(?:[^@/]*@)?([^?#]*)", url, re.IGNORECASE)
-    return match.group(1) + match.group(2) if match else ""
+    """url with its secrets masked, the one redaction of every URL the project prints or saves: user:password@
+    becomes ***@ and every query value *** (raw or URL-encoded alike: the value is masked whatever its spelling),
+    e.g. http://u:pw@host:8000/v1?key=s -> http://***@host:8000/v1?key=***. The fragment is dropped."""
+    match = re.match(r"^([a-z][a-z0-9+.-]*://)?([^@/?#]*@)?([^?#]*)(?:\?([^#]*))?", str(url), re.IGNORECASE)
+    scheme, userinfo, rest, query = match.groups()  # no scheme (a mistyped URL) is masked the same way
+    masked = "&".join(part.split("=", 1)[0] + "=***" if "=" in part else "***" for part in query.split("&")) \
+        if query else ""
+    return (scheme or "") + ("***@" if userinfo else "") + rest + (f"?{masked}" if query else "")
+
+
+_URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
+
+
+def url_secrets(url):
+    """The secret parts of a URL as written: its userinfo (user:password, and the password; a lone user name is a
+    token) and each query value. redact() masks them in every spelling (spellings())."""
+    match = re.match(r"^[a-z][a-z0-9+.-]*://(?:([^@/?#]*)@)?[^?#]*(?:\?([^#]*))?", str(url), re.IGNORECASE)
+    if not match:
+        return []
+    userinfo, query = match.groups()
+    parts = [userinfo, userinfo.split(":", 1)[-1]] if userinfo else []
+    parts += [part.split("=", 1)[1] if "=" in part else part for part in (query or "").split("&") if part]
+    return [part for part in dict.fromkeys(parts) if part]
+
+
+def spellings(secrets):
+    """Each secret as written, URL-decoded, URL-encoded (both ways requests and urllib do it) and repr-escaped,
+    longest first (so a longer spelling is masked before a shorter one inside it)."""
+    forms = set()
+    for secret in secrets:
+        for form in (secret, urllib.parse.unquote(secret), urllib.parse.unquote_plus(secret)):
+            forms |= {form, urllib.parse.quote(form, safe=""), urllib.parse.quote_plus(form),
+                      requests.utils.requote_uri(form), repr(form)[1:-1]}
+    return sorted((form for form in forms if len(form) >= 3), key=len, reverse=True)
+
+
+def _mask_query(match):
+    return "?" + "&".join(part.split("=", 1)[0] + "=***" for part in match.group(1).split("&"))
+
+
+_QUERY_IN_TEXT = re.compile(r"(?<=[\w/])\?((?:[^\s'\"<>#&=]+=[^\s'\"<>#&]*&?)+)")  # "/v1/x?key=s" in an error
+
+
+def redact(text, secrets=()):
+    """text with every URL in it masked as public_url masks it (also a path's query string, as requests quotes it:
+    "url: /v1/chat/completions?key=..."), and every string of `secrets` (spellings() of them) replaced by ***. What
+    the client applies to every error and log line, and the runtime to every line and file that holds a URL."""
+    text = _URL_IN_TEXT.sub(lambda m: public_url(m.group(0)), str(text))
+    text = _QUERY_IN_TEXT.sub(_mask_query, text)
+    for secret in spellings(secrets):
+        text = text.replace(secret, "***")
+    return text
+
+
+def excerpt(text, limit=EXCERPT_CHARS):
+    """text cut to `limit` characters, saying how long it was: what errors and records quote of an answer."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... [{len(text)} characters]"
+
+
+# ------------------------------------------------------------------------------------------------- transport
+
+_ON_WIRE = threading.local()  # .deadline: the _Deadline of the request this thread has on the wire
+
+
+class _Deadline:
+    """The wall-clock limit of one request, which no server can stretch: when it passes, a timer shuts the
+    request's socket down, which ends the connect, send or read blocked on it (a server that drips one byte at a
+    time resets a per-read timeout forever, not this). The socket is attached by _WatchedConnection."""
+
+    def __init__(self, seconds):
+        self.seconds, self.expired, self._sock, self._lock = seconds, False, None, threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def attach(self, sock):
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                _shutdown(sock)
+
+    def _expire(self):
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+    def close(self):
+        self._timer.cancel()
+        with self._lock:
+            self._sock = None  # the request is over: its (reusable) connection is no longer ours to shut
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+class _Watched:
+    """Mixin of urllib3 connections: the socket of every request (new or reused connection) goes to the calling
+    thread's _Deadline."""
+
+    def connect(self):
+        super().connect()
+        self._watch()
+
+    def request(self, *args, **kwargs):
+        self._watch()
+        return super().request(*args, **kwargs)
+
+    def _watch(self):
+        deadline = getattr(_ON_WIRE, "deadline", None)
+        if deadline is not None and self.sock is not None:
+            deadline.attach(self.sock)
+
+
+class _WatchedConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _WatchedPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+WATCHED_POOLS = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections report their sockets to the request's _Deadline (direct and through an
+    HTTP proxy; a SOCKS proxy keeps its own pools, and there the deadline is checked between reads only)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy, **kwargs):
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if type(manager) is urllib3.ProxyManager:
+            manager.pool_classes_by_scheme = WATCHED_POOLS
+        return manager
+
+
+class _TooLarge(JudgeError):
+    """A body past max_response_bytes (not retried: the same request would get the same flood)."""
 
 
 # --------------------------------------------------------------------------------------------------------- cache
@@ -376,7 +599,8 @@ class VLMClient:
     def __init__(self, base_url, model, api_key=None, timeout=60.0, max_retries=4, max_concurrency=8, *,
                  connect_timeout=10.0, backoff_base=0.5, backoff_max=30.0, max_total_time=300.0, temperature=0.0,
                  structured_output="json_schema", image_format="PNG", max_side=None, jpeg_quality=95,
-                 token_param="max_tokens", max_tokens=None, extra_body=None, cache=None, seed=None):
+                 token_param="max_tokens", max_tokens=None, extra_body=None, cache=None, seed=None,
+                 max_response_bytes=MAX_RESPONSE_BYTES):
         if not str(base_url).startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if structured_output not in FORMAT_LEVELS:
@@ -384,7 +608,15 @@ class VLMClient:
         if int(max_concurrency) < 1 or int(max_retries) < 0:  # 0 slots would wait forever
             raise ValueError(f"max_concurrency must be >= 1 and max_retries >= 0, got {max_concurrency!r} and "
                              f"{max_retries!r}")
-        self.base_url = str(base_url).rstrip("/").removesuffix("/chat/completions")
+        if not (float(timeout) > 0 and float(max_total_time) > 0 and int(max_response_bytes) >= 1024):
+            raise ValueError(f"timeout and max_total_time must be > 0 s and max_response_bytes >= 1024, got "
+                             f"{timeout!r}, {max_total_time!r} and {max_response_bytes!r}")
+        # the query string (a key some gateways take there) stays after the path: .../v1/chat/completions?key=...
+        parts = urllib.parse.urlsplit(str(base_url))
+        path = parts.path.rstrip("/").removesuffix("/chat/completions")
+        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+        self._url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, f"{path}/chat/completions", parts.query, ""))
+        self.max_response_bytes = int(max_response_bytes)
         self.model = model
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self.max_retries, self.max_concurrency = int(max_retries), int(max_concurrency)
@@ -405,10 +637,8 @@ class VLMClient:
         except UnicodeEncodeError:
             raise ValueError("the API key holds a character an HTTP header cannot carry (a typographic dash or quote "
                              "pasted from a web page?); check the key's variable") from None
-        self._url = f"{self.base_url}/chat/completions"
         # user:password@ and the query string of the URL are secrets too: requests' exceptions quote them
-        parts = re.match(r"^[a-z]+://(?:([^@/]*)@)?[^?#]*(?:\?([^#]*))?", self.base_url, re.IGNORECASE)
-        self._url_secrets = [part for part in parts.groups() if part]
+        self._url_secrets = url_secrets(self.base_url)
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -491,24 +721,22 @@ class VLMClient:
             else:
                 try:
                     return parse(extract(text))
-                except (ReplyError, ValueError) as exc:
-                    problem = str(exc)
+                except (ReplyError, ValueError, RecursionError) as exc:
+                    problem = excerpt(exc, 500)  # a parser may quote the whole bad value
             follow_up = {"role": "user", "content": reask(problem)}
-            current = messages + ([{"role": "assistant", "content": text}] if text else []) + [follow_up]
-        raise ReplyError(f"unusable reply after {1 + retries} attempt(s): {problem}")
+            # a bounded excerpt of the bad answer: a flood is not sent back (nor re-billed) on every re-ask
+            shown = [{"role": "assistant", "content": excerpt(text, REASK_CHARS)}] if text else []
+            current = messages + shown + [follow_up]
+        raise ReplyError(self.redact(f"unusable reply after {1 + retries} attempt(s): {problem}"))
 
     # -- internals
-    def _redact(self, text):
-        secrets = list(self._url_secrets)
-        if self._key.value:
-            # exceptions often quote the header with repr(), which escapes characters the raw key holds
-            secrets += [self._key.value, repr(self._key.value)[1:-1]]
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
+    def redact(self, text):
+        """text with this client's key and URL secrets masked in every spelling (vlm_client.redact)."""
+        # exceptions often quote the header with repr(), which escapes characters the raw key holds: spellings()
+        return redact(text, self._url_secrets + ([self._key.value] if self._key.value else []))
 
     def _fail(self, detail):
-        return self._redact(f"{public_url(self._url)} (model {self.model!r}): {detail}")
+        return self.redact(f"{public_url(self._url)} (model {self.model!r}): {detail}")
 
     def _session(self):
         session = getattr(self._local, "session", None)
@@ -520,7 +748,7 @@ class VLMClient:
             session.trust_env = False
             session.proxies.update(settings["proxies"])
             session.verify = settings["verify"]
-            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+            adapter = _WatchedAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session
@@ -540,7 +768,7 @@ class VLMClient:
         with self._lock:
             if self._format_level == level:
                 self._format_level = level + 1
-                log.warning("%s", self._redact(f"{public_url(self.base_url)} rejected response_format "
+                log.warning("%s", self.redact(f"{public_url(self.base_url)} rejected response_format "
                                                f"{FORMAT_LEVELS[level]} ({message}); "
                                                f"using {FORMAT_LEVELS[level + 1]} from now on"))
 
@@ -587,43 +815,81 @@ class VLMClient:
             headers["Authorization"] = f"Bearer {self._key.value}"
         return headers
 
+    def _exchange(self, body, seconds):
+        """(HTTP status, headers, body bytes) of one POST, over within `seconds` whatever the server does (a
+        _Deadline; a drip ends there), redirects not followed, at most max_response_bytes read. Raises requests'
+        ConnectionError / Timeout (retried by _post) or _TooLarge."""
+        deadline = _ON_WIRE.deadline = _Deadline(seconds)
+        try:
+            with self._session().post(self._url, json=body, headers=self._headers(), stream=True,
+                                      allow_redirects=False,  # a redirect would re-send images, rubric and key
+                                      timeout=(min(self.connect_timeout, seconds), seconds)) as response:
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > self.max_response_bytes:
+                    raise _TooLarge(f"the answer is {int(declared)} bytes, over max_response_bytes="
+                                    f"{self.max_response_bytes} (--max_response_bytes); not read")
+                chunks, size = [], 0
+                for chunk in response.iter_content(65536):  # decoded: a compressed flood is capped as well
+                    size += len(chunk)
+                    if size > self.max_response_bytes:
+                        raise _TooLarge(f"the answer passed max_response_bytes={self.max_response_bytes} "
+                                        "(--max_response_bytes); the rest was not read")
+                    chunks.append(chunk)
+                    if deadline.expired:
+                        break
+                if not deadline.expired:
+                    return response.status_code, response.headers, b"".join(chunks)
+        except requests.RequestException:
+            if not deadline.expired:
+                raise
+        finally:
+            deadline.close()
+            _ON_WIRE.deadline = None
+        raise requests.Timeout(f"no complete answer within {seconds:.3g} s (the deadline of one request: timeout, "
+                               "or what is left of max_total_time)")
+
     def _post(self, body):
         """POST with the retry table; the parsed JSON body of a 200 answer."""
         attempts, started, last = self.max_retries + 1, None, ""
         for attempt in range(1, attempts + 1):
-            response, retry_after = None, None
+            answer, retry_after = None, None
             with self._slots:
                 if started is None:
                     started = time.monotonic()  # waiting for a slot is not the server's fault: start the clock here
                 self._count(requests=1)
                 remaining = max(0.01, self.max_total_time - (time.monotonic() - started))
                 try:
-                    response = self._session().post(self._url, json=body, headers=self._headers(),
-                                                    timeout=(min(self.connect_timeout, remaining),
-                                                             min(self.timeout, remaining)))
+                    answer = self._exchange(body, min(self.timeout, remaining))
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                     last = f"{type(exc).__name__}: {exc}"
+                except _TooLarge as exc:
+                    raise JudgeError(self._fail(str(exc))) from None
                 except requests.RequestException as exc:
                     raise JudgeError(self._fail(f"{type(exc).__name__}: {exc}")) from None
-            if response is not None:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        raise JudgeError(self._fail(f"HTTP 200 but the body is not JSON ({response.text[:200]!r}); "
-                                                    "does base_url end in /v1?")) from None
+            if answer is not None:
+                status, headers, raw = answer
                 try:
-                    payload = response.json()
-                except ValueError:
+                    payload = json.loads(raw)
+                except (ValueError, RecursionError):  # RecursionError: JSON nested past the parser's stack
                     payload = None
-                message = server_message(payload) or response.text[:300].strip() or str(response.reason)
-                status = response.status_code
+                text = raw.decode("utf-8", "replace")
+                if status == 200:
+                    if payload is None:
+                        raise JudgeError(self._fail(f"HTTP 200 but the body is not JSON ({excerpt(text)!r}); does "
+                                                    "base_url end in /v1?"))
+                    return payload
+                if 300 <= status < 400:
+                    where = public_url(urllib.parse.urljoin(self._url, headers.get("Location", "")))
+                    raise JudgeError(self._fail(f"HTTP {status}: a redirect to {where}, not followed (it would send "
+                                                "the images, prompt, rubric and key there); set the base URL to "
+                                                "the address that answers"))
+                message = excerpt(server_message(payload) or text.strip(), 300) or f"HTTP {status}"
                 last = f"HTTP {status}: {message}"
                 if status in (400, 422) and "response_format" in body and _rejects_format(message):
-                    raise _FormatRejected(self._redact(message))
+                    raise _FormatRejected(self.redact(message))
                 if not (status in RETRY_STATUS or 500 <= status < 600) or _is_quota(payload):
                     raise JudgeError(self._fail(last + _hint(status, message)))
-                retry_after = _retry_after(response.headers)
+                retry_after = _retry_after(headers)
             if attempt == attempts:
                 break
             delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * (0.5 + 0.5 * self._rng.random())
@@ -655,18 +921,23 @@ def failure_kind(error):
 
 def failure_reasons(errors, limit=5):
     """[[count, reason], ...] over the distinct kinds (failure_kind) of `errors` (None and "" skipped), most frequent
-    first, so a model that answers different garbage every time shows as one reason. Beyond `limit` reasons the rest
-    are summed into one entry. The errors are this module's (or built on them), hence already redacted."""
-    counts = {}
+    first, so a model that answers different garbage every time shows as one reason; a reason whose answer was
+    shortened to '...' ends with a bounded excerpt of its first answer, "(first: '...')", so the summary shows what
+    the model said. Beyond `limit` reasons the rest are summed into one entry. The errors are this module's (or
+    built on them), hence already redacted; the excerpt is redacted once more (redact)."""
+    counts, examples = {}, {}
     for error in errors:
         if error:
             reason = failure_kind(error)
             counts[reason] = counts.get(reason, 0) + 1
+            if reason not in examples:
+                quoted = _LONG_QUOTE.search(error)
+                examples[reason] = f" (first: {redact(excerpt(quoted.group(0)[2:], 80))})" if quoted else ""
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     if len(ranked) > limit:
         rest = ranked[limit:]
         ranked = ranked[:limit] + [(f"({len(rest)} other reasons)", sum(count for _, count in rest))]
-    return [[count, reason] for reason, count in ranked]
+    return [[count, reason + examples.get(reason, "")] for reason, count in ranked]
 
 
 def usage_report(before, after, units):

@@ -10,10 +10,10 @@ A weighted-rubric score request (rewards.RubricWeightJudge) gets every rubric gr
         fake.script("500", "fenced")      # the next two requests misbehave, in this order
         fake.reject_json_schema = True    # answer 400 to response_format json_schema
 
-Attributes read by tests: requests (JSON bodies), headers, times (arrival, time.monotonic), connections,
-max_in_flight, usage (the usage object of every 200 answer that carried one: prompt_tokens grows with the request's
-size, completion_tokens with the answer's, so sums over requests are distinctive). Settings: latency, handler,
-reject_json_schema, reject_json_object, retry_after, hang_seconds.
+Attributes read by tests: requests (JSON bodies), paths (with the query string), headers, times (arrival,
+time.monotonic), connections, max_in_flight, usage (the usage object of every 200 answer that carried one:
+prompt_tokens grows with the request's size, completion_tokens with the answer's, so sums over requests are
+distinctive). Settings: latency, handler, reject_json_schema, reject_json_object, retry_after, hang_seconds.
 
 As a separate process (bench.py, or trying the CLI by hand): `python tests/fake_vlm.py --latency 0.1` prints its
 URL, serves until stdin closes, then prints {"requests": ..., "max_in_flight": ..., "connections": ...}.
@@ -125,6 +125,7 @@ class FakeVLM:
         self.retry_after = "1"
         self.hang_seconds = 5.0
         self.requests = []
+        self.paths = []  # the request path (and query) of every POST
         self.usage = []
         self.headers = []
         self.times = []
@@ -304,7 +305,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if not self.path.rstrip("/").endswith("/chat/completions"):
+        self.fake.paths.append(self.path)
+        if not self.path.split("?")[0].rstrip("/").endswith("/chat/completions"):
             self._send(404, _nested(f"no route {self.path}", "NotFoundError"), {})
             return
         try:

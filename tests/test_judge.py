@@ -371,9 +371,13 @@ def test_failure_reasons_are_on_stderr_without_out(tmp_path, rubric, capsys):
         assert eval_cli(fake, data, rubric) == 1
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("[judge] failed")]
-    assert lines == ["[judge] failed 4 x: unusable reply after 3 attempt(s): no JSON object in the answer: '...'"]
-    assert summary_of(captured.out)["failure_reasons"] == [
-        [4, "unusable reply after 3 attempt(s): no JSON object in the answer: '...'"]]
+    kind = "unusable reply after 3 attempt(s): no JSON object in the answer: '...'"
+    # one reason for the 4 different answers, and a bounded excerpt of the first so the user sees what was said
+    (line,) = lines
+    assert line.startswith(f"[judge] failed 4 x: {kind} (first: 'I like both.") and line.endswith(")")
+    assert len(line) < len(kind) + 140  # bounded: "... [N characters]" past 80
+    ((count, reason),) = summary_of(captured.out)["failure_reasons"]
+    assert count == 4 and line == f"[judge] failed 4 x: {reason}"
 
 
 def test_server_errors_are_named_with_counts_and_the_key_redacted(tmp_path, rubric, capsys, fake):

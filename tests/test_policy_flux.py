@@ -3,6 +3,8 @@ in code.
 
 Run: python -m pytest tests/test_policy_flux.py -q   (about 5 s on 2 cores)
 """
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +184,22 @@ def test_rollout_rejects_bad_arguments(flux):
         flux.rollout(PROMPTS, sigmas=[1.0, 0.5, 0.6, 0.0], height=32, width=32)
     with pytest.raises(ValueError, match="guidance"):
         flux.rollout(PROMPTS, guidance=None, height=32, width=32)
+
+
+def test_a_long_prompt_is_summarised_in_the_log_and_encoding_reports_progress(flux):
+    """diffusers quotes the whole cut-off remainder of a prompt longer than CLIP's 77 tokens (and T5's 512): the
+    policy's filter leaves its first 80 characters and its length; cache_embeddings calls progress per prompt."""
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(type(flux.pipe).__module__)
+    logger.addHandler(handler)
+    calls = []
+    try:
+        prompts = ["a red apple on a table " * 500, "short"]  # 11,500 characters: cut by both tokenizers
+        assert flux.cache_embeddings(prompts, progress=lambda done, total: calls.append((done, total))) == 2
+    finally:
+        logger.removeHandler(handler)
+    truncations = [message for message in seen if "truncated" in message]
+    assert truncations and all(len(message) < 300 and "characters]" in message for message in truncations)
+    assert calls == [(1, 2), (2, 2)]

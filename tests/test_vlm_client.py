@@ -260,7 +260,7 @@ def test_api_key_with_trailing_newline_is_stripped_and_never_leaks(fake):
     assert verdict.rank == [2, 1] and verdict.error is None
     assert fake.headers[0]["Authorization"] == "Bearer sk-SECRET-123"
     inner = make_client(fake, api_key="sk-IN\tSIDE")  # what requests quotes with repr() is redacted as well
-    assert "sk-IN" not in inner._redact(f"Invalid header value {'Bearer sk-IN' + chr(9) + 'SIDE'!r}")
+    assert "sk-IN" not in inner.redact(f"Invalid header value {'Bearer sk-IN' + chr(9) + 'SIDE'!r}")
 
 
 def test_a_key_http_cannot_carry_is_refused_up_front_without_echoing_it(fake):
@@ -370,7 +370,8 @@ def test_failure_reasons_group_by_kind():
     errors = ["no JSON object in the answer: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'; no JSON object in the answer: "
               "'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb'", "rubric generation for item at line 3: HTTP 500",
               "rubric generation for item at line 9: HTTP 500", None, "short 'x'"]
+    first = "(first: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa')"  # the shortened answer, quoted once, bounded
     assert failure_reasons(errors) == [[2, "rubric generation for item at line N: HTTP 500"],
-                                       [1, "no JSON object in the answer: '...'"], [1, "short 'x'"]]
+                                       [1, f"no JSON object in the answer: '...' {first}"], [1, "short 'x'"]]
     many = [f"kind {chr(97 + i)}" for i in range(7)]
     assert failure_reasons(many, limit=3)[-1] == [4, "(4 other reasons)"]
