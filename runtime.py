@@ -240,7 +240,7 @@ def load_policy(cfg, cls, d, demo, items):
                                  lora_targets=cfg.lora_targets, device=d.device, dtype=dtype,
                                  mixed_precision=dtype if dtype != torch.float32 else None,
                                  gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
-                                 shard_mesh=mesh)
+                                 shard_mesh=mesh, **({"source_area": cfg.source_area} if cls.task == "edit" else {}))
     inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
     encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs)
     barrier(d)  # the shared folder is complete before any rank reads from it
@@ -374,6 +374,7 @@ class Run:
     evals: list = field(default_factory=list)
     eval_judge: object = None  # an independent judge for evaluation, or None (the training judge)
     ema: list | None = None    # EMA copies of the LoRA parameters (ema_decay > 0), fp32
+    ema_updates: int = 0       # EMA updates so far: the t of its warm-up (arr_rpo.ema_decay_at)
     check_items: list = field(default_factory=list)  # labelled pairs of --judge_check_data
     checks: list = field(default_factory=list)       # (step, judge_check_accuracy) so far
 
@@ -525,7 +526,7 @@ def save_checkpoint(run):
             with ema_weights(run):
                 run.policy.save_lora(tmp / "ema")
         torch.save({"step": run.step, "position": run.position, "world_size": run.d.world_size, "rng": states,
-                    "lora_digests": digests,
+                    "lora_digests": digests, "ema_updates": run.ema_updates,
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
                    tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1) + "\n")
@@ -555,6 +556,8 @@ def load_checkpoint(run, path):
     if mine["cuda"] is not None and run.d.device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"])
     run.step, run.position = state["step"], state["position"]
+    # older checkpoints: every optimizer step updated the EMA, and the scheduler counts the optimizer steps
+    run.ema_updates = state.get("ema_updates", run.scheduler.last_epoch if run.ema is not None else 0)
     print0(run.d, f"resumed from {path} at step {run.step}")
 
 

@@ -100,7 +100,7 @@ class Config:
                              valid=above(0))
     weight_decay: float = paper(1e-4, "AdamW weight decay", "official code", valid=at_least(0))
     max_grad_norm: float = paper(1.0, "clip the global gradient norm to this", "official code", valid=above(0))
-    max_steps: int = paper(300, "rollout windows to train (one optimizer step each unless M x E > 1)",
+    max_steps: int = paper(300, "rollout windows to train, M x E optimizer steps each (1 x 1: one step per window)",
                            "official code", valid=at_least(0))
     save_every: int = paper(50, "checkpoint every this many windows (and at the end)", "official code",
                             valid=at_least(1))
@@ -121,7 +121,8 @@ class Config:
     train_fraction: float = beyond(1.0, "fraction of the K - 1 transitions trained per sample (random subset)",
                                    "DanceGRPO", valid=within(0, 1, low_open=True))
     lr_warmup_steps: int = beyond(0, "linear LR warmup steps, then constant", "ours", valid=at_least(0))
-    ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off)", "Flow-GRPO",
+    ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off); update t uses "
+                                   "min(ema_decay, (1 + t) / (10 + t))", "Flow-GRPO (with its warm-up)",
                               valid=within(0, 1, high_open=True))
     judge_mode: str = beyond("rank", "rank: the paper's rubric-conditioned judge; score: T2I-Eval-R1 "
                                      "(train_judge.py)", "T2I-Eval-R1 (score)", choices=("rank", "score"))
@@ -152,6 +153,10 @@ class Config:
                                      "CUDA", "ours", choices=(None, "float32", "bfloat16"))
     gradient_checkpointing: bool = beyond(True, "recompute each transformer block in backward (same gradients)",
                                           "diffusers (python bench.py memory: the estimates)")
+    source_area: int = beyond(1024 * 1024, "qwen_edit: pixels of the source image the VAE encodes, at its aspect "
+                                           "ratio (the pipeline's, whatever the output size; lower: less memory, but "
+                                           "fewer source tokens than the deployed pipeline gives)",
+                              "diffusers QwenImageEditPlusPipeline (VAE_IMAGE_SIZE)", valid=at_least(32 * 32))
     embed_cache: str | None = beyond(None, "folder of prompt embeddings (per prompt and model), reused by runs and "
                                            "ranks", "ours")
     shard_base: bool = beyond(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA replicated)",
@@ -326,8 +331,9 @@ def reduce_and_step(run, sums):
     if skipped is None:
         run.optimizer.step()
         run.scheduler.step()
-        if run.ema is not None:
-            arr_rpo.ema_update(run.ema, params, run.cfg.ema_decay)
+        if run.ema is not None:  # Flow-GRPO's warm-up: t = the EMA updates before this one (kept by checkpoints)
+            arr_rpo.ema_update(run.ema, params, run.cfg.ema_decay, t=run.ema_updates)
+            run.ema_updates += 1
     run.optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm, skipped
 
@@ -505,12 +511,12 @@ def prepare(cfg, d, judge=None):
 
 
 def loop(run):
-    """Windows until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge."""
+    """Windows until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge. The
+    first eval is after eval_every windows: at step 0 the LoRA is untouched and the policy is the reference, a known
+    0.5 (evaluate's docstring) that would cost 2 x eval_size judge requests."""
     cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window windows
     if run.step == 0:
         runtime.judge_check(run)
-    if run.step == 0 and cfg.eval_every:
-        runtime.log(run, evaluate(run))
     while run.step < cfg.max_steps:
         record = train_step(run)
         runtime.log(run, record)
