@@ -255,11 +255,26 @@ def load_policy(cfg, cls, d, demo, items):
 
 
 def memory_warning(cfg, world_size, gpu_bytes):
-    """memory.fit_warning for this config on GPUs of `gpu_bytes`: None if one RPO step fits, else the warning."""
+    """memory.fit_warning for this config on GPUs of `gpu_bytes`: None if one RPO step fits, else the warning. An
+    unset --gradient_checkpointing is decided as train.py decides it (`checkpointing`)."""
     from tools import memory  # the estimator: only where a GPU's size is known
-    return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates, cfg.gradient_checkpointing,
+    on = cfg.gradient_checkpointing
+    if on is None:
+        on = checkpointing(cfg, world_size, "cuda", gpu_bytes)[0]
+    return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates, on,
                               world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank, cfg.lora_rank,
-                              ranks=world_size)
+                              ranks=world_size, source_area=cfg.source_area)
+
+
+def checkpointing(cfg, world_size, device_type, gpu_bytes):
+    """(on, why) of --gradient_checkpointing: as set, or when unset memory.auto_checkpointing's decision (on only
+    where the estimate of one step without it does not fit `gpu_bytes`; off on the CPU)."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing, "set"
+    from tools import memory  # the estimator, only when it decides
+    return memory.auto_checkpointing(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates,
+                                     world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank,
+                                     cfg.lora_rank, cfg.source_area, device_type)
 
 
 # ---- The data position -------------------------------------------------------------------------------------------

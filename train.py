@@ -151,8 +151,11 @@ class Config:
     device: str | None = beyond(None, "cpu or cuda; unset: cuda:LOCAL_RANK when CUDA is available, else cpu", "ours")
     dtype: str | None = beyond(None, "bfloat16 (frozen base; LoRA and AdamW stay fp32) or float32; unset: bf16 on "
                                      "CUDA", "ours", choices=(None, "float32", "bfloat16"))
-    gradient_checkpointing: bool = beyond(True, "recompute each transformer block in backward (same gradients)",
-                                          "diffusers (python bench.py memory: the estimates)")
+    gradient_checkpointing: bool | None = beyond(None, "recompute each transformer block in backward (same "
+                                                       "gradients, ~1/5 more update FLOPs); unset: auto, on only "
+                                                       "where the memory estimate of a step without it does not fit "
+                                                       "the GPU (off on the CPU)",
+                                                 "diffusers (python bench.py memory: the estimates)")
     source_area: int = beyond(1024 * 1024, "qwen_edit: pixels of the source image the VAE encodes, at its aspect "
                                            "ratio (the pipeline's, whatever the output size; lower: less memory, but "
                                            "fewer source tokens than the deployed pipeline gives)",
@@ -191,7 +194,13 @@ def demo_overrides(model_type):
 def make_config(argv=None):
     """CLI -> Config: what the user set, else --config FILE, else the demo's settings (no --model), else the
     recipe, else the default (cli.make_config). Raises cli.ConfigError naming the option."""
-    return cli.make_config(Config, RECIPES, argv, demo_overrides, description=__doc__.splitlines()[0])
+    return cli.make_config(Config, RECIPES, argv, demo_overrides, description=f"{__doc__.splitlines()[0]}\n{DEFAULTS}")
+
+
+DEFAULTS = ("With --model, the defaults are the paper's run: recipes/flux-paper.toml (--model_type qwen_edit: "
+            "recipes/qwen-edit-paper.toml, but with the deployed pipeline's source_area 1024^2). Other recipes: "
+            "recipes/official.toml (the official objective: k1 KL, one judge order), recipes/recommended.toml "
+            "(ours); docs/recipes.md.")
 
 
 if __name__ == "__main__":  # before torch and diffusers load (~10 s): --help and a mistyped option answer at once
@@ -481,8 +490,11 @@ def prepare(cfg, d, judge=None):
                   dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
     items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
-    cfg = replace(cfg, output_dir=str(out))
-    runtime.print0(d, f"config: {cli.changed(cfg, Config)} (every option: {out / 'config.json'})")
+    gpu_bytes = torch.cuda.get_device_properties(d.device).total_memory if d.device.type == "cuda" else None
+    checkpointing, why = runtime.checkpointing(cfg, d.world_size, d.device.type, gpu_bytes)
+    cfg = replace(cfg, output_dir=str(out), gradient_checkpointing=checkpointing)
+    runtime.print0(d, f"config: {cli.changed(cfg, Config)} (every option: {out / 'config.json'}); gradient "
+                      f"checkpointing {'on' if checkpointing else 'off'} ({why})")
     judge, eval_judge = runtime.make_judges(cfg, demo, rubric, eval_rubric, cls.task, d, judge)
     try:
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once

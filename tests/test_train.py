@@ -81,6 +81,7 @@ def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsy
     assert (config["height"], config["num_steps"], config["lr"], config["num_candidates"]) == (64, 4, 3e-2, 4)
     out = capsys.readouterr().out
     assert "eval win rate by step" in out and "step     2/2" in out
+    assert "gradient checkpointing off (set)" in out  # the demo turns it off; unset it is decided (test_memory)
 
 
 def test_torchrun_two_ranks_gloo_with_groups_of_4_and_2_minibatches(tmp_path, cache):
