@@ -97,6 +97,22 @@ class StepStats:
     std: torch.Tensor              # () shared by pi_theta and pi_ref
 
 
+def direct_load(device, options):
+    """from_pretrained's placement for a policy on `device`: on CUDA every component is read from its safetensors
+    straight onto the device (diffusers' device_map; accelerate installed), so no rank builds the pipeline in host
+    memory first; elsewhere, with the base sharded (`shard_mesh`: sharded from the host, shard by shard) or without
+    accelerate, nothing (loaded on the host, then moved). On the host, diffusers maps bf16 weights loaded as bf16
+    from the file (shared page cache, not a private copy per rank); another dtype is a private copy
+    (docs/memory.md: `bench.py load`)."""
+    import importlib.util
+    device = torch.device(device)
+    if device.type != "cuda" or options.get("shard_mesh") is not None or importlib.util.find_spec("accelerate") is None:
+        return {}
+    if device.index is not None:
+        torch.cuda.set_device(device)  # pipelines accept only device_map "cuda": the current device
+    return {"device_map": "cuda"}
+
+
 def check_sigmas(sigmas):
     """Validate a user schedule: (K+1,) strictly decreasing, in (0, 1] then ending at exactly 0, K >= 2."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
@@ -375,7 +391,7 @@ class FluxPolicy(FlowLoraPolicy):
                         mixed_precision=None, max_sequence_length=512, **options):
         """Load a diffusers FLUX directory or hub id (offline with HF_HUB_OFFLINE=1 when cached) and add a LoRA.
         `options`: the memory options of FlowLoraPolicy.__init__."""
-        pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(path, dtype=dtype, **direct_load(device, options))
         return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, max_sequence_length,
                    **options)
 
@@ -551,7 +567,8 @@ class QwenEditPolicy(FlowLoraPolicy):
                         **options):
         """Load a diffusers Qwen-Image-Edit-2509 directory or hub id and add a LoRA (works without torchvision).
         `options`: the memory options of FlowLoraPolicy.__init__."""
-        pipe = QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, processor=load_qwen_edit_processor(path))
+        pipe = QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, processor=load_qwen_edit_processor(path),
+                                                         **direct_load(device, options))
         return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, condition_area,
                    source_area, **options)
 
@@ -625,8 +642,9 @@ class QwenEditPolicy(FlowLoraPolicy):
         `source_area` pixels, multiples of 32 (`edit_size`), as QwenImageEditPlusPipeline sizes them; all sources
         of one call must give the same sizes (the transformer's RoPE takes one set of grids per batch). The initial
         noise is one randn of shape (B, 1, 16, H/8, W/8) from `generator`, packed, as QwenImageEditPlusPipeline
-        draws it; `same_noise` shares one draw of batch 1. With true_cfg_scale > 1 the velocity is the pipeline's guided one (with its norm rescale) against
-        `negative_prompt`, and the log-probs are of that guided transition.
+        draws it; `same_noise` shares one draw of batch 1. With true_cfg_scale > 1 the velocity is the pipeline's
+        guided one (with its norm rescale) against `negative_prompt`, and the log-probs are of that guided
+        transition.
         """
         if guidance is not None:
             raise ValueError("Qwen-Image-Edit-2509 has no guidance embedding: pass guidance=None (use "

@@ -20,6 +20,7 @@ Deliberate deviations from the paper
        no KL penalty, lr 3e-2; qwen_edit: the source latents at 64 x 64, not the pipeline's 1024^2) are chosen
        to learn visibly in minutes on a CPU, not the paper's recipe.
 """
+import functools
 import hashlib
 import json
 import os
@@ -307,7 +308,6 @@ def build_tiny_qwen_edit(path, seed=0):
     at 56 x 56 pixels. The scheduler has no shift, so `QwenImageEditPlusPipeline(sigmas=...)` uses the sigmas
     unchanged (the policies never use the scheduler). Refuses to overwrite a non-empty `path`; written atomically.
     """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     path = _refuse_to_overwrite(path, "build_tiny_qwen_edit")
     tok, ids = _byte_qwen_tokenizer()
     torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
@@ -324,14 +324,18 @@ def build_tiny_qwen_edit(path, seed=0):
     pipe = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
         text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer)
+    return _save_pipeline(pipe, path, functools.partial(write_qwen_processor, tok))
 
-    def write_processor(folder):  # the processor cannot be saved without torchvision: write its parts by hand
-        Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder / "processor")
-        tok.save_pretrained(folder / "processor")
-        index = json.loads((folder / "model_index.json").read_text())
-        index["processor"] = ["transformers", "Qwen2VLProcessor"]  # save_pretrained wrote [null, null]
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return _save_pipeline(pipe, path, write_processor)
+
+def write_qwen_processor(tok, folder):
+    """The `processor/` of a Qwen-Image-Edit folder, written part by part (it cannot be saved without torchvision):
+    the PIL image processor capped at 56 x 56 pixels and `tok`, and its class in model_index.json."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder / "processor")
+    tok.save_pretrained(folder / "processor")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]  # save_pretrained wrote [null, null]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 @torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state

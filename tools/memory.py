@@ -469,8 +469,8 @@ QUICK = {  # `python bench.py memory --constants` (bytes; transients per sample-
              "lora_per_rank": 4669440, "encoders": 9770742272, "update": {True: 523489.3, False: 5192093.7},
              "trajectory": 4270.7, "rollout": 105704.3, "decode": 1537.5, "source": 0.0},
     "qwen_edit": {"frozen": 40860802176, "root": 81046656, "largest_block": 679662592, "vae": 253785062,
-                  "lora_per_rank": 5898240, "encoders": 16584333312, "update": {True: 766819.5, False: 6686657.0},
-                  "trajectory": 2162.7, "rollout": 86961.0, "decode": 3463.0, "source": 1936.5},
+                  "lora_per_rank": 5898240, "encoders": 16584333312, "update": {True: 634676.9, False: 6729605.0},
+                  "trajectory": 1073.2, "rollout": 90443.9, "decode": 3463.0, "source": 1934.3},
 }
 
 
