@@ -5,9 +5,10 @@ local diffusers folder whose transformer and VAE have the published architecture
 QWEN_IMAGE config dicts, random weights, bf16) and whose text encoders are tiny (one or two layers of the widths the
 transformer reads), then runs train.py's `main` under torchrun on every visible GPU (NCCL from 2 GPUs; gloo on the
 CPU): from_pretrained, the embedding cache folder, a loopback judge server, 2 windows and a checkpoint, then a
-resume for a third window. It prints, per model: peak GPU memory (torch.cuda.max_memory_allocated, max over ranks)
-next to memory.py's estimate of the same run, the window time, the update's MFU, and max |log ratio| and approx-KL
-of the first minibatch (bf16: the rollout-vs-recompute mismatch of a ratio-1 update). It never downloads.
+second torchrun that resumes for a third window. It prints, per model: peak GPU memory
+(torch.cuda.max_memory_allocated, max over ranks) next to memory.py's estimate of the same run, the window time,
+the update's MFU, and max |log ratio| and approx-KL of the first minibatch (bf16: the rollout-vs-recompute mismatch
+of a ratio-1 update). It never downloads.
 
 Run
     python bench.py gpu                          # both models, every visible GPU (about 10 min on one H200)
@@ -148,26 +149,24 @@ def train_argv(model_type, model_path, prompts, rubrics, judge_url, judge_model,
             "--rubrics", str(rubrics), "--judge_url", judge_url, "--judge_model", judge_model,
             "--max_steps", "2", "--save_every", "2", "--eval_every", "0", "--embed_cache", str(Path(out) / "embeds"),
             "--output_dir", str(Path(out) / "run")]
-    if tiny:  # the CPU form: 64^2, K = 3, one thread per rank, the source at the output's area
+    if tiny:  # the CPU form: 64^2, K = 3, one thread per rank, bf16 as on a GPU, the source at the output's area
         argv += ["--height", "64", "--width", "64", "--num_steps", "3", "--num_threads", "1", "--device", "cpu",
-                 "--source_area", str(64 * 64)]
+                 "--dtype", "bfloat16", "--source_area", str(64 * 64)]
     return argv
 
 
 def worker(spec):
-    """One torchrun rank: train.main on spec["argv"], then the resume; writes rank-N.json (exit codes, peak GPU
-    memory of each run, host memory) into spec["out"]."""
+    """One torchrun rank: train.main(spec["argv"]); writes rank-N-PHASE.json (exit code, peak GPU memory, host
+    memory) into spec["out"]."""
     import train
-    rank, cuda = int(os.environ.get("RANK", 0)), torch.cuda.is_available() and "--device" not in spec["argv"]
-    report = {"codes": [], "peak_bytes": [], "host": []}
-    for argv in (spec["argv"], spec["argv"] + ["--max_steps", "3", "--resume", "auto"]):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(int(os.environ.get("LOCAL_RANK", 0)))
-        report["codes"].append(train.main(argv))
-        report["peak_bytes"].append(torch.cuda.max_memory_allocated(int(os.environ.get("LOCAL_RANK", 0)))
-                                    if cuda else None)
-        report["host"].append(host_memory())
-    Path(spec["out"], f"rank-{rank}.json").write_text(json.dumps(report))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and "--device" not in spec["argv"]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(local_rank)
+    code = train.main(spec["argv"])
+    report = {"code": code, "peak_bytes": torch.cuda.max_memory_allocated(local_rank) if cuda else None,
+              "host": host_memory()}
+    Path(spec["out"], f"rank-{rank}-{spec['phase']}.json").write_text(json.dumps(report))
 
 
 def host_memory():
@@ -229,7 +228,8 @@ def update_flops(model_type, size, candidates, model=None, source_area=memory.SO
 
 
 def run_model(model_type, work, nproc, tiny, peak_tflops, timeout=540):
-    """Build the folder, serve the judge, run train.py and its resume under torchrun; returns the report dict."""
+    """Build the folder, serve the judge, run train.py under torchrun, then again with --resume auto (new
+    processes, as a user resumes); returns the report dict."""
     import train
     model = TINY[model_type] if tiny else None
     folder = Path(work) / model_type
@@ -241,8 +241,11 @@ def run_model(model_type, work, nproc, tiny, peak_tflops, timeout=540):
     prompts, rubrics = write_inputs(model_type, folder / "inputs")
     with judge_server() as (url, judge_model):
         argv = train_argv(model_type, path, prompts, rubrics, url, judge_model, folder, tiny)
-        torchrun(nproc, {"argv": argv, "out": str(folder)}, timeout)
-    ranks = [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(nproc)]
+        for phase, extra in (("first", []), ("resume", ["--max_steps", "3", "--resume", "auto"])):
+            torchrun(nproc, {"argv": argv + extra, "out": str(folder), "phase": phase}, timeout)  # as a user resumes
+    ranks = [{key: [json.loads((folder / f"rank-{r}-{phase}.json").read_text())[name] for phase in ("first", "resume")]
+              for key, name in (("codes", "code"), ("peak_bytes", "peak_bytes"), ("host", "host"))}
+             for r in range(nproc)]
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "pairs" in r]
     cfg = train.make_config(argv)
@@ -272,12 +275,12 @@ def show(report):
     peak = "n/a (CPU)" if report["peak_gib"] is None else f"{report['peak_gib']:.1f} GiB"
     estimate = "n/a (reduced model)" if report["estimate_step_gib"] is None else (
         f"{report['estimate_step_gib']:.1f} GiB")
-    print(f"gpu: {report['model_type']} ({report['params'] / 1e9:.3g}B transformer parameters, random weights) on "
+    print(f"gpu: {report['model_type']} ({report['params']:,} transformer parameters, random weights) on "
           f"{report['ranks']} rank(s), windows {report['windows']} (checkpoint at 2, resumed for 3; exit codes "
           f"{report['exit_codes']}), checkpointing {'on' if report['checkpointing'] else 'off'}")
     print(f"  peak memory {peak} vs estimate {estimate} (memory.py, step phases); window "
           f"{report['window_s']:.2f} s, update {report['update_s']:.2f} s, update MFU {report['update_mfu']:.1%}")
-    print(f"  first minibatch (bf16 on the GPU): max |log ratio| {report['first_log_ratio_max']:.3g}, approx-KL "
+    print(f"  first minibatch (bf16): max |log ratio| {report['first_log_ratio_max']:.3g}, approx-KL "
           f"{report['first_approx_kl']:.3g}; host MiB per rank after the resume "
           f"{[rank[-1] for rank in report['host_mib']]}", flush=True)
 
@@ -314,10 +317,11 @@ def load_worker(spec):
     before = host_memory()
     pol = policy.FluxPolicy.from_pretrained(spec["load"], dtype=torch.bfloat16, device=d.device)
     loaded = host_memory()
-    checksum = sum(float(p.float().sum()) for p in pol.transformer.parameters())  # every page of the weights
+    frozen = [p for p in pol.transformer.parameters() if not p.requires_grad]  # the loaded weights, not the LoRA
+    checksum = sum(float(p.float().sum()) for p in frozen)  # reads every page of the weights
     Path(spec["out"], f"rank-{d.rank}.json").write_text(json.dumps(
         {"before": before, "loaded": loaded, "read": host_memory(), "checksum": checksum,
-         "weights_mib": sum(p.numel() * p.element_size() for p in pol.transformer.parameters()) // 2 ** 20}))
+         "weights_mib": sum(p.numel() * p.element_size() for p in frozen) // 2 ** 20}))
     torch.distributed.destroy_process_group()
 
 
