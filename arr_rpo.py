@@ -56,7 +56,10 @@ Beyond the paper (options; the paper's recipe is the default and stays exact)
        (`win_rate_to_reward`), so N = 2 gives exactly +1.0 / -0.1.
     5. Advantages `centered` (r minus the group mean) and `group_norm` (group z-score; Flow-GRPO arXiv
        2505.05470, DanceGRPO arXiv 2505.07818) next to the paper's A = r (`advantages`).
-    6. `ema_update`: an exponential moving average of the LoRA parameters for evaluation (Flow-GRPO's EMA).
+    6. `ema_update`: an exponential moving average of the LoRA parameters for evaluation (Flow-GRPO's EMA), with
+       Flow-GRPO's warm-up (arXiv 2505.05470, its EMAModuleWrapper): the t-th update (t = 0 first) uses the decay
+       min(decay, (1 + t) / (10 + t)) (`ema_decay_at`), so the EMA leaves the reference within the first tens of
+       steps instead of lagging it by ~1 / (1 - decay) steps.
     7. `wilson_interval`: the 95% interval of an evaluation win rate.
     9. `rubric_logit`: the weighted rubric reward of AutoRubric-T2I (arXiv 2605.17602): each candidate scored alone
        under the N selected rubrics, r = sum_i w_i s_i + b, the logit of the selector's logistic model (rewards.py).
@@ -334,14 +337,27 @@ def wilson_interval(successes, n, z=1.96):
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def ema_decay_at(decay, t):
+    """The decay of the t-th EMA update (t = 0 first) with Flow-GRPO's warm-up: min(decay, (1 + t) / (10 + t)).
+    Before the cap binds, t updates towards a fixed theta leave prod_s (1 + s) / (10 + s) = 1 / C(t + 9, 9) of
+    theta_ema_0."""
+    if t < 0:
+        raise ValueError(f"t counts earlier EMA updates and must be >= 0, got {t}")
+    return min(decay, (1 + t) / (10 + t))
+
+
 @torch.no_grad()
-def ema_update(ema_params, params, decay):
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, in place, for two lists of tensors (Flow-GRPO's LoRA
-    EMA). After t updates towards a fixed theta: theta_ema = decay^t * theta_ema_0 + (1 - decay^t) * theta."""
+def ema_update(ema_params, params, decay, t=None):
+    """theta_ema <- d * theta_ema + (1 - d) * theta, in place, for two lists of tensors (Flow-GRPO's LoRA EMA).
+    d = decay when t is None; else d = ema_decay_at(decay, t), t = the number of earlier updates (the warm-up of
+    train.py). Returns d. With a constant d, after n updates towards a fixed theta:
+    theta_ema = d^n * theta_ema_0 + (1 - d^n) * theta."""
     if not 0 <= decay < 1:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
+    d = decay if t is None else ema_decay_at(decay, t)
     for ema, p in zip(ema_params, params, strict=True):
-        ema.lerp_(p.detach().to(ema.dtype), 1.0 - decay)
+        ema.lerp_(p.detach().to(ema.dtype), 1.0 - d)
+    return d
 
 
 def rubric_logit(scores, weights, bias=0.0):

@@ -4,7 +4,8 @@ Speed and memory targets are checked here, never by timed tests: each command me
 the same process (diffusers' pipeline, a serial judge, an instant judge) and prints the ratio.
 
 Run: python bench.py rollout | judge | step | memory | all
-     torchrun --nproc_per_node=1 bench.py gpu      (on a GPU; `python bench.py gpu --tiny --device cpu` anywhere)
+     python bench.py gpu        (on GPUs: train.py at full size; `--dry_run` or `--tiny --nproc 2` anywhere)
+     python bench.py load       (host memory per rank while the policy loads, 2 gloo ranks)
      python bench.py groups [--seeds 3] [--max_steps 30] [--eval_size 32]   # docs/beyond-the-paper.md's table
 
 Deliberate deviations: none from the paper (nothing here trains); support code (tools/) is imported per command.
@@ -212,137 +213,56 @@ def bench_memory(args):
     print(json.dumps(summary))
 
 
-TINY_FLUX = dict(config=dict(num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6),
-                             joint_attention_dim=32, pooled_projection_dim=32),
-                 vae_config=dict(block_out_channels=(8,) * 4, norm_num_groups=4, layers_per_block=1),
-                 depth={"transformer_blocks": 1, "single_transformer_blocks": 1})
-
-
-def transition_flops(size, candidates, model=None):
-    """Model FLOPs of one update transition (policy forward, reference forward, backward; no recomputation),
-    counted by torch's FlopCounterMode on fake tensors over a meta build. Attention on CPU runs the CPU flash
-    kernel, which the counter does not know: it gets the counter's formulas for the CUDA flash kernel."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils import flop_counter
-
-    from tools import memory
-    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if cpu_flash not in flop_counter.flop_registry:  # a process-wide registry: add the CPU kernels once
-        flop_counter.register_flop_formula(cpu_flash)(
-            lambda query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs:
-            flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
-        flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(
-            lambda grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs:
-            flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape))
-    pol = memory.build_policy("flux", checkpointing=False, **(model or {}))
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        for module in (pol.transformer, pol.pipe.vae):
-            module.to_empty(device="cpu")
-        pol.device = torch.device("cpu")
-        traj = memory.fake_inputs(pol, "flux", size, size, candidates, 3)
-        with flop_counter.FlopCounterMode(display=False) as counter:
-            memory.update_transition(pol, traj, 0, kl_beta=0.01)
-    return counter.get_total_flops()
-
-
-def tiny_flux_text_encoders(pipe):
-    """CLIP and T5 of one layer each with the embedding widths the transformer expects, and the tiny tokenizers."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from tools import demo
-    config = pipe.transformer.config
-    tok, tok2 = demo._tiny_clip_tokenizer(), demo._tiny_t5_tokenizer()
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=config.pooled_projection_dim, intermediate_size=64, num_attention_heads=2,
-        num_hidden_layers=1, projection_dim=config.pooled_projection_dim, max_position_embeddings=77,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=config.joint_attention_dim, d_kv=32, d_ff=64,
-                                 num_layers=1, num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0))
-    pipe.register_modules(text_encoder=clip.to(pipe.transformer.dtype), tokenizer=tok,
-                          text_encoder_2=t5.to(pipe.transformer.dtype), tokenizer_2=tok2)
-
-
 def bench_gpu(args):
-    """A few real RPO updates of the full-size FLUX.1-dev transformer (random weights from its published config,
-    built on the GPU) with tiny text encoders, bf16 autocast and gradient checkpointing, one process per GPU:
-    prints the peak memory of the steps (torch.cuda.max_memory_allocated, after the prompts are encoded and the
-    encoders freed) next to memory.py's estimate of the same phases, the step time, and the update pass's MFU
-    (model FLOPs from `transition_flops` over the measured update time, against --peak_tflops).
-        torchrun --nproc_per_node=1 bench.py gpu [--shard_base] [--size 512] [--steps 3]
-        python bench.py gpu --tiny --device cpu --steps 1   # a reduced model on the CPU: runs the code only
-    Updates are train.py's for one kept pair (train.backward_rpo_loss over the K - 1 transitions) with fixed
-    rewards +1 / -0.1 in place of a judge, then train.reduce_and_step (one all-reduce, the gradients divided by the
-    global term count, clip, AdamW).
+    """train.py's own path at full size (tools/fullsize.py): for FLUX.1-dev and Qwen-Image-Edit-2509 with random
+    weights of the published architectures and tiny text encoders, saved as local diffusers folders, train.py under
+    torchrun on every visible GPU (NCCL from 2): from_pretrained, the embedding cache, a loopback judge, 2 windows
+    and a checkpoint, then a resume for a third. Prints peak memory beside memory.py's estimate, window time, update
+    MFU, max |log ratio| and approx-KL of the first minibatch; the last line is JSON. Never downloads.
+        python bench.py gpu [--models flux,qwen_edit] [--nproc N]     # on GPUs (about 10 min on one H200)
+        python bench.py gpu --dry_run                                  # anywhere: sizes and commands only
+        python bench.py gpu --tiny --nproc 2                           # reduced models, CPU gloo ranks
     """
-    import time
-    import types
+    import json
+    import tempfile
 
-    import torch.distributed as dist
+    from tools import fullsize
+    models = args.models.split(",")
+    if args.dry_run:
+        fullsize.dry_run(models)
+        return
+    nproc = args.nproc or torch.cuda.device_count() or (1 if args.tiny else 0)
+    if not nproc or (not args.tiny and not torch.cuda.is_available()):
+        raise SystemExit("bench.py gpu needs a GPU (or --tiny for the CPU form, --dry_run for the checks)")
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="arr-rpo-gpu-", dir=args.work_dir) as work:
+        for model_type in models:
+            reports.append(fullsize.run_model(model_type, work, nproc, args.tiny, args.peak_tflops))
+            fullsize.show(reports[-1])
+    print(json.dumps(reports))
 
-    from tools import memory
-    import policy
-    import runtime
-    import train
-    d = runtime.init_distributed(args.device)  # torchrun's process group, or one process
-    device, world, cuda = d.device, d.world_size, d.device.type == "cuda"
-    model = TINY_FLUX if args.tiny else {}
-    size, steps, candidates = (64 if args.tiny else args.size), args.num_steps, 2
-    mesh = None
-    if args.shard_base:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world,))
-    torch.manual_seed(0)
-    pipe = memory.build_pipeline("flux", device="cpu" if mesh else device, **model)
-    tiny_flux_text_encoders(pipe)
-    pol = policy.FluxPolicy(pipe, 16, 32, device=device, dtype=torch.bfloat16, mixed_precision=torch.bfloat16,
-                            gradient_checkpointing=True, shard_mesh=mesh)
-    prompts = ["a red apple on a wooden table", "a lighthouse at dusk", "a bowl of ramen", "a fox in the snow"]
-    pol.cache_embeddings(prompts)
-    pol.release_text_encoders()
-    optimizer = torch.optim.AdamW(pol.trainable_parameters(), lr=1e-5, weight_decay=1e-4)
-    params = memory.policy_parameter_bytes(pol)
-    measured = (memory.measure("flux", size, size, candidates, True, **model) if args.tiny
-                else memory.transients("flux", size, size, candidates, True))
-    estimate = memory.combine("flux", params, measured, world if mesh else 1, 0, prompts_per_rank=1)["step"]
-    flops = transition_flops(size, candidates, model)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    generator, generator_cpu = torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(0)
-    cfg = train.make_config(["--model", "random weights", "--num_steps", str(steps)])  # the flux recipe
-    run = types.SimpleNamespace(policy=pol, d=d, cfg=cfg, optimizer=optimizer, ema=None,  # what reduce_and_step reads
-                                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
-    times = []
-    for step in range(args.steps + 1):  # step 0 warms up (kernels, AdamW state) and is not timed
-        sync()
-        start = time.perf_counter()
-        traj = pol.rollout([prompts[step % len(prompts)]] * candidates, num_steps=steps, eta=0.3, height=size,
-                           width=size, generator=generator)
-        sync()
-        middle = time.perf_counter()
-        sums = train.backward_rpo_loss(pol, traj, torch.tensor([1.0, -0.1], device=device), cfg, generator_cpu)
-        train.reduce_and_step(run, sums)
-        sync()
-        if step:
-            times.append((middle - start, time.perf_counter() - middle))
-    rollout_s, update_s = (sum(t) / len(t) for t in zip(*times))
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
-    mfu = flops * (steps - 1) / update_s / (args.peak_tflops * 1e12)
-    shown = f"{peak:.1f} GiB (torch.cuda.max_memory_allocated)" if cuda else "n/a on the CPU"
-    if d.rank == 0:
-        print(f"gpu: {'tiny' if args.tiny else 'full-size'} FLUX.1-dev transformer "
-              f"({params['frozen'] / 2e9:.3g}B params, random weights), {size}x{size}, {candidates} candidates, "
-              f"K={steps}, bf16 autocast, checkpointing, base {'sharded over ' + str(world) if mesh else 'replicated'}"
-              f" on {world} {device.type} process(es); mean of {args.steps} steps after one warm-up")
-        print(f"peak memory {shown}; estimate {estimate / 2 ** 30:.3g} GiB (memory.py, step phases)")
-        print(f"step {rollout_s + update_s:.2f} s: rollout {rollout_s:.2f} s, update {update_s:.2f} s "
-              f"({steps - 1} transitions, {flops / 1e12:.3g} TFLOP each); update MFU {mfu:.2%} of "
-              f"{args.peak_tflops:g} TFLOPS")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def bench_load(args):
+    """Host memory per rank while train.py's policy loads a FLUX diffusers folder (from_pretrained, bf16, every
+    weight then read once), under torchrun with --nproc gloo ranks: peak RSS, private (RssAnon), file-backed
+    (RssFile: the mapped safetensors, one page-cache copy shared by the ranks) and Pss, MiB. The folder: 1 double +
+    1 single block of FLUX.1-dev's width (about 1 GiB of bf16 weights), built once into --work_dir."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from tools import fullsize
+    folder = Path(args.work_dir or tempfile.gettempdir()) / "arr-rpo-load-flux"
+    if not (folder / "model_index.json").is_file():
+        fullsize.build_folder("flux", folder, model=dict(
+            depth={"transformer_blocks": 1, "single_transformer_blocks": 1},
+            vae_config=dict(block_out_channels=(8,) * 4, norm_num_groups=4, layers_per_block=1)))
+    ranks = fullsize.measure_load(folder, args.nproc or 2)
+    for rank, figures in enumerate(ranks):
+        print(f"load: rank {rank}: {figures['weights_mib']} MiB of transformer weights; host MiB before "
+              f"{figures['before']}, after from_pretrained {figures['loaded']}, after reading every weight "
+              f"{figures['read']}")
+    print(json.dumps(ranks))
 
 
 def bench_groups(args):
@@ -422,7 +342,7 @@ def bench_groups(args):
 
 
 BENCHES = {"rollout": bench_rollout, "judge": bench_judge, "step": bench_step, "memory": bench_memory,
-           "groups": bench_groups}
+           "groups": bench_groups, "load": bench_load}
 
 
 def main(argv=None):
@@ -431,12 +351,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
     parser.add_argument("--constants", action="store_true", help="memory: print memory.QUICK's numbers instead")
     parser.add_argument("--validate", action="store_true", help="memory: also compare with real CPU runs (minutes)")
-    parser.add_argument("--tiny", action="store_true", help="gpu: a reduced transformer (runs on the CPU)")
-    parser.add_argument("--device", default=None, help="gpu: cpu to force the CPU")
-    parser.add_argument("--size", type=int, default=512, help="gpu: image height and width")
-    parser.add_argument("--steps", type=int, default=3, help="gpu: timed RPO steps (after one warm-up)")
-    parser.add_argument("--num_steps", type=int, default=8, help="gpu: sampling steps K (K - 1 trained)")
-    parser.add_argument("--shard_base", action="store_true", help="gpu: FSDP2 over the frozen transformer")
+    parser.add_argument("--tiny", action="store_true", help="gpu: reduced models on CPU gloo ranks")
+    parser.add_argument("--dry_run", action="store_true", help="gpu: parameter counts and commands only")
+    parser.add_argument("--models", default="flux,qwen_edit", help="gpu: comma-separated model types")
+    parser.add_argument("--nproc", type=int, default=None, help="gpu, load: ranks (default: GPUs; load: 2)")
+    parser.add_argument("--work_dir", default=None, help="gpu, load: where the folders go (default: the temp dir)")
     parser.add_argument("--peak_tflops", type=float, default=989.0,
                         help="gpu: the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     parser.add_argument("--seeds", type=int, default=3, help="groups: seeds per setting")
@@ -447,7 +366,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.name == "gpu":  # never part of "all": it needs a GPU to mean anything
         bench_gpu(args)
-    quick = [name for name in BENCHES if name != "groups"]  # groups takes ~40 min on 2 cores: not part of "all"
+    quick = [name for name in BENCHES if name not in ("groups", "load")]  # groups: ~40 min on 2 cores
     for name in quick if args.name == "all" else [] if args.name == "gpu" else [args.name]:
         BENCHES[name](args)
     return 0

@@ -40,9 +40,11 @@ Deliberate deviations from the paper and the official code
     6. Qwen-Image-Edit: the (instruction, source image) pair is encoded as QwenImageEditPlusPipeline encodes it
        (template, system-prompt tokens dropped) and padded only to the longest pair of the batch, with a mask;
        the official trainer pads the text embeddings to 5000 tokens.
-    7. Qwen-Image-Edit: the source keeps its aspect ratio; the edit and the source latents are about
-       height x width pixels in multiples of 32 (the pipeline's rule); the official trainer squashes every source
-       to 512 x 512.
+    7. Qwen-Image-Edit: the source keeps its aspect ratio; the edit is about height x width pixels and the source
+       latents about `source_area` pixels (default 1024^2, the pipeline's VAE_IMAGE_SIZE whatever the output size),
+       in multiples of 32 (the pipeline's rule), so a LoRA trained at 512^2 sees the source tokens it is deployed
+       with; the official trainer squashes every source to 512 x 512. A smaller source_area trades fidelity to
+       the deployed pipeline for memory and time (4,096 source tokens at 1024^2, 1,024 at 512^2).
     8. Qwen-Image-Edit: Qwen2.5-VL gets the processor's `mm_token_type_ids` (3-D M-RoPE positions of the image
        tokens), which diffusers 0.42.1 drops (diffusers issue #14194).
     9. Qwen-Image-Edit: optional true CFG with a negative prompt (off by default, as in the official recipe);
@@ -110,6 +112,22 @@ class StepStats:
     mean: torch.Tensor             # (B, L, C) with gradient
     ref_mean: torch.Tensor | None  # (B, L, C) of pi_ref (adapters disabled), no gradient; None if not asked
     std: torch.Tensor              # () shared by pi_theta and pi_ref
+
+
+def direct_load(device, options):
+    """from_pretrained's placement for a policy on `device`: on CUDA every component is read from its safetensors
+    straight onto the device (diffusers' device_map; accelerate installed), so no rank builds the pipeline in host
+    memory first; elsewhere, with the base sharded (`shard_mesh`: sharded from the host, shard by shard) or without
+    accelerate, nothing (loaded on the host, then moved). On the host, diffusers maps bf16 weights loaded as bf16
+    from the file (shared page cache, not a private copy per rank); another dtype is a private copy
+    (docs/memory.md: `bench.py load`)."""
+    import importlib.util
+    device = torch.device(device)
+    if device.type != "cuda" or options.get("shard_mesh") is not None or importlib.util.find_spec("accelerate") is None:
+        return {}
+    if device.index is not None:
+        torch.cuda.set_device(device)  # pipelines accept only device_map "cuda": the current device
+    return {"device_map": "cuda"}
 
 
 def check_sigmas(sigmas):
@@ -394,7 +412,7 @@ class FluxPolicy(FlowLoraPolicy):
                         mixed_precision=None, max_sequence_length=512, **options):
         """Load a diffusers FLUX directory or hub id (offline with HF_HUB_OFFLINE=1 when cached) and add a LoRA.
         `options`: the memory options of FlowLoraPolicy.__init__."""
-        pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(path, dtype=dtype, **direct_load(device, options))
         return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, max_sequence_length,
                    **options)
 
@@ -487,6 +505,7 @@ QWEN_WIDE_TARGETS = [  # flow_grpo's train_qwenimage_edit_plus.py list: every li
     "txt_mlp.net.2"]
 QWEN_PICTURE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # the pipeline's per-image prefix
 QWEN_CONDITION_AREA = 384 * 384  # pixels of the source image shown to Qwen2.5-VL (the pipeline's CONDITION_IMAGE_SIZE)
+QWEN_SOURCE_AREA = 1024 * 1024  # pixels of the source image the VAE encodes (the pipeline's VAE_IMAGE_SIZE)
 
 
 def processor_without_video(cls, image_processor, tokenizer, chat_template=None):
@@ -554,20 +573,25 @@ class QwenEditPolicy(FlowLoraPolicy):
     lora_target_presets = {"attn": ATTN_TARGETS, "wide": QWEN_WIDE_TARGETS}
 
     def __init__(self, pipe, lora_rank=32, lora_alpha=64, lora_targets=None, device="cpu", dtype=torch.float32,
-                 mixed_precision=None, condition_area=QWEN_CONDITION_AREA, **options):
+                 mixed_precision=None, condition_area=QWEN_CONDITION_AREA, source_area=QWEN_SOURCE_AREA, **options):
         self.condition_area = condition_area  # before super(): part of the embedding cache's key
+        if int(source_area) < 32 * 32:
+            raise ValueError(f"source_area must be at least 32 * 32 = 1024 pixels, got {source_area}")
+        self.source_area = int(source_area)  # the VAE's view of the source (module docstring, deviation 7)
         super().__init__(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, **options)
         # (image digest, width, height) -> {"latents": (1, Ls, C) float32}, in host memory like the embeddings
         self._source_cache = EmbeddingCache(None, max_host_bytes=self.embed_cache.max_host_bytes)
 
     @classmethod
     def from_pretrained(cls, path, lora_rank=32, lora_alpha=64, lora_targets=None, device="cpu", dtype=torch.float32,
-                        mixed_precision=None, condition_area=QWEN_CONDITION_AREA, **options):
+                        mixed_precision=None, condition_area=QWEN_CONDITION_AREA, source_area=QWEN_SOURCE_AREA,
+                        **options):
         """Load a diffusers Qwen-Image-Edit-2509 directory or hub id and add a LoRA (works without torchvision).
         `options`: the memory options of FlowLoraPolicy.__init__."""
-        pipe = QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, processor=load_qwen_edit_processor(path))
+        pipe = QwenImageEditPlusPipeline.from_pretrained(path, dtype=dtype, processor=load_qwen_edit_processor(path),
+                                                         **direct_load(device, options))
         return cls(pipe, lora_rank, lora_alpha, lora_targets, device, dtype, mixed_precision, condition_area,
-                   **options)
+                   source_area, **options)
 
     def encode_prompts(self, prompts, source_images):
         """Qwen2.5-VL states of each (instruction, source image) pair, encoded one pair at a time and cached
@@ -635,12 +659,13 @@ class QwenEditPolicy(FlowLoraPolicy):
                 width=512, guidance=None, generator=None, same_noise=True, true_cfg_scale=1.0, negative_prompt=" "):
         """Sample B = len(prompts) edits of `source_images` with per-transition log-probs (no gradients).
 
-        The edit (and the source latents) take each source's aspect ratio at about height * width pixels, both
-        multiples of 32 (`edit_size`); all sources of one call must give the same size (the transformer's RoPE
-        takes one set of grids per batch). The initial noise is one randn of shape (B, 1, 16, H/8, W/8) from
-        `generator`, packed, as QwenImageEditPlusPipeline draws it; `same_noise` shares one draw of batch 1.
-        With true_cfg_scale > 1 the velocity is the pipeline's guided one (with its norm rescale) against
-        `negative_prompt`, and the log-probs are of that guided transition.
+        The edit takes each source's aspect ratio at about height * width pixels and the source latents at about
+        `source_area` pixels, multiples of 32 (`edit_size`), as QwenImageEditPlusPipeline sizes them; all sources
+        of one call must give the same sizes (the transformer's RoPE takes one set of grids per batch). The initial
+        noise is one randn of shape (B, 1, 16, H/8, W/8) from `generator`, packed, as QwenImageEditPlusPipeline
+        draws it; `same_noise` shares one draw of batch 1. With true_cfg_scale > 1 the velocity is the pipeline's
+        guided one (with its norm rescale) against `negative_prompt`, and the log-probs are of that guided
+        transition.
         """
         if guidance is not None:
             raise ValueError("Qwen-Image-Edit-2509 has no guidance embedding: pass guidance=None (use "
@@ -648,11 +673,12 @@ class QwenEditPolicy(FlowLoraPolicy):
         if len(source_images) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(source_images)} source images")
         source_images = [_rgb(image) for image in source_images]
-        sizes = {edit_size(image.size, height * width) for image in source_images}
+        sizes = {(edit_size(image.size, height * width), edit_size(image.size, self.source_area))
+                 for image in source_images}
         if len(sizes) != 1:
-            raise ValueError(f"the source images of one rollout give different edit sizes {sorted(sizes)}; "
-                             "roll out items of different aspect ratios in separate calls")
-        (out_width, out_height), = sizes
+            raise ValueError(f"the source images of one rollout give different (edit, source) sizes {sorted(sizes)};"
+                             " roll out items of different aspect ratios in separate calls")
+        ((out_width, out_height), (source_width, source_height)), = sizes
         sigmas = arr_rpo.sigma_schedule(num_steps, shift) if sigmas is None else check_sigmas(sigmas)
         batch = len(prompts)
         text_embeds, text_mask = self.encode_prompts(prompts, source_images)
@@ -664,10 +690,12 @@ class QwenEditPolicy(FlowLoraPolicy):
                                      _pad_tokens(negative_embeds, length)])  # (2B, T, D)
             text_mask = torch.cat([_pad_tokens(text_mask, length), _pad_tokens(negative_mask, length)])  # (2B, T)
         h, w = out_height // self.pipe.vae_scale_factor, out_width // self.pipe.vae_scale_factor
+        hs, ws = source_height // self.pipe.vae_scale_factor, source_width // self.pipe.vae_scale_factor
         cond = QwenEditCondition(
             text_embeds=text_embeds, text_mask=text_mask,
-            image_latents=torch.cat([self.source_latents(image, out_width, out_height) for image in source_images]),
-            img_shapes=[[(1, h // 2, w // 2), (1, h // 2, w // 2)]] * batch, true_cfg_scale=float(true_cfg_scale))
+            image_latents=torch.cat([self.source_latents(image, source_width, source_height)
+                                     for image in source_images]),  # (B, Ls, C), Ls = hs/2 x ws/2
+            img_shapes=[[(1, h // 2, w // 2), (1, hs // 2, ws // 2)]] * batch, true_cfg_scale=float(true_cfg_scale))
         channels = self.pipe.transformer.config.in_channels // 4
         draws = 1 if same_noise else batch
         noise = randn_tensor((draws, 1, channels, h, w), generator=generator, device=self.device, dtype=torch.float32)

@@ -340,7 +340,7 @@ def load_policy(cfg, cls, d, demo, items):
                                  lora_targets=cfg.lora_targets, device=d.device, dtype=dtype,
                                  mixed_precision=dtype if dtype != torch.float32 else None,
                                  gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
-                                 shard_mesh=mesh)
+                                 shard_mesh=mesh, **({"source_area": cfg.source_area} if cls.task == "edit" else {}))
     inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
     encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs,
                                       progress=Progress("prompts: encoded") if d.rank == 0 else None)
@@ -375,11 +375,26 @@ class Progress:
 
 
 def memory_warning(cfg, world_size, gpu_bytes):
-    """memory.fit_warning for this config on GPUs of `gpu_bytes`: None if one RPO step fits, else the warning."""
+    """memory.fit_warning for this config on GPUs of `gpu_bytes`: None if one RPO step fits, else the warning. An
+    unset --gradient_checkpointing is decided as train.py decides it (`checkpointing`)."""
     from tools import memory  # the estimator: only where a GPU's size is known
-    return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates, cfg.gradient_checkpointing,
+    on = cfg.gradient_checkpointing
+    if on is None:
+        on = checkpointing(cfg, world_size, "cuda", gpu_bytes)[0]
+    return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates, on,
                               world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank, cfg.lora_rank,
-                              ranks=world_size)
+                              ranks=world_size, source_area=cfg.source_area)
+
+
+def checkpointing(cfg, world_size, device_type, gpu_bytes):
+    """(on, why) of --gradient_checkpointing: as set, or when unset memory.auto_checkpointing's decision (on only
+    where the estimate of one step without it does not fit `gpu_bytes`; off on the CPU)."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing, "set"
+    from tools import memory  # the estimator, only when it decides
+    return memory.auto_checkpointing(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates,
+                                     world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank,
+                                     cfg.lora_rank, cfg.source_area, device_type)
 
 
 # ---- The data position -------------------------------------------------------------------------------------------
@@ -494,6 +509,7 @@ class Run:
     evals: list = field(default_factory=list)
     eval_judge: object = None  # an independent judge for evaluation, or None (the training judge)
     ema: list | None = None    # EMA copies of the LoRA parameters (ema_decay > 0), fp32
+    ema_updates: int = 0       # EMA updates so far: the t of its warm-up (arr_rpo.ema_decay_at)
     check_items: list = field(default_factory=list)  # labelled pairs of --judge_check_data
     checks: list = field(default_factory=list)       # (step, judge_check_accuracy) so far
 
@@ -535,6 +551,7 @@ def window_metrics(run, windows):
             "judge_latency_p95": percentile(every["latencies"], 0.95),
             "pairs": total["groups"], "judge_failures": total["failed"], "masked_pairs": total["failed"] + total["ties"],
             "terms": int(sums.terms),  # trained (sample, transition) terms over all ranks: the gradient's normaliser
+            "log_ratio_max": max(float(w.sums.log_ratio_max) for w in windows),  # over ranks and steps
             "skipped": None if taken else skipped[0], "nonfinite_skips": run.nonfinite_skips,
             "stop_requested": any(w.stop_requested for w in windows),
             "judge_failure_reasons": failure_reasons(e for w in windows for e in w.errors),
@@ -663,7 +680,7 @@ def save_checkpoint(run):
             with ema_weights(run):
                 run.policy.save_lora(tmp / "ema")
         torch.save({"step": run.step, "position": run.position, "world_size": run.d.world_size, "rng": states,
-                    "lora_digests": digests,
+                    "lora_digests": digests, "ema_updates": run.ema_updates,
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
                    tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
@@ -693,6 +710,8 @@ def load_checkpoint(run, path):
     if mine["cuda"] is not None and run.d.device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"])
     run.step, run.position = state["step"], state["position"]
+    # older checkpoints: every optimizer step updated the EMA, and the scheduler counts the optimizer steps
+    run.ema_updates = state.get("ema_updates", run.scheduler.last_epoch if run.ema is not None else 0)
     print0(run.d, f"resumed from {path} at step {run.step}")
 
 

@@ -105,7 +105,7 @@ class Config:
                              valid=above(0))
     weight_decay: float = paper(1e-4, "AdamW weight decay", "official code", valid=at_least(0))
     max_grad_norm: float = paper(1.0, "clip the global gradient norm to this", "official code", valid=above(0))
-    max_steps: int = paper(300, "rollout windows to train (one optimizer step each unless M x E > 1)",
+    max_steps: int = paper(300, "rollout windows to train, M x E optimizer steps each (1 x 1: one step per window)",
                            "official code", valid=at_least(0))
     save_every: int = paper(50, "checkpoint every this many windows (and at the end)", "official code",
                             valid=at_least(1))
@@ -126,7 +126,8 @@ class Config:
     train_fraction: float = beyond(1.0, "fraction of the K - 1 transitions trained per sample (random subset)",
                                    "DanceGRPO", valid=within(0, 1, low_open=True))
     lr_warmup_steps: int = beyond(0, "linear LR warmup steps, then constant", "ours", valid=at_least(0))
-    ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off)", "Flow-GRPO",
+    ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off); update t uses "
+                                   "min(ema_decay, (1 + t) / (10 + t))", "Flow-GRPO (with its warm-up)",
                               valid=within(0, 1, high_open=True))
     prompt_rubrics: str = beyond("fixed", "fixed: the rubric file alone (the official code); per_prompt: K "
                                           "zero-shot rubrics per prompt added; per_group: K rubrics made from each "
@@ -183,8 +184,15 @@ class Config:
     device: str | None = beyond(None, "cpu or cuda; unset: cuda:LOCAL_RANK when CUDA is available, else cpu", "ours")
     dtype: str | None = beyond(None, "bfloat16 (frozen base; LoRA and AdamW stay fp32) or float32; unset: bf16 on "
                                      "CUDA", "ours", choices=(None, "float32", "bfloat16"))
-    gradient_checkpointing: bool = beyond(True, "recompute each transformer block in backward (same gradients)",
-                                          "diffusers (python bench.py memory: the estimates)")
+    gradient_checkpointing: bool | None = beyond(None, "recompute each transformer block in backward (same "
+                                                       "gradients, ~1/5 more update FLOPs); unset: auto, on only "
+                                                       "where the memory estimate of a step without it does not fit "
+                                                       "the GPU (off on the CPU)",
+                                                 "diffusers (python bench.py memory: the estimates)")
+    source_area: int = beyond(1024 * 1024, "qwen_edit: pixels of the source image the VAE encodes, at its aspect "
+                                           "ratio (the pipeline's, whatever the output size; lower: less memory, but "
+                                           "fewer source tokens than the deployed pipeline gives)",
+                              "diffusers QwenImageEditPlusPipeline (VAE_IMAGE_SIZE)", valid=at_least(32 * 32))
     embed_cache: str | None = beyond(None, "folder of prompt embeddings (per prompt and model), reused by runs and "
                                            "ranks", "ours")
     shard_base: bool = beyond(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA replicated)",
@@ -219,7 +227,13 @@ def demo_overrides(model_type):
 def make_config(argv=None):
     """CLI -> Config: what the user set, else --config FILE, else the demo's settings (no --model), else the
     recipe, else the default (cli.make_config). Raises cli.ConfigError naming the option."""
-    return cli.make_config(Config, RECIPES, argv, demo_overrides, description=__doc__.splitlines()[0])
+    return cli.make_config(Config, RECIPES, argv, demo_overrides, description=f"{__doc__.splitlines()[0]}\n{DEFAULTS}")
+
+
+DEFAULTS = ("With --model, the defaults are the paper's run: recipes/flux-paper.toml (--model_type qwen_edit:\n"
+            "recipes/qwen-edit-paper.toml, but with the deployed pipeline's source_area 1024^2). Other recipes:\n"
+            "recipes/official.toml (the official objective: k1 KL, one judge order), recipes/recommended.toml\n"
+            "(ours); docs/recipes.md lists them.")
 
 
 if __name__ == "__main__":  # before torch and diffusers load (~10 s): --help and a mistyped option answer at once
@@ -290,16 +304,21 @@ def advantages(rewards, cfg, device):
 @dataclass
 class TermSums:
     """Sums over trained (sample, transition) terms: phase 5 all-reduces them with the gradients, and `terms` is
-    the gradient's normaliser T. Fields are floats or 0-dim tensors (summed on the device, one sync per step)."""
+    the gradient's normaliser T. Fields are floats or 0-dim tensors (summed on the device, one sync per step).
+    `log_ratio_max` is a maximum instead, max |log pi - log pi_old| of this rank's terms (in bf16 a ratio-1 update
+    shows the rollout-vs-recompute mismatch); phase 5 keeps this rank's, window_metrics takes the max over ranks."""
     loss: float = 0.0
     kl: float = 0.0
     approx_kl: float = 0.0
     clipped: float = 0.0
     terms: float = 0.0
     nonfinite: float = 0.0
+    log_ratio_max: float = 0.0
 
     def __add__(self, other):
-        return TermSums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        return TermSums(*(torch.maximum(torch.as_tensor(getattr(self, f.name)), torch.as_tensor(getattr(other, f.name)))
+                          if f.name == "log_ratio_max" else getattr(self, f.name) + getattr(other, f.name)
+                          for f in fields(self)))
 
     def as_tensor(self, device):
         return torch.stack([torch.as_tensor(getattr(self, f.name), device=device).float() for f in fields(self)])
@@ -333,7 +352,7 @@ def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0):
         (weight * loss.sum()).backward()
         sums += TermSums(loss.detach().sum(), kl.detach().sum(), arr_rpo.approx_kl(stats.log_prob, old).detach().sum(),
                          arr_rpo.clip_fraction(stats.log_prob, old, cfg.clip_range) * len(loss), len(loss),
-                         (~torch.isfinite(loss)).sum())
+                         (~torch.isfinite(loss)).sum(), (stats.log_prob - old).detach().abs().max())
     return sums
 
 
@@ -346,12 +365,12 @@ def fsdp_lockstep_pass(policy, traj, cfg):
 def reduce_and_step(run, sums):
     """Phase 5: one all-reduce of the LoRA gradients (with the sums), the mean over the T global terms, clip,
     AdamW, schedule, LoRA EMA (ema_decay > 0). Returns (global TermSums, grad_norm or None, why it skipped or None)."""
-    params = run.policy.trainable_parameters()
+    params, local = run.policy.trainable_parameters(), sums
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten().float() for g in grads] + [sums.as_tensor(grads[0].device)])
     runtime.all_reduce_sum(flat, run.d)
     *flat_grads, flat_sums = flat.split([p.numel() for p in params] + [len(fields(TermSums))])
-    sums = TermSums.of_tensor(flat_sums.cpu())
+    sums = replace(TermSums.of_tensor(flat_sums.cpu()), log_ratio_max=float(local.log_ratio_max))  # a max: this rank's
     skipped = "nonfinite loss" if sums.nonfinite else ("no valid pairs" if sums.terms == 0 else None)
     grad_norm = None
     if skipped is None:
@@ -362,8 +381,9 @@ def reduce_and_step(run, sums):
     if skipped is None:
         run.optimizer.step()
         run.scheduler.step()
-        if run.ema is not None:
-            arr_rpo.ema_update(run.ema, params, run.cfg.ema_decay)
+        if run.ema is not None:  # Flow-GRPO's warm-up: t = the EMA updates before this one (kept by checkpoints)
+            arr_rpo.ema_update(run.ema, params, run.cfg.ema_decay, t=run.ema_updates)
+            run.ema_updates += 1
     run.optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm, skipped
 
@@ -526,8 +546,11 @@ def prepare(cfg, d, judge=None):
                   dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
     items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
-    cfg = replace(cfg, output_dir=str(out))
-    runtime.print0(d, f"config: {cli.changed(runtime.redacted(cfg), Config)} (every option: {out / 'config.json'})")
+    gpu_bytes = torch.cuda.get_device_properties(d.device).total_memory if d.device.type == "cuda" else None
+    checkpointing, why = runtime.checkpointing(cfg, d.world_size, d.device.type, gpu_bytes)
+    cfg = replace(cfg, output_dir=str(out), gradient_checkpointing=checkpointing)
+    runtime.print0(d, f"config: {cli.changed(runtime.redacted(cfg), Config)} (every option: {out / 'config.json'}); gradient "
+                      f"checkpointing {'on' if checkpointing else 'off'} ({why})")
     judge, eval_judge = runtime.make_judges(cfg, demo, rubric, eval_rubric, cls.task, d, judge)
     try:
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once
@@ -556,12 +579,12 @@ def prepare(cfg, d, judge=None):
 
 
 def loop(run):
-    """Windows until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge."""
+    """Windows until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge. The
+    first eval is after eval_every windows: at step 0 the LoRA is untouched and the policy is the reference, a known
+    0.5 (evaluate's docstring) that would cost 2 x eval_size judge requests."""
     cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window windows
     if run.step == 0:
         runtime.judge_check(run)
-    if run.step == 0 and cfg.eval_every:
-        runtime.log(run, evaluate(run))
     while run.step < cfg.max_steps:
         record = train_step(run)
         runtime.log(run, record)

@@ -153,6 +153,24 @@ def test_ema_update_closed_form():
         arr_rpo.ema_update(ema, theta, 1.0)
 
 
+def test_ema_warmup_is_flow_grpo_s_min_decay_closed_form():
+    """With t given, update t uses min(decay, (1 + t) / (10 + t)) (Flow-GRPO): before the cap binds, n updates
+    towards a fixed theta leave prod (1 + s) / (10 + s) = 1 / C(n + 9, 9) of the start; after it, decay^m more."""
+    assert [arr_rpo.ema_decay_at(0.99, t) for t in (0, 1, 8)] == [0.1, 2 / 11, 0.5]
+    assert arr_rpo.ema_decay_at(0.5, 9) == 0.5 and arr_rpo.ema_decay_at(0.99, 10 ** 6) == 0.99
+    theta, ema = [torch.full((3,), 2.0, dtype=torch.float64)], [torch.zeros(3, dtype=torch.float64)]
+    used = [arr_rpo.ema_update(ema, theta, 0.99, t=t) for t in range(20)]
+    assert used[0] == 0.1 and all(a < b for a, b in zip(used, used[1:]))  # (1 + t) / (10 + t) < 0.99 for t < 890
+    torch.testing.assert_close(ema[0], torch.full((3,), 2.0 * (1 - 1 / math.comb(29, 9)), dtype=torch.float64))
+    capped = [torch.zeros(1, dtype=torch.float64)]
+    for t in range(12):  # the cap 0.5 binds from t = 8 ((1 + 8) / 18 = 0.5): 4 updates at 0.5
+        arr_rpo.ema_update(capped, [torch.ones(1, dtype=torch.float64)], 0.5, t=t)
+    left = math.prod((1 + s) / (10 + s) for s in range(8)) * 0.5 ** 4
+    torch.testing.assert_close(capped[0], torch.tensor([1 - left], dtype=torch.float64))
+    with pytest.raises(ValueError, match="t counts"):
+        arr_rpo.ema_update(ema, theta, 0.9, t=-1)
+
+
 # ----- schedule and SDE step ---------------------------------------------------------------------------------------
 
 def test_sigma_schedule_values_k8_k10():

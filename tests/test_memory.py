@@ -1,16 +1,11 @@
 """tools/memory.py: the fake-tensor estimate against a real process, the closed form against the estimate, the
-warning train.py prints before loading a model, and the reduced form of `bench.py gpu`.
+warning train.py prints before loading a model, the checkpointing "auto" decision, and Qwen's source tokens.
 
 Run: python -m pytest tests/test_memory.py -q   (about 35 s on 2 cores)
 """
-import argparse
-import contextlib
-import io
-
 import pytest
 import torch
 
-import bench
 from tools import memory
 
 MIB = 2 ** 20
@@ -72,18 +67,6 @@ def test_fit_warning_names_the_estimate_and_the_flags_that_help():
     assert memory.fit_warning("qwen_edit", 512, 512, 2, True, 8, 40 * 10 ** 9) is None  # sharded: a 40 GB GPU
 
 
-def test_bench_gpu_reduced_form_runs_rpo_updates_on_the_cpu():
-    args = argparse.Namespace(tiny=True, device="cpu", size=512, steps=1, num_steps=3, shard_base=False,
-                              peak_tflops=989.0)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        bench.bench_gpu(args)
-    lines = out.getvalue().splitlines()
-    assert lines[0].startswith("gpu: tiny FLUX.1-dev transformer") and "64x64" in lines[0]
-    assert lines[1].startswith("peak memory n/a on the CPU; estimate")
-    assert "update MFU" in lines[2] and "(2 transitions" in lines[2]
-
-
 def test_train_warns_before_loading_a_config_that_will_not_fit():
     """runtime.memory_warning, which load_policy prints on CUDA before from_pretrained, for train.py's options."""
     import runtime
@@ -91,7 +74,7 @@ def test_train_warns_before_loading_a_config_that_will_not_fit():
     gpu = 80 * 10 ** 9
     assert runtime.memory_warning(train.make_config(["--model", "black-forest-labs/FLUX.1-dev"]), 8, gpu) is None
     big = train.make_config(["--model", "m", "--height", "1024", "--width", "1024", "--no_gradient_checkpointing"])
-    assert not big.gradient_checkpointing and train.make_config(["--model", "m"]).gradient_checkpointing
+    assert big.gradient_checkpointing is False and train.make_config(["--model", "m"]).gradient_checkpointing is None
     text = runtime.memory_warning(big, 8, gpu)
     assert "checkpointing off" in text and "--gradient_checkpointing: " in text and "--shard_base (8 GPUs)" in text
     sharded = train.make_config(["--model", "m", "--model_type", "qwen_edit", "--no_gradient_checkpointing",
@@ -110,3 +93,42 @@ def test_the_estimated_recipe_is_train_py_recipe():
         assert (spec.lora_rank, 2 * spec.lora_rank, spec.num_steps, spec.kl_beta) == (
             recipe["lora_rank"], recipe["lora_alpha"], recipe["num_steps"], recipe["kl_beta"])
         assert memory.PROMPTS_PER_RANK[model_type] == recipe["prompts_per_rank"]
+
+
+def test_auto_checkpointing_is_on_exactly_where_a_step_without_it_does_not_fit():
+    """--gradient_checkpointing unset: memory.auto_checkpointing against device sizes built around the estimate of a
+    step without checkpointing (90% headroom), the recipe's verdicts on 80 GB and 40 GB GPUs, the CPU and an unknown
+    device, and train.py's config reaching it through runtime.checkpointing."""
+    import runtime
+    import train
+    for model_type in memory.MODELS:
+        without = memory.quick_estimate(model_type, checkpointing=False)["step"]
+        roomy, tight = without / 0.9 + 2 ** 20, without / 0.9 - 2 ** 20
+        assert memory.auto_checkpointing(model_type, 512, 512, 2, 1, roomy)[0] is False
+        on, why = memory.auto_checkpointing(model_type, 512, 512, 2, 1, tight)
+        assert on is True and f"{without / memory.GIB:.1f} GiB > 90%" in why
+        assert memory.auto_checkpointing(model_type, 512, 512, 2, 1, None, device_type="cpu") == (
+            False, "auto: off on the CPU")
+        assert memory.auto_checkpointing(model_type, 512, 512, 2, 1, None, device_type="xpu")[0] is True
+    gpu80, gpu40 = 80 * 10 ** 9, 40 * 10 ** 9
+    flux, qwen = train.make_config(["--model", "m"]), train.make_config(["--model", "m", "--model_type", "qwen_edit"])
+    assert runtime.checkpointing(flux, 8, "cuda", gpu80)[0] is False  # FLUX 512^2 fits without: 1/5 of FLOPs saved
+    assert runtime.checkpointing(flux, 8, "cuda", gpu40)[0] is True
+    assert runtime.checkpointing(qwen, 8, "cuda", gpu80)[0] is True  # 4,096 source tokens: it needs it
+    small_source = train.make_config(["--model", "m", "--model_type", "qwen_edit", "--source_area", str(256 * 256)])
+    assert (memory.quick_estimate("qwen_edit", checkpointing=False, source_area=256 * 256)["step"]
+            < memory.quick_estimate("qwen_edit", checkpointing=False)["step"])
+    assert runtime.checkpointing(small_source, 8, "cuda", gpu40)[0] == memory.auto_checkpointing(
+        "qwen_edit", 512, 512, 2, 1, gpu40, 2, 32, 256 * 256)[0]
+    forced = train.make_config(["--model", "m", "--gradient_checkpointing"])
+    assert runtime.checkpointing(forced, 8, "cpu", None) == (True, "set")
+
+
+def test_qwen_source_tokens_come_from_the_source_area_not_the_output_size():
+    import policy
+    import train
+    assert memory.SOURCE_AREA == policy.QWEN_SOURCE_AREA == train.Config.source_area == 1024 * 1024
+    assert memory.tokens("qwen_edit", 512, 512)["source"] == memory.tokens("qwen_edit", 256, 256)["source"] == 4096
+    assert memory.tokens("qwen_edit", 512, 512, source_area=512 * 512)["source"] == 1024
+    assert memory.tokens("flux", 512, 512)["source"] == 0
+    assert memory.source_side(1000 * 1000) == policy.edit_size((7, 7), 1000 * 1000)[0] == 992

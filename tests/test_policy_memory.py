@@ -57,7 +57,8 @@ def test_gradient_checkpointing_gives_identical_gradients_flux(tiny_flux_dir):
 def test_gradient_checkpointing_gives_identical_gradients_qwen(tiny_qwen_dir):
     assert_checkpointing_changes_nothing(
         lambda on: policy.QwenEditPolicy.from_pretrained(tiny_qwen_dir, lora_rank=4, lora_alpha=8,
-                                                         condition_area=CONDITION_AREA, gradient_checkpointing=on),
+                                                         condition_area=CONDITION_AREA, source_area=64 * 64,
+                                                         gradient_checkpointing=on),
         lambda pol: pol.rollout(["make it redder", "turn it red"], [scene(64, 64, 0), scene(64, 64, 1)],
                                 num_steps=3, eta=0.7, height=64, width=64, generator=torch.Generator().manual_seed(0)))
 

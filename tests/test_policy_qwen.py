@@ -1,9 +1,10 @@
 """QwenEditPolicy (policy.py) against diffusers' QwenImageEditPlusPipeline and load_lora_weights, on a tiny
-random-weight Qwen-Image-Edit-2509 built in code. The pipeline's module globals VAE_IMAGE_SIZE / CONDITION_IMAGE_SIZE
-are patched to the test sizes (the policy takes them as arguments) so each pipeline call takes about 0.1 s instead of
-seconds.
+random-weight Qwen-Image-Edit-2509 built in code. The parity tests run the pipeline as it ships (unpatched: the
+source encoded at VAE_IMAGE_SIZE = 1024^2 pixels and shown to the VL encoder at CONDITION_IMAGE_SIZE = 384^2, whatever
+the output size) against the policy with its defaults (`deployed`); the other tests use a policy with small source
+and condition areas (`qwen`), so each of its rollouts takes a fraction of a second.
 
-Run: python -m pytest tests/test_policy_qwen.py -q   (about 5 s on 2 cores)
+Run: python -m pytest tests/test_policy_qwen.py -q   (about 60 s on 2 cores: a 1024^2 source is 4,096 tokens)
 """
 import json
 from pathlib import Path
@@ -24,6 +25,7 @@ from image_checks import (as_float, assert_disabled_adapters_are_the_base, asser
 
 SIZE = 64
 CONDITION_AREA = 56 * 56  # the VL encoder's view of the source; the tiny image processor caps it there anyway
+SOURCE_AREA = SIZE * SIZE  # the VAE's view of the source in the fast tests (the pipeline's is 1024^2)
 INSTRUCTION = "make it redder while keeping the layout"
 
 
@@ -46,22 +48,26 @@ def tiny_qwen_dir(tmp_path_factory):
 @pytest.fixture()
 def qwen(tiny_qwen_dir):
     return policy.QwenEditPolicy.from_pretrained(tiny_qwen_dir, lora_rank=4, lora_alpha=8,
-                                                 condition_area=CONDITION_AREA)
+                                                 condition_area=CONDITION_AREA, source_area=SOURCE_AREA)
 
 
 @pytest.fixture()
-def qwen_pipe(tiny_qwen_dir, monkeypatch):
-    """diffusers' own pipeline on the same directory, with its resize targets set to the policy's."""
-    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "CONDITION_IMAGE_SIZE", CONDITION_AREA)
+def deployed(tiny_qwen_dir):
+    """The policy with its default source and condition areas: the pipeline's."""
+    return policy.QwenEditPolicy.from_pretrained(tiny_qwen_dir, lora_rank=4, lora_alpha=8)
+
+
+@pytest.fixture()
+def qwen_pipe(tiny_qwen_dir):
+    """diffusers' own pipeline on the same directory, unpatched."""
     pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_qwen_dir,
                                                      processor=policy.load_qwen_edit_processor(tiny_qwen_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def pipeline_edit(pipe, monkeypatch, source, sigmas, seed, area, true_cfg_scale=1.0):
-    """The pipeline's edit of `source` at the policy's size for `area` (VAE_IMAGE_SIZE patched to `area`)."""
-    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", area)
+def pipeline_edit(pipe, source, sigmas, seed, area, true_cfg_scale=1.0):
+    """The pipeline's edit of `source` at the policy's output size for `area`."""
     width, height = policy.edit_size(source.size, area)
     return pipe(image=source, prompt=INSTRUCTION, negative_prompt=" " if true_cfg_scale > 1 else None,
                 true_cfg_scale=true_cfg_scale, height=height, width=width, sigmas=sigmas[:-1].tolist(),
@@ -102,16 +108,22 @@ def test_processor_without_video_is_the_class_it_stands_for_without_a_video_part
     assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
 
 
-@pytest.mark.parametrize("source_size, area", [((64, 64), SIZE * SIZE), ((200, 100), 128 * 128)],
+@pytest.mark.parametrize("source_size, area, source_tokens", [((64, 64), SIZE * SIZE, 64 * 64),
+                                                               ((200, 100), 128 * 128, 46 * 90)],
                          ids=["square", "wide"])
-def test_qwen_eta0_rollout_equals_qwen_edit_plus_pipeline(qwen, qwen_pipe, monkeypatch, source_size, area):
+def test_qwen_eta0_rollout_equals_qwen_edit_plus_pipeline(deployed, qwen_pipe, source_size, area, source_tokens):
+    """The policy's defaults are the pipeline's areas, and its edit equals the unpatched pipeline's: the source
+    latents are at 1024^2 pixels (1440 x 736 for 2:1) whatever the output size."""
+    assert (deployed.source_area, deployed.condition_area) == (pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE,
+                                                               pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE)
     source = scene(*source_size)
     sigmas = arr_rpo.sigma_schedule(4)
-    expected = pipeline_edit(qwen_pipe, monkeypatch, source, sigmas, seed=7, area=area)
+    expected = pipeline_edit(qwen_pipe, source, sigmas, seed=7, area=area)
     side = int(area ** 0.5)
-    traj = qwen.rollout([INSTRUCTION] * 2, [source, source], sigmas=sigmas, eta=0.0, height=side, width=side,
-                        generator=torch.Generator().manual_seed(7))
+    traj = deployed.rollout([INSTRUCTION] * 2, [source, source], sigmas=sigmas, eta=0.0, height=side, width=side,
+                            generator=torch.Generator().manual_seed(7))
     assert (traj.width, traj.height) == expected.size and traj.log_probs.shape == (2, 3)
+    assert traj.cond.image_latents.shape == (2, source_tokens, 64)  # packed tokens of the 1024^2-area source
     for image in traj.images:  # same_noise: both candidates are the pipeline's single image
         assert image.size == expected.size
         assert np.abs(as_float(image) - as_float(expected)).max() <= 2 / 255
@@ -137,12 +149,12 @@ def test_qwen_recompute_gives_ratio_one_and_reference_equals_policy_at_init(qwen
     assert torch.allclose(stats.log_prob, expected, atol=1e-5)
 
 
-def test_qwen_true_cfg_matches_pipeline_changes_the_mean_and_keeps_ratio_one(qwen, qwen_pipe, monkeypatch):
+def test_qwen_true_cfg_matches_pipeline_changes_the_mean_and_keeps_ratio_one(qwen, deployed, qwen_pipe):
     source = scene(64, 64)
     sigmas = arr_rpo.sigma_schedule(4)
-    expected = pipeline_edit(qwen_pipe, monkeypatch, source, sigmas, seed=3, area=SIZE * SIZE, true_cfg_scale=4.0)
-    guided = qwen.rollout([INSTRUCTION] * 2, [source, source], sigmas=sigmas, eta=0.0, height=SIZE, width=SIZE,
-                          generator=torch.Generator().manual_seed(3), true_cfg_scale=4.0, negative_prompt=" ")
+    expected = pipeline_edit(qwen_pipe, source, sigmas, seed=3, area=SIZE * SIZE, true_cfg_scale=4.0)
+    guided = deployed.rollout([INSTRUCTION], [source], sigmas=sigmas, eta=0.0, height=SIZE, width=SIZE,
+                              generator=torch.Generator().manual_seed(3), true_cfg_scale=4.0, negative_prompt=" ")
     assert np.abs(as_float(guided.images[0]) - as_float(expected)).max() <= 2 / 255
 
     randomise_lora(qwen, seed=4)  # so that the LoRA gradient flows through both branches
@@ -180,8 +192,9 @@ def test_qwen_only_lora_parameters_get_gradients_and_disabled_adapters_are_the_b
     assert_disabled_adapters_are_the_base(qwen, cond, x, expected)
 
 
-def test_qwen_saved_lora_loads_in_diffusers_with_alpha_and_restores_bitwise(qwen, qwen_pipe, tiny_qwen_dir,
-                                                                            monkeypatch, tmp_path):
+def test_qwen_saved_lora_loads_in_diffusers_with_alpha_and_restores_bitwise(deployed, qwen_pipe, tiny_qwen_dir,
+                                                                            tmp_path):
+    qwen = deployed  # the pipeline's areas: its edit is the reference
     randomise_lora(qwen, seed=1)
     qwen.save_lora(tmp_path)
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), framework="pt") as f:
@@ -191,21 +204,21 @@ def test_qwen_saved_lora_loads_in_diffusers_with_alpha_and_restores_bitwise(qwen
     sigmas = arr_rpo.sigma_schedule(4)
     traj = qwen.rollout([INSTRUCTION], [source], sigmas=sigmas, eta=0.0, height=SIZE, width=SIZE,
                         generator=torch.Generator().manual_seed(5))
-    base_image = pipeline_edit(qwen_pipe, monkeypatch, source, sigmas, seed=5, area=SIZE * SIZE)
+    base_image = pipeline_edit(qwen_pipe, source, sigmas, seed=5, area=SIZE * SIZE)
     qwen_pipe.load_lora_weights(tmp_path)
-    lora_image = pipeline_edit(qwen_pipe, monkeypatch, source, sigmas, seed=5, area=SIZE * SIZE)
+    lora_image = pipeline_edit(qwen_pipe, source, sigmas, seed=5, area=SIZE * SIZE)
     assert np.abs(as_float(lora_image) - as_float(traj.images[0])).max() <= 2 / 255
     assert np.abs(as_float(base_image) - as_float(traj.images[0])).max() > 10 / 255  # the LoRA changes images
 
-    fresh = policy.QwenEditPolicy.from_pretrained(tiny_qwen_dir, lora_rank=4, lora_alpha=8,
-                                                  condition_area=CONDITION_AREA)
+    fresh = policy.QwenEditPolicy.from_pretrained(tiny_qwen_dir, lora_rank=4, lora_alpha=8)
     fresh.load_lora(tmp_path)
     for a, b in zip(qwen.trainable_parameters(), fresh.trainable_parameters()):
         assert torch.equal(a, b)
     again = fresh.rollout([INSTRUCTION], [source], sigmas=sigmas, eta=0.0, height=SIZE, width=SIZE,
                           generator=torch.Generator().manual_seed(5))
     assert torch.equal(again.latents, traj.latents)
-    wrong_alpha = policy.QwenEditPolicy.from_pretrained(tiny_qwen_dir, lora_rank=4, lora_alpha=4)
+    wrong_alpha = policy.QwenEditPolicy.from_pretrained(tiny_qwen_dir, lora_rank=4, lora_alpha=4,
+                                                        source_area=SOURCE_AREA)
     with pytest.raises(ValueError, match="lora_alpha"):
         wrong_alpha.load_lora(tmp_path)
 
@@ -221,9 +234,12 @@ def test_qwen_non_square_source_keeps_its_aspect_ratio(qwen, source_size, edit):
     assert all(image.size == (width, height) for image in traj.images)
     grid = (height // 16, width // 16)  # packed tokens: VAE factor 8, then 2 x 2 patches
     assert traj.latents.shape == (2, 4, grid[0] * grid[1], 64)
-    assert traj.cond.image_latents.shape == (2, grid[0] * grid[1], 64)  # the source grid is the edit's grid
-    assert traj.cond.img_shapes == [[(1, *grid), (1, *grid)]] * 2
-    with pytest.raises(ValueError, match="edit sizes"):
+    source_width, source_height = policy.edit_size(source.size, SOURCE_AREA)  # 2:1 at about 64 * 64: 96 x 32
+    assert {source_width, source_height} == {96, 32}
+    source_grid = (source_height // 16, source_width // 16)  # its own grid, not the edit's
+    assert traj.cond.image_latents.shape == (2, source_grid[0] * source_grid[1], 64)
+    assert traj.cond.img_shapes == [[(1, *grid), (1, *source_grid)]] * 2
+    with pytest.raises(ValueError, match=r"different \(edit, source\) sizes"):
         qwen.rollout([INSTRUCTION] * 2, [source, scene(64, 64)], num_steps=3, height=128, width=128)
 
 
@@ -271,3 +287,5 @@ def test_qwen_rollout_rejects_bad_arguments(qwen):
     with pytest.raises(ValueError, match="sigmas"):
         qwen.rollout([INSTRUCTION], [source], sigmas=[1.0, 0.5, 0.6, 0.0], height=32, width=32)
     assert policy.QwenEditPolicy.task == "edit"
+    with pytest.raises(ValueError, match="source_area"):
+        policy.QwenEditPolicy(qwen.pipe, source_area=16 * 16)

@@ -54,6 +54,9 @@ def test_resume_is_bitwise_with_minibatches_epochs_and_ema(tmp_path, cache):
                  for sub in ("", "ema"))
     assert any(not torch.equal(live[k], ema[k]) for k in live)  # the EMA lags the live LoRA
     assert all(r["optimizer_steps"] == 4 for r in records(straight))
+    for run in (straight, split):  # the warm-up's t goes on after a resume: M x E = 4 EMA updates per window
+        state = torch.load(run / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=True)
+        assert state["ema_updates"] == 16
 
 
 def test_fresh_start_refuses_a_folder_with_checkpoints(tmp_path, cache, capsys):

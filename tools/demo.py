@@ -17,8 +17,10 @@ Deliberate deviations from the paper
        editing). The tiny model's text encoders barely tell prompts apart, so a prompt-conditioned rubric would not
        show learning in minutes on a CPU; the RPO machinery (rollout, masking, update, eval) is the real one.
     2. The demo settings (64 x 64, K = 4, eta 0.7, LoRA r 8; flux: 4 candidates, group-normalised advantages,
-       no KL penalty, lr 3e-2) are chosen to learn visibly in minutes on a CPU, not the paper's recipe.
+       no KL penalty, lr 3e-2; qwen_edit: the source latents at 64 x 64, not the pipeline's 1024^2) are chosen
+       to learn visibly in minutes on a CPU, not the paper's recipe.
 """
+import functools
 import hashlib
 import json
 import os
@@ -111,7 +113,7 @@ EDIT_DEMO_INSTRUCTIONS = ["make it redder while keeping the layout", "turn the s
 QWEN_EDIT_DEMO = Demo(
     overrides=dict(height=64, width=64, num_steps=4, eta=0.7, lora_rank=8, lora_alpha=8, lr=5e-3, kl_beta=0.01,
                    prompts_per_rank=6, max_steps=100, save_every=50, eval_every=10, eval_size=12, num_threads=1,
-                   gradient_checkpointing=False),
+                   gradient_checkpointing=False, source_area=64 * 64),  # the source at the edit's size: CPU seconds
     # lr 5e-3 and 6 pairs per step (each source twice): with lr 2e-2 / 3 pairs the win rate reached 0.92 and then
     # fell to 0.08; with these settings seeds 0 and 1 end at 0.83 and 1.00 (docs/training.md has the curves)
     items=lambda: ([Item(i, s) for i, s in zip(EDIT_DEMO_INSTRUCTIONS, demo_sources())],
@@ -306,7 +308,6 @@ def build_tiny_qwen_edit(path, seed=0):
     at 56 x 56 pixels. The scheduler has no shift, so `QwenImageEditPlusPipeline(sigmas=...)` uses the sigmas
     unchanged (the policies never use the scheduler). Refuses to overwrite a non-empty `path`; written atomically.
     """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     path = _refuse_to_overwrite(path, "build_tiny_qwen_edit")
     tok, ids = _byte_qwen_tokenizer()
     torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG (forked above)
@@ -323,14 +324,18 @@ def build_tiny_qwen_edit(path, seed=0):
     pipe = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
         text_encoder=text_encoder, tokenizer=tok, processor=None, transformer=transformer)
+    return _save_pipeline(pipe, path, functools.partial(write_qwen_processor, tok))
 
-    def write_processor(folder):  # the processor cannot be saved without torchvision: write its parts by hand
-        Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder / "processor")
-        tok.save_pretrained(folder / "processor")
-        index = json.loads((folder / "model_index.json").read_text())
-        index["processor"] = ["transformers", "Qwen2VLProcessor"]  # save_pretrained wrote [null, null]
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return _save_pipeline(pipe, path, write_processor)
+
+def write_qwen_processor(tok, folder):
+    """The `processor/` of a Qwen-Image-Edit folder, written part by part (it cannot be saved without torchvision):
+    the PIL image processor capped at 56 x 56 pixels and `tok`, and its class in model_index.json."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder / "processor")
+    tok.save_pretrained(folder / "processor")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]  # save_pretrained wrote [null, null]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 @torch.random.fork_rng(devices=[])  # seeds the weights from the global RNG, then restores the caller's state

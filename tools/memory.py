@@ -27,6 +27,9 @@ Deliberate deviations (from measuring on the device)
        parameters and three blocks' worth gathered (the block in use, the next one prefetched, an all-gather buffer).
     2. Qwen-Image-Edit's text length is taken as 256 tokens (the 384^2-pixel source image is 196 Qwen2.5-VL tokens,
        plus the template tail and the instruction); true CFG doubles the transformer batch, like 2x candidates.
+    3. Qwen-Image-Edit's source image is taken as square: its tokens are those of a side of sqrt(source_area)
+       rounded to 32 (4,096 at the default 1024^2, whatever the output size, as policy.py and the pipeline encode
+       it); other aspect ratios at the same area differ by a few percent.
 """
 import functools
 import weakref
@@ -52,6 +55,7 @@ QWEN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, 
                 temperal_downsample=[False, True, True], dropout=0.0,
                 latents_mean=[0.0] * 16, latents_std=[1.0] * 16)  # the published values do not change memory
 QWEN_TEXT_TOKENS = 256
+SOURCE_AREA = 1024 * 1024  # policy.QWEN_SOURCE_AREA and train.py's --source_area default (tests/test_memory.py)
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,20 @@ MODELS = {
 DEPTH_KEYS = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
 
 
-def tokens(model_type, height, width):
+def source_side(source_area=SOURCE_AREA):
+    """Pixels per side of a square source image encoded at about `source_area` pixels: policy.edit_size's rule
+    (diffusers' calculate_dimensions, multiples of 32)."""
+    return max(32, round(source_area ** 0.5 / 32) * 32)
+
+
+def tokens(model_type, height, width, source_area=SOURCE_AREA):
     """Sequence lengths of one sample: text, and image tokens (FLUX and Qwen both pack 2 x 2 latent patches of a
-    factor-8 VAE, so H/16 x W/16); Qwen-Image-Edit also carries the source image's tokens."""
+    factor-8 VAE, so H/16 x W/16); Qwen-Image-Edit also carries the source image's tokens, from `source_area`
+    (deviation 3), not from the output size."""
     image = (height // 16) * (width // 16)
     if model_type == "flux":
         return {"text": 512, "image": image, "source": 0}
-    return {"text": QWEN_TEXT_TOKENS, "image": image, "source": image}
+    return {"text": QWEN_TEXT_TOKENS, "image": image, "source": (source_side(source_area) // 16) ** 2}
 
 
 # ---- the tracker ---------------------------------------------------------------------------------------------------
@@ -168,12 +179,13 @@ def build_policy(model_type, depth=None, lora_rank=None, checkpointing=True, dty
                                         gradient_checkpointing=checkpointing, decode_chunk=decode_chunk)
 
 
-def fake_inputs(pol, model_type, height, width, candidates, num_steps):
+def fake_inputs(pol, model_type, height, width, candidates, num_steps, source_area=SOURCE_AREA):
     """A trajectory of `candidates` samples with the shapes the policy's rollout produces (values irrelevant)."""
     import arr_rpo
     import policy
     sigmas = arr_rpo.sigma_schedule(num_steps)
-    n = tokens(model_type, height, width)
+    n = tokens(model_type, height, width, source_area)
+    grid = source_side(source_area) // 16
     batch, dtype, h, w = candidates, pol.dtype, height // 8, width // 8
     hidden = pol.transformer.config.joint_attention_dim
     if model_type == "flux":
@@ -186,8 +198,8 @@ def fake_inputs(pol, model_type, height, width, candidates, num_steps):
         cond = policy.QwenEditCondition(
             text_embeds=torch.zeros(batch, n["text"], hidden, dtype=dtype),
             text_mask=torch.ones(batch, n["text"], dtype=torch.long),
-            image_latents=torch.zeros(batch, n["source"], 64), img_shapes=[[(1, h // 2, w // 2)] * 2] * batch,
-            true_cfg_scale=1.0)
+            image_latents=torch.zeros(batch, n["source"], 64),
+            img_shapes=[[(1, h // 2, w // 2), (1, grid, grid)]] * batch, true_cfg_scale=1.0)
     return policy.Trajectory(latents=torch.zeros(batch, num_steps + 1, n["image"], 64),
                              log_probs=torch.zeros(batch, num_steps - 1), sigmas=sigmas,
                              images=[], eta=0.3, cond=cond, height=height, width=width)
@@ -207,14 +219,15 @@ def update_transition(pol, traj, k, kl_beta):
 PHASES = ("rollout", "decode", "source", "update")
 
 
-def run_step(pol, model_type, height, width, candidates, tracker, phases=PHASES, num_steps=None, kl_beta=None):
+def run_step(pol, model_type, height, width, candidates, tracker, phases=PHASES, num_steps=None, kl_beta=None,
+             source_area=SOURCE_AREA):
     """One RPO step on `pol` under `tracker` (fake or real tensors). Returns byte counts: resident `static`
     (weights, LoRA, inputs), `trajectory`, and the transient peaks above what was live when each phase began:
     `rollout` (one no-grad transformer call), `decode` (one VAE decode chunk), `source` (Qwen: VAE encode of a
-    source image), `update` (two transitions of recompute + reference + backward, with the AdamW state of an earlier
-    step resident and the gradients of the first transition alive in the second). `phases` selects which transients
-    to measure. The AdamW state is not returned: `combine` counts it as 2 x the LoRA's bytes, its two fp32 moments
-    (its 4-byte step count per LoRA tensor, kilobytes in all, is left out)."""
+    source image of `source_area` pixels), `update` (two transitions of recompute + reference + backward, with the
+    AdamW state of an earlier step resident and the gradients of the first transition alive in the second).
+    `phases` selects which transients to measure. The AdamW state is not returned: `combine` counts it as 2 x the
+    LoRA's bytes, its two fp32 moments (its 4-byte step count per LoRA tensor, kilobytes in all, is left out)."""
     spec = MODELS[model_type]
     num_steps, kl_beta = num_steps or spec.num_steps, spec.kl_beta if kl_beta is None else kl_beta
     for module in (pol.transformer, pol.pipe.vae):
@@ -222,7 +235,7 @@ def run_step(pol, model_type, height, width, candidates, tracker, phases=PHASES,
             tracker.track(t)
     out = {"static": tracker.live}
     with tracker:
-        traj = fake_inputs(pol, model_type, height, width, candidates, num_steps)
+        traj = fake_inputs(pol, model_type, height, width, candidates, num_steps, source_area)
         out["trajectory"] = tracker.live - out["static"]
         if "rollout" in phases:
             start = tracker.reset()
@@ -237,7 +250,8 @@ def run_step(pol, model_type, height, width, candidates, tracker, phases=PHASES,
             start = tracker.reset()
             with torch.no_grad():
                 vae = pol.pipe.vae
-                pol.pipe._encode_vae_image(torch.zeros(1, 3, 1, height, width, dtype=vae.dtype), generator=None)
+                side = source_side(source_area)
+                pol.pipe._encode_vae_image(torch.zeros(1, 3, 1, side, side, dtype=vae.dtype), generator=None)
             out["source"] = tracker.peak - start
         if "update" not in phases:
             return out
@@ -254,7 +268,7 @@ def run_step(pol, model_type, height, width, candidates, tracker, phases=PHASES,
 
 
 def measure(model_type, height=512, width=512, candidates=2, checkpointing=True, depth=None, lora_rank=None,
-            config=None, vae_config=None, dtype=torch.bfloat16, phases=PHASES):
+            config=None, vae_config=None, dtype=torch.bfloat16, phases=PHASES, source_area=SOURCE_AREA):
     """`run_step` on fake tensors over the meta-built model (see the module docstring); bytes, as run_step."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     pol = build_policy(model_type, depth, lora_rank, checkpointing, dtype, device="meta", config=config,
@@ -263,7 +277,7 @@ def measure(model_type, height=512, width=512, candidates=2, checkpointing=True,
         for module in (pol.transformer, pol.pipe.vae):
             module.to_empty(device="cpu")
         pol.device = torch.device("cpu")
-        return run_step(pol, model_type, height, width, candidates, PeakTracker(), phases)
+        return run_step(pol, model_type, height, width, candidates, PeakTracker(), phases, source_area=source_area)
 
 
 class ProcessPeak:
@@ -320,12 +334,12 @@ def real_measure(settings, threads=1):
 
 
 def _real_step(model_type, height=512, width=512, candidates=2, checkpointing=True, depth=None, config=None,
-               vae_config=None, dtype="bfloat16", phases=PHASES):
+               vae_config=None, dtype="bfloat16", phases=PHASES, source_area=SOURCE_AREA):
     torch.manual_seed(0)
     pol = build_policy(model_type, depth, None, checkpointing, getattr(torch, dtype), device="cpu", config=config,
                        vae_config=vae_config)
-    run_step(pol, model_type, height, width, candidates, ProcessPeak(), phases)
-    return run_step(pol, model_type, height, width, candidates, ProcessPeak(), phases)
+    run_step(pol, model_type, height, width, candidates, ProcessPeak(), phases, source_area=source_area)
+    return run_step(pol, model_type, height, width, candidates, ProcessPeak(), phases, source_area=source_area)
 
 
 # ---- full-size estimate: fake measurements at 1 and 2 depth units, extrapolated -----------------------------------
@@ -404,36 +418,38 @@ def combine(model_type, params, measured, shard=1, encoders=0, prompts_per_rank=
             "peak": max(phases.values())}
 
 
-def transients(model_type, height=512, width=512, candidates=2, checkpointing=True, lora_rank=None):
+def transients(model_type, height=512, width=512, candidates=2, checkpointing=True, lora_rank=None,
+               source_area=SOURCE_AREA):
     """The measured transients of a full-depth step (see `run_step`): measured on 1 and 2 depth units and
     extrapolated linearly in depth (saved activations grow by the same amount per unit; the working set of one
     block does not; `bench.py memory` checks this against a full-depth run). The other phases do not depend on
     depth: a no-grad forward holds one block's activations at a time, the VAE runs alone."""
     unit, full = DEPTH_UNITS[model_type]
-    one = measure(model_type, height, width, candidates, checkpointing, unit, lora_rank)
+    one = measure(model_type, height, width, candidates, checkpointing, unit, lora_rank, source_area=source_area)
     two = measure(model_type, height, width, candidates, checkpointing, {k: 2 * n for k, n in unit.items()},
-                  lora_rank, phases=("update",))
+                  lora_rank, phases=("update",), source_area=source_area)
     return {**one, "update": one["update"] + (full - 1) * (two["update"] - one["update"])}
 
 
 def estimate(model_type, height=512, width=512, candidates=2, checkpointing=True, shard=1, lora_rank=None,
-             prompts_per_rank=None):
+             prompts_per_rank=None, source_area=SOURCE_AREA):
     """Per-GPU bytes of each phase of a full-size run (`combine` of exact parameters and measured transients)."""
     return combine(model_type, parameter_bytes(model_type, lora_rank),
-                   transients(model_type, height, width, candidates, checkpointing, lora_rank), shard,
+                   transients(model_type, height, width, candidates, checkpointing, lora_rank, source_area), shard,
                    encoder_bytes(model_type), prompts_per_rank)
 
 
 # ---- closed form for train.py's check before loading a model ------------------------------------------------------
 
-def sample_tokens(model_type, height, width, candidates):
-    n = tokens(model_type, height, width)
+def sample_tokens(model_type, height, width, candidates, source_area=SOURCE_AREA):
+    n = tokens(model_type, height, width, source_area)
     return candidates * (n["text"] + n["image"] + n["source"])
 
 
 def quick_constants(model_type):
     """The numbers behind `quick_estimate`, from `estimate`'s measurements of the recipe (512^2, 2 candidates):
-    exact parameter bytes, and transients per sample-token (per pixel for the VAE). `bench.py memory --constants`
+    exact parameter bytes, and transients per sample-token (per pixel for the VAE: output pixels for the decode,
+    source pixels for Qwen's source encode). `bench.py memory --constants`
     prints them for QUICK; tests/test_memory.py checks that QUICK still matches the code."""
     spec, n = MODELS[model_type], sample_tokens(model_type, 512, 512, 2)
     params = parameter_bytes(model_type)
@@ -443,7 +459,8 @@ def quick_constants(model_type):
         measured = transients(model_type, 512, 512, 2, checkpointing)
         out["update"][checkpointing] = round((measured["update"] - params["lora"]) / n, 1)
     out.update(trajectory=round(measured["trajectory"] / n, 1), rollout=round(measured["rollout"] / n, 1),
-               decode=round(measured["decode"] / 512 ** 2, 1), source=round(measured.get("source", 0) / 512 ** 2, 1))
+               decode=round(measured["decode"] / 512 ** 2, 1),
+               source=round(measured.get("source", 0) / source_side() ** 2, 1))
     return out
 
 
@@ -452,37 +469,39 @@ QUICK = {  # `python bench.py memory --constants` (bytes; transients per sample-
              "lora_per_rank": 4669440, "encoders": 9770742272, "update": {True: 523489.3, False: 5192093.7},
              "trajectory": 4270.7, "rollout": 105704.3, "decode": 1537.5, "source": 0.0},
     "qwen_edit": {"frozen": 40860802176, "root": 81046656, "largest_block": 679662592, "vae": 253785062,
-                  "lora_per_rank": 5898240, "encoders": 16584333312, "update": {True: 766819.5, False: 6686657.0},
-                  "trajectory": 2162.7, "rollout": 86961.0, "decode": 3463.0, "source": 1936.5},
+                  "lora_per_rank": 5898240, "encoders": 16584333312, "update": {True: 634676.9, False: 6729605.0},
+                  "trajectory": 1073.2, "rollout": 90443.9, "decode": 3463.0, "source": 1934.3},
 }
 
 
 def quick_estimate(model_type, height=512, width=512, candidates=2, checkpointing=True, shard=1, lora_rank=None,
-                   prompts_per_rank=None, constants=None):
+                   prompts_per_rank=None, constants=None, source_area=SOURCE_AREA):
     """`estimate` in closed form (microseconds, no model built): the recipe's measured transients scaled linearly
     with sample-tokens (activations are linear in them: flash attention keeps no L x L matrix) and pixels. LoRA
     targets other than the official attention set are not modelled (their LoRA is larger but still small)."""
     c = constants or QUICK[model_type]
-    n = sample_tokens(model_type, height, width, candidates)
+    n = sample_tokens(model_type, height, width, candidates, source_area)
     lora = c["lora_per_rank"] * (lora_rank or MODELS[model_type].lora_rank)
     params = {**{k: c[k] for k in ("frozen", "root", "largest_block", "vae")}, "lora": lora}
     transients = {"trajectory": c["trajectory"] * n, "rollout": c["rollout"] * n,
-                  "decode": c["decode"] * height * width, "source": c["source"] * height * width,
+                  "decode": c["decode"] * height * width, "source": c["source"] * source_side(source_area) ** 2,
                   "update": lora + c["update"][checkpointing] * n}
     return combine(model_type, params, transients, shard, c["encoders"], prompts_per_rank)
 
 
 def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu_bytes, prompts_per_rank=None,
-                lora_rank=None, ranks=8):
+                lora_rank=None, ranks=8, source_area=SOURCE_AREA):
     """None if `quick_estimate` fits in `gpu_bytes` less 10% headroom, else a warning that names the estimate and
     the estimates with one change (--gradient_checkpointing, --shard_base over `ranks` GPUs, fewer candidates or
     pixels)."""
     def peak(**change):
         setting = dict(height=height, width=width, candidates=candidates, checkpointing=checkpointing, shard=shard)
         setting.update(change)
-        return quick_estimate(model_type, lora_rank=lora_rank, prompts_per_rank=prompts_per_rank, **setting)["peak"]
+        return quick_estimate(model_type, lora_rank=lora_rank, prompts_per_rank=prompts_per_rank,
+                              source_area=source_area, **setting)["peak"]
     budget = 0.9 * gpu_bytes
-    mine = quick_estimate(model_type, height, width, candidates, checkpointing, shard, lora_rank, prompts_per_rank)
+    mine = quick_estimate(model_type, height, width, candidates, checkpointing, shard, lora_rank, prompts_per_rank,
+                          source_area=source_area)
     if mine["peak"] <= budget:
         return None
     worst = max(("prepare", "rollout", "decode", "update"), key=lambda phase: mine[phase])
@@ -503,6 +522,24 @@ def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu
             "(python bench.py memory prints the table.)")
 
 
+def auto_checkpointing(model_type, height, width, candidates, shard, gpu_bytes, prompts_per_rank=None,
+                       lora_rank=None, source_area=SOURCE_AREA, device_type="cuda"):
+    """train.py's --gradient_checkpointing when unset ("auto"): (on, why). On only where `quick_estimate` of one
+    step (rollout, decode and update phases) without checkpointing is above 90% of `gpu_bytes`, the headroom of
+    `fit_warning`: checkpointing costs about a fifth of the update's FLOPs in recomputation and saves nothing else.
+    On the CPU: off (the host's memory is not the device memory this estimate models, and CPU runs are the tiny
+    demo and tests); on a device of unknown memory (gpu_bytes None): on, which is never wrong, only slower."""
+    if device_type == "cpu":
+        return False, "auto: off on the CPU"
+    if not gpu_bytes:
+        return True, f"auto: on, the memory of this {device_type} device is unknown"
+    without = quick_estimate(model_type, height, width, candidates, False, shard, lora_rank, prompts_per_rank,
+                             source_area=source_area)["step"]
+    fits = without <= 0.9 * gpu_bytes
+    return (not fits, f"auto: {'off' if fits else 'on'}, one step without it is estimated at {without / GIB:.1f} GiB "
+                      f"{'<=' if fits else '>'} 90% of the device's {gpu_bytes / GIB:.1f} GiB")
+
+
 # ---- validation against a real process ---------------------------------------------------------------------------
 
 VALIDATION = {  # reduced width and depth with long sequences: activations of 10^2 MB, seconds of CPU per step
@@ -512,7 +549,7 @@ VALIDATION = {  # reduced width and depth with long sequences: activations of 10
                  candidates=4),
     "qwen_edit": dict(config=dict(num_attention_heads=2, joint_attention_dim=256),
                       vae_config=dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
-                      depth={"transformer_blocks": 2}, height=256, width=256, candidates=4),
+                      depth={"transformer_blocks": 2}, height=256, width=256, candidates=4, source_area=256 * 256),
 }
 
 
