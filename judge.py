@@ -203,11 +203,12 @@ class _PooledJudge:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self):
+    def close(self, wait=True):
+        """wait=False: do not wait for requests in flight (a stopped run must not hang on its judge)."""
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=wait, cancel_futures=True)
         if self._owns_cache:
             self.cache.close()
 
