@@ -243,8 +243,8 @@ def test_sigterm_mid_request_saves_and_the_printed_resume_continues_the_same_run
     config = json.loads((out / "config.json").read_text())
     assert (config["lr"], config["num_candidates"], config["eval_every"], config["judge_url"], config["max_steps"]) \
         == (0.01, 2, 0, fake.url, 2)
-    assert {k: v for k, v in config.items() if k != "max_steps"} == \
-        {k: v for k, v in json.loads(saved).items() if k != "max_steps"}
+    assert {k: v for k, v in config.items() if k not in ("max_steps", "resume")} == \
+        {k: v for k, v in json.loads(saved).items() if k not in ("max_steps", "resume")}  # only what was safe
     assert [r["step"] for r in records(out)] == [1, 2] and records(out)[0]["judge_failure_reasons"] == \
         [[2, runtime.NOT_AWAITED]]
     assert refused == 2 and json.loads((out / "config.json").read_text()) == config
