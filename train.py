@@ -626,16 +626,22 @@ def train(cfg, judge=None):
 
 
 def main(argv=None):
+    """The command line's exit code: 0 done, 1 stopped (judge, nothing trained, a failed save), 2 bad input or
+    options, 130 interrupted (Ctrl-C / SIGTERM)."""
+    cfg = None
     try:
-        return train(make_config(argv))
+        cfg = make_config(argv)
+        return train(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("aborted without saving a checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        where = f" --output_dir {cfg.output_dir}" if cfg is not None and cfg.output_dir else " --output_dir DIR"
+        print(f"\naborted without saving a checkpoint; continue from the newest one saved, if any, with --resume "
+              f"auto{where}", file=sys.stderr)
         return 130
 
 
