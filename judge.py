@@ -748,7 +748,7 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(interrupted_hint(getattr(args, "out", None)), file=sys.stderr)
+        print(interrupted_hint(args.out) if args.command == "eval" else "\ninterrupted", file=sys.stderr)
         return 130
 
 

@@ -343,3 +343,28 @@ def test_the_demo_model_with_a_served_judge_takes_the_papers_pair_and_says_so(tm
     out = capsys.readouterr().out
     assert f"the demo model with the judge at {fake.url}: 2 candidates per prompt (the paper's pair" in out
     assert records(tmp_path / "run")[0]["pairs"] == 2
+
+
+def test_kill_9_leaves_complete_checkpoints_and_a_stale_lock_the_resume_replaces(tmp_path, cache, capsys):
+    """kill -9 at any moment (here mid-run, saving every step): every step-* folder is complete, the lock is stale
+    (its pid is gone), and --resume auto continues bitwise as a straight run, removing the killed run's leftovers."""
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    cmd = [sys.executable, "train.py", *demo_args(killed, cache, "--max_steps", "1000", "--save_every", "1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline and not runtime.checkpoints(killed):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert (killed / "train.lock").exists() and runtime.lock_holder(killed).stale
+    for ckpt in runtime.checkpoints(killed):
+        assert runtime.read_checkpoint(ckpt)["step"] == int(ckpt.name.split("-")[1])
+    stop = int(runtime.latest_checkpoint(killed).name.split("-")[1]) + 1
+    assert train.main(demo_args(killed, cache, "--max_steps", str(stop), "--resume", "auto")) == 0
+    assert "removing the stale lock" in capsys.readouterr().out
+    assert not list((killed / "checkpoints").glob(".tmp-*")) and not (killed / "train.lock").exists()
+    assert train.main(demo_args(straight, cache, "--max_steps", str(stop), "--save_every", str(stop))) == 0
+    a, b = (load_file(run / "checkpoints" / f"step-{stop:06d}" / "pytorch_lora_weights.safetensors")
+            for run in (killed, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
