@@ -6,16 +6,20 @@
   (`minibatches`), the training and eval samplers (`sampler`), held-out eval prompts;
 - the policy loaded with its memory options (checkpointing, embedding cache, FSDP2 sharding) after a memory check,
   its prompts encoded up front and its text encoders released (`load_policy`);
-- the run's state (`Run`), checkpoints with every rank's RNG, the data position and the LoRA EMA, resume;
+- the run's state (`Run`), checkpoints with every rank's RNG, the data position and the LoRA EMA, resume (a damaged
+  newest checkpoint falls back to the previous one); the output folder's lock (one run per folder) and the refusal
+  to start in a folder that is not a run's;
 - metrics.jsonl, the console line, optional wandb / TensorBoard, sample grids;
-- Ctrl-C / SIGTERM handling: finish the step, save, exit.
+- Ctrl-C / SIGTERM handling: finish the step (verdicts not in within stop_grace seconds are masked), save, exit
+  without waiting for a hanging judge.
 Read train.py first; this module only serves it.
 
 Run: nothing to run; `python -m pytest tests/test_runtime.py` covers it (resume bitwise, Ctrl-C, bad input, judge checks).
 
 Deliberate deviations from the official code
     1. Resume restores LoRA, optimizer, scheduler, every rank's RNG and the data position; the official
-       --resume_from_checkpoint is ignored. Checkpoints are written to a temporary folder and renamed (atomic).
+       --resume_from_checkpoint is ignored. Checkpoints are written to a temporary folder, fsynced and renamed
+       (atomic).
     2. Bad options and inputs are errors before any model loads (exit code 2), naming the option and the file.
     3. No DDP wrapper: the LoRA gradients are all-reduced once per optimizer step by train.reduce_and_step.
     4. Without --eval_prompts, evaluation prompts are held out of training (the official code has no evaluation).

@@ -25,7 +25,8 @@ Run
     torchrun --standalone --nproc_per_node=8 train.py --model ... (same flags)             # 8 GPUs, one node
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=$HEAD_NODE:29500 --rdzv_id=rpo train.py --model ... --output_dir /shared/runs/rpo
-    python train.py --resume auto --output_dir runs/x ...        # continue from the newest complete checkpoint
+    python train.py --resume auto --output_dir runs/x            # continue that run with its saved settings
+    python train.py --judge_url http://JUDGE_HOST:8000/v1 --rubrics rubrics.txt   # the demo model, a served judge
 The judge is an OpenAI-compatible server (`vllm serve Qwen/Qwen3-VL-8B-Instruct`) that every node can reach; its API
 key is read from the variable named by --judge_api_key_env, never logged or saved. Several nodes: output_dir shared.
 
