@@ -146,8 +146,8 @@ def resolve_output(cfg, d):
         others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
         if others:
             raise ConfigError(f"--output_dir {out} is not empty ({', '.join(others[:5])}) and holds no checkpoint: "
-                              "pass --overwrite to start there anyway (config.json, metrics.jsonl and samples/ are "
-                              "replaced), or another --output_dir")
+                              "pass --overwrite to start there anyway (config.json, metrics.jsonl and the sample "
+                              "grids of the same steps are replaced), or another --output_dir")
     return out, resume
 
 

@@ -172,8 +172,8 @@ class Config:
                            choices=("none", "wandb", "tensorboard"))
     num_threads: int | None = beyond(None, "torch CPU threads per process; unset: torch's default", "ours",
                                      valid=at_least(1))
-    overwrite: bool = beyond(False, "start in a non-empty output_dir that holds no checkpoint (its config.json, "
-                                    "metrics.jsonl and samples are replaced)", "ours")
+    overwrite: bool = beyond(False, "start in a non-empty output_dir that holds no checkpoint (config.json and "
+                                    "metrics.jsonl are replaced, sample grids of the same steps too)", "ours")
     stop_grace: float = beyond(10.0, "seconds Ctrl-C / SIGTERM waits for judge verdicts in flight before masking "
                                      "them and saving", "ours", valid=at_least(0))
 
