@@ -467,7 +467,7 @@ def test_cli_rejects_bad_input_with_a_clear_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "seed.jsonl" in err and "line 2" in err and "Traceback" not in err
     assert rubrics.main(["induce", "--data", str(data), "--out", str(data), "--force"] + base) == 2
-    assert "input data file" in capsys.readouterr().err
+    assert f"output {data} is the input file {data}" in capsys.readouterr().err
     missing = tmp_path / "missing.txt"
     assert rubrics.main(["select", "--data", str(data), "--rubrics", str(missing), "--top_n", "1",
                          "--out", str(tmp_path / "s.txt")] + base) == 2
