@@ -205,6 +205,7 @@ def lock_output(out, d):
     was on this host and is gone) with a line saying so; every rank raises ConfigError when another run holds it.
     Returns the lock file (rank 0) or None."""
     error, path = None, out / LOCK_NAME
+    barrier(d)  # every rank has checked the folder (resolve_output) before rank 0 writes into it
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         holder = lock_holder(out)
