@@ -1,9 +1,12 @@
 """Tests of runtime.py, the plumbing of train.py (RPO, arXiv 2605.08354), on CPU with the tiny random-weight FLUX:
 resume bitwise (minibatches, epochs and EMA included), a fresh start refusing a folder with checkpoints, Ctrl-C
 saving a checkpoint then resuming, bad input a clear error before any model loads, held-out eval prompts, the
-judge's startup check and key, and the drift alarm of --judge_check_data.
+judge's startup check and key, and the drift alarm of --judge_check_data; the run folder: SIGTERM mid-request with
+a hanging judge, the resume continuing the saved run (and refusing a change), the lock, --overwrite, kill -9 and a
+stale lock, a damaged newest checkpoint, a full disk; the startup check's wrong and order-inconsistent verdicts; the
+demo model with a served judge.
 
-Run: python -m pytest tests/test_runtime.py -q   (about 30 s on 2 cores; every run uses the 64 x 64 tiny FLUX)
+Run: python -m pytest tests/test_runtime.py -q   (about 4 min on 2 busy cores; every run uses the 64 x 64 tiny FLUX)
 """
 import dataclasses
 import errno
