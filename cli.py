@@ -4,6 +4,7 @@ For Rubric Policy Optimization (arXiv 2605.08354, §3.3). Standard library only:
 mistyped option are answered before torch and diffusers load (about a second instead of ten).
 
     cfg = make_config(Config, recipes, argv)    # what the user set > --config FILE > the demo > the recipe > default
+                                                # (--resume: what the user set, where safe > the saved config)
 
 - Every Config field is declared with `paper(...)` (the paper's recipe: the paper or the official code sets it) or
   `beyond(...)` (beyond the paper, and scale), with its help text and where its value comes from; `--help` shows the
@@ -159,21 +160,27 @@ def read_config_file(path, config_cls):
     return {k: float(v) if _kind(hints[k]) is float else v for k, v in values.items()}
 
 
-def make_config(config_cls, recipes, argv=None, demos=None, description=None):
+def make_config(config_cls, recipes, argv=None, demos=None, description=None, saved=None, resume_safe=()):
     """argv -> config: what the user set, else the --config file, else the demo's settings (no --model; `demos` is
-    model_type -> overrides or None, called only then), else the recipe of the model type, else the default. Then
-    every field's choices and range. Raises ConfigError naming the option."""
+    (model_type, what the user set) -> overrides or None, called only then), else the recipe of the model type,
+    else the default. A resumed run (`saved`: what the user set -> (the saved config, its file) or None) takes the
+    saved config instead of the demo, the recipe and the defaults, and what the user set may differ from it only in
+    the `resume_safe` fields. Then every field's choices and range. Raises ConfigError naming the option."""
     parser = build_parser(config_cls, recipes, description)
     args = vars(parser.parse_args(argv))
     from_file = read_config_file(args.pop("config"), config_cls) if args.get("config") else {}
     given = {**from_file, **{k: v for k, v in args.items() if v is not None}}
-    model_type = given.get("model_type", "flux")
-    if model_type not in recipes:
-        raise ConfigError(f"--model_type {model_type!r} is unknown; choose one of {sorted(recipes)}")
-    demo = demos(model_type) if demos is not None and given.get("model") is None else None
-    if given.get("model") is None and demos is not None and demo is None:
-        raise ConfigError(f"--model_type {model_type} has no built-in demo yet; pass --model")
-    cfg = config_cls(**{**recipes[model_type], **(demo or {}), **given})
+    resumed = saved(given) if saved is not None else None
+    if resumed is not None:
+        cfg = resumed_config(config_cls, given, *resumed, resume_safe)
+    else:
+        model_type = given.get("model_type", "flux")
+        if model_type not in recipes:
+            raise ConfigError(f"--model_type {model_type!r} is unknown; choose one of {sorted(recipes)}")
+        demo = demos(model_type, given) if demos is not None and given.get("model") is None else None
+        if given.get("model") is None and demos is not None and demo is None:
+            raise ConfigError(f"--model_type {model_type} has no built-in demo yet; pass --model")
+        cfg = config_cls(**{**recipes[model_type], **(demo or {}), **given})
     for f in dataclasses.fields(config_cls):
         value, allowed, valid = getattr(cfg, f.name), f.metadata["choices"], f.metadata["valid"]
         if allowed is not None and value not in allowed:
@@ -183,6 +190,20 @@ def make_config(config_cls, recipes, argv=None, demos=None, description=None):
     if getattr(cfg, "log_with", "none") != "none" and importlib.util.find_spec(cfg.log_with) is None:
         raise ConfigError(f"--log_with {cfg.log_with}: the package is not installed")
     return cfg
+
+
+def resumed_config(config_cls, given, values, where, resume_safe):
+    """The config of a resumed run: the saved `values` (read from the file `where`; a field it lacks takes its
+    default, a key no field has is ignored) with what the user set on top, which may differ only in the
+    `resume_safe` fields: any other difference is a ConfigError naming each field, its saved and its new value."""
+    saved = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    saved.update({k: v for k, v in values.items() if k in saved})
+    differ = [f"--{k} {saved[k]!r} -> {v!r}" for k, v in given.items() if k not in resume_safe and saved[k] != v]
+    if differ:
+        raise ConfigError(f"--resume continues the run saved in {where}, which cannot change {', '.join(differ)}; "
+                          f"only {', '.join(resume_safe)} may differ (to change the rest, start a new run in "
+                          "another --output_dir)")
+    return config_cls(**{**saved, **given})
 
 
 def changed(cfg, config_cls):

@@ -12,8 +12,8 @@ prompt files RPO trains on.
   run when --task is not given.
 - `load_prompts(path, task, flag)`: RPO's training / eval prompts (flag: the option named in errors): a text file
   with one prompt per line (text-to-image) or JSONL {"source_image", "instruction"} (editing), as `Item`s.
-- Output files of the CLIs: `prepare_outputs` (never the input, never an existing file without --force),
-  `sidecar_path`, `file_sha256`.
+- Output files of the CLIs: `prepare_outputs` (never an input, never an existing file without --force),
+  `sidecar_path` (never the output itself), `file_sha256`.
 Bad input raises `DataError` naming the file, the line or item, and the field.
 
 Run: nothing to run; `python -m pytest tests/test_data.py`.
@@ -571,17 +571,34 @@ def file_sha256(path):
 
 
 def sidecar_path(out):
-    """The JSON sidecar of an output file: rubrics.txt -> rubrics.json."""
+    """The JSON sidecar of an output file, never the output itself: rubrics.txt -> rubrics.json, rubrics (no
+    suffix) -> rubrics.json, rubrics.json -> rubrics.meta.json."""
     out = Path(out)
+    if out.suffix.lower() == ".json":
+        return out.with_name(out.stem + ".meta.json")
     return out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
 
 
-def prepare_outputs(data, outputs, force):
-    """Refuse to touch the user's data, and to overwrite existing outputs without --force."""
-    data = Path(data).resolve()
+def check_not_inputs(inputs, outputs):
+    """ValueError when an output is one of the inputs (a path or a list of paths; None entries are ignored)."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else inputs
+    resolved = {Path(p).resolve(): p for p in inputs if p is not None}
     for path in outputs:
-        if Path(path).resolve() == data:
-            raise ValueError(f"output {path} is the input data file; choose another --out")
+        if path is not None and Path(path).resolve() in resolved:
+            raise ValueError(f"output {path} is the input file {resolved[Path(path).resolve()]}; choose another "
+                             "--out")
+
+
+def prepare_outputs(inputs, outputs, force):
+    """Refuse to touch the user's inputs (a path or a list of paths; None entries are ignored), two outputs that
+    are one file, and existing outputs without --force; then make the outputs' folders."""
+    check_not_inputs(inputs, outputs)
+    seen = {}
+    for path in outputs:
+        where = Path(path).resolve()
+        if where in seen:
+            raise ValueError(f"outputs {seen[where]} and {path} are one file; choose another --out")
+        seen[where] = path
     if not force:
         existing = [str(p) for p in outputs if Path(p).exists()]
         if existing:

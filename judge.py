@@ -73,7 +73,7 @@ from PIL import Image, ImageDraw
 from arr_rpo import is_ranking, mean_rank_places, places_to_win_rates, tournament_win_rates
 # re-exported: `judge.VLMClient`, `judge.load_pairs` and the error types are the stable API
 from data import DataError, PairItem, load_pairs  # noqa: F401
-from data import add_data_options, load_prompt_rubrics, read_text, split_skipped, task_of
+from data import add_data_options, check_not_inputs, load_prompt_rubrics, read_text, split_skipped, task_of
 from vlm_client import (MAX_RESPONSE_BYTES, JudgeError, ReplyError, ResponseCache, VLMClient,  # noqa: F401
                         encode_image, excerpt, extract_json, extract_text, failure_reasons, map_concurrently,
                         parse_answer, parse_scores, public_url, server_message, strip_thinking, usage_report)
@@ -211,11 +211,12 @@ class _PooledJudge:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self):
+    def close(self, wait=True):
+        """wait=False: do not wait for requests in flight (a stopped run must not hang on its judge)."""
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=wait, cancel_futures=True)
         if self._owns_cache:
             self.cache.close()
 
@@ -588,16 +589,38 @@ def benchmark_summary(records):
     return out
 
 
-def read_results(out, items, settings):
-    """Finished records of an earlier run, keyed by item line. Failed items are dropped so they are judged again;
-    a torn last line (a killed run) is dropped too, and the file is rewritten without it. A record made with other
-    settings (eval_settings) raises DataError."""
+RESULTS_HEADER = "arr_rpo_results"  # the key of a results file's first line: {"arr_rpo_results": 1, "tool": ...}
+
+
+def read_results(out, items, settings, tool="judge.py eval"):
+    """Finished records of an earlier run, keyed by item line. The file must be this tool's own results file (its
+    first line the header that ResultsFile writes), else DataError: nothing the user wrote is overwritten. Failed
+    items are left out so they are judged again; a line that does not parse (a torn line of a killed run) is left
+    out too; of several records of one item (two runs on one file) the first finished one counts. The file is never
+    rewritten. A record of another data file, or made with other settings (eval_settings), raises DataError."""
+    try:
+        lines = Path(out).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = ["not text"]
+    if not lines:
+        return {}
+    try:
+        header = json.loads(lines[0])
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get(RESULTS_HEADER) != 1:
+        raise DataError(f"--out {out} exists and is not a results file of {tool} (its first line is not the "
+                        f"{RESULTS_HEADER!r} header); refusing to overwrite it: choose another --out")
+    if header.get("tool") != tool:
+        raise DataError(f"--out {out} holds the results of {header.get('tool')}, not of {tool}; choose another --out")
     by_line = {item.line: item for item in items}
-    done, keep = {}, []
-    for lineno, line in enumerate(Path(out).read_text(encoding="utf-8").splitlines(), 1):
+    done = {}
+    for lineno, line in enumerate(lines[1:], 2):
         try:
             record = json.loads(line)
         except ValueError:
+            continue
+        if not isinstance(record, dict) or RESULTS_HEADER in record:  # a second run's header (both started on it)
             continue
         item = by_line.get(record.get("line"))
         if item is None or record.get("prompt") != item.prompt:
@@ -609,12 +632,38 @@ def read_results(out, items, settings):
                                 if old.get(name) != value)
             raise DataError(f"{out} was produced with other settings ({changed}); use another --out")
         if record.get("error") is None:
-            done[item.line] = record
-            keep.append(line)
-    tmp = Path(f"{out}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    tmp.replace(out)
+            done.setdefault(item.line, record)
     return done
+
+
+class ResultsFile:
+    """A results file opened for appending (append-only: two runs resuming one file both append, and
+    read_results keeps one record per item; no rewrite can lose what the other wrote). A new or empty file gets
+    the header first; a file whose last line was torn by a kill gets a newline, so the next record starts on its own
+    line. Each record is one write() of one line to an O_APPEND descriptor."""
+
+    def __init__(self, out, tool):
+        self._fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            self._write(json.dumps({RESULTS_HEADER: 1, "tool": tool}))
+        else:
+            with open(out, "rb") as f:
+                f.seek(size - 1)
+                torn = f.read(1) != b"\n"
+            if torn:
+                os.write(self._fd, b"\n")
+
+    def _write(self, line):
+        data = (line + "\n").encode("utf-8")
+        while data:
+            data = data[os.write(self._fd, data):]
+
+    def write(self, record):
+        self._write(json.dumps(record))
+
+    def close(self):
+        os.close(self._fd)
 
 
 def evaluate(judge, items, out=None, progress=False):
@@ -634,7 +683,7 @@ def evaluate(judge, items, out=None, progress=False):
     results = map_concurrently(lambda item: judge.compare_detailed(item.prompt, item.images, item.source_image),
                                todo, judge._max_workers, name="eval")
     started, failed, tty = time.monotonic(), 0, sys.stderr.isatty()
-    sink = open(out, "a", encoding="utf-8") if out is not None else None
+    sink = ResultsFile(out, "judge.py eval") if out is not None else None
     try:
         for k, (i, future) in enumerate(results, 1):
             item = todo[i]
@@ -642,8 +691,7 @@ def evaluate(judge, items, out=None, progress=False):
             done[item.line] = record
             failed += record["error"] is not None
             if sink is not None:
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()  # a killed run loses at most the line being written
+                sink.write(record)  # a killed run loses at most the line being written
             if progress and (tty or k == len(todo) or k % max(1, len(todo) // 20) == 0):
                 # one rewritten line on a terminal, about 20 lines in a log file
                 rate = k / max(time.monotonic() - started, 1e-9)
@@ -719,6 +767,8 @@ def client_from_args(args):
 
 
 def _cmd_eval(args):
+    check_not_inputs([args.data, None if args.rubrics == "none" else args.rubrics, args.prompt_rubrics, args.cache],
+                     [args.out])
     rubrics = None if args.rubrics in (None, "none") else read_text(args.rubrics, "rubrics")
     items = load_pairs(args.data, task=args.task, min_confidence=args.min_confidence, multi_image=args.multi_image,
                        ties=args.ties)
@@ -822,6 +872,16 @@ def main(argv=None):
     except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(interrupted_hint(args.out) if args.command == "eval" else "\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def interrupted_hint(out):
+    """The one line an interrupted eval (judge.py, train_judge.py) prints instead of a traceback."""
+    if out is None:
+        return "\ninterrupted; nothing was kept (pass --out FILE to make the evaluation resumable)"
+    return f"\ninterrupted; the finished items are in {out}: rerun the same command to resume"
 
 
 if __name__ == "__main__":

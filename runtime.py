@@ -6,30 +6,39 @@
   (`minibatches`), the training and eval samplers (`sampler`), held-out eval prompts;
 - the policy loaded with its memory options (checkpointing, embedding cache, FSDP2 sharding) after a memory check,
   its prompts encoded up front and its text encoders released (`load_policy`);
-- the run's state (`Run`), checkpoints with every rank's RNG, the data position and the LoRA EMA, resume;
+- the run's state (`Run`), checkpoints with every rank's RNG, the data position and the LoRA EMA, resume (a damaged
+  newest checkpoint falls back to the previous one); the output folder's lock (one run per folder) and the refusal
+  to start in a folder that is not a run's;
 - metrics.jsonl, the console line, optional wandb / TensorBoard, sample grids;
-- Ctrl-C / SIGTERM handling: finish the step, save, exit.
+- Ctrl-C / SIGTERM handling: finish the step (verdicts not in within stop_grace seconds are masked), save, exit
+  without waiting for a hanging judge.
 Read train.py first; this module only serves it.
 
 Run: nothing to run; `python -m pytest tests/test_runtime.py` covers it (resume bitwise, Ctrl-C, bad input, judge checks).
 
 Deliberate deviations from the official code
     1. Resume restores LoRA, optimizer, scheduler, every rank's RNG and the data position; the official
-       --resume_from_checkpoint is ignored. Checkpoints are written to a temporary folder and renamed (atomic).
+       --resume_from_checkpoint is ignored. Checkpoints are written to a temporary folder, fsynced and renamed
+       (atomic).
     2. Bad options and inputs are errors before any model loads (exit code 2), naming the option and the file.
     3. No DDP wrapper: the LoRA gradients are all-reduced once per optimizer step by train.reduce_and_step.
     4. Without --eval_prompts, evaluation prompts are held out of training (the official code has no evaluation).
 """
+import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,7 +51,7 @@ from PIL import Image
 from cli import ConfigError
 from data import load_pairs, load_prompts, read_text, split_skipped
 import rewards
-from judge import Judge, ScoreJudge, VLMClient, evaluate
+from judge import GroupVerdict, Judge, ScoreJudge, Verdict, VLMClient, evaluate
 from vlm_client import USAGE_KEYS, failure_reasons, public_url, usage_report
 
 
@@ -178,9 +187,101 @@ def resolve_output(cfg, d):
         out = Path(cfg.resume).resolve().parent.parent
     else:  # one name for all ranks: rank 0's clock decides
         out = Path(all_gather(f"runs/{cfg.model_type}-{time.strftime('%Y%m%d-%H%M%S')}", d)[0])
+    holder = lock_holder(out)
+    if holder is not None and not holder.stale:
+        raise ConfigError(f"--output_dir {out} is in use by {holder} (lock file {out / LOCK_NAME}); wait for that "
+                          "run, or delete the lock file if it is gone")
     if cfg.resume is None and latest_checkpoint(out) is not None:
         raise ConfigError(f"--output_dir {out} already has checkpoints: pass --resume auto or another --output_dir")
-    return out, (latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume and Path(cfg.resume))
+    resume = latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
+    if resume is None and not cfg.overwrite and not (cfg.resume == "auto" and own_run(out)):
+        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+        if others:
+            raise ConfigError(f"--output_dir {out} is not empty ({', '.join(others[:5])}) and holds no checkpoint: "
+                              "pass --overwrite to start there anyway (config.json, metrics.jsonl and the sample "
+                              "grids of the same steps are replaced), or another --output_dir")
+    return out, resume
+
+
+# ---- The run folder's lock: one run per output_dir -------------------------------------------------------------
+
+LOCK_NAME = "train.lock"
+RUN_FILES = {"config.json", "metrics.jsonl", "samples", "checkpoints", "tensorboard", "wandb", LOCK_NAME}
+
+
+def own_run(out):
+    """Whether `out` holds only what a run of train.py writes (config.json among it): a run stopped before its first
+    checkpoint, which --resume auto starts again."""
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    return "config.json" in names and names <= RUN_FILES
+
+
+@dataclass
+class LockHolder:
+    host: str
+    pid: int
+    started: str
+    stale: bool  # the holder was on this host and its process is gone (killed)
+
+    def __str__(self):
+        return f"pid {self.pid} on host {self.host} (since {self.started})"
+
+
+def lock_holder(out):
+    """Who holds `out`'s lock (LockHolder), or None when nobody does or this process itself does."""
+    try:
+        info = json.loads((Path(out) / LOCK_NAME).read_text(encoding="utf-8"))
+        host, pid, started = str(info["host"]), int(info["pid"]), str(info.get("started", "?"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, OSError):  # torn by a kill between its creation and its write
+        return LockHolder("?", 0, "?", stale=False)
+    if host == socket.gethostname() and pid == os.getpid():
+        return None
+    stale = host == socket.gethostname() and not pid_alive(pid)
+    return LockHolder(host, pid, started, stale)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def lock_output(out, d):
+    """Rank 0 takes `out`'s lock (O_EXCL: of two runs starting at once one wins), replacing a stale one (its holder
+    was on this host and is gone) with a line saying so; every rank raises ConfigError when another run holds it.
+    Returns the lock file (rank 0) or None."""
+    error, path = None, out / LOCK_NAME
+    barrier(d)  # every rank has checked the folder (resolve_output) before rank 0 writes into it
+    if d.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        holder = lock_holder(out)
+        if holder is not None and holder.stale:
+            print(f"removing the stale lock of {holder} (that process is gone): {path}", flush=True)
+            path.unlink(missing_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        except FileExistsError:
+            if lock_holder(out) is not None:
+                error = f"--output_dir {out} is in use by {lock_holder(out)} (lock file {path})"
+    errors = all_gather(error, d)
+    if errors[0] is not None:
+        raise ConfigError(errors[0])
+    return path if d.rank == 0 else None
+
+
+def release_lock(path):
+    """Remove the lock file `path` (None: nothing) if this process holds it."""
+    if path is not None and lock_holder(path.parent) is None:
+        path.unlink(missing_ok=True)
 
 
 def make_judge(cfg, demo, rubric, task, url=None, model=None):
@@ -262,10 +363,10 @@ def make_judges(cfg, demo, rubric, eval_rubric, task, d, judge=None):
     return judge, eval_judge
 
 
-def close_judges(*judges):
+def close_judges(*judges, wait=True):
     for judge in judges:
         if judge is not None:
-            judge.close()
+            judge.close(wait=wait)
 
 
 def check_judge(judge, task, where, d):
@@ -274,11 +375,29 @@ def check_judge(judge, task, where, d):
     source = Image.new("RGB", (64, 64), (128, 128, 128)) if task == "edit" else None
     prompt = "make the image red" if task == "edit" else "a plain red square"
     verdict = judge.compare(prompt, [red, blue], source_image=source)
-    errors = [e for e in all_gather(verdict.error, d) if e is not None]
-    if errors:
-        raise RunStopped(f"judge check failed for {where}: {errors[0]}")
+    problems = [p for p in all_gather(judge_check_problem(verdict), d) if p is not None]
+    if problems:
+        raise RunStopped(f"judge check failed for {where}: {problems[0]}")
     print0(d, f"judge check: {where} ranked (red, blue) for {prompt!r} as {verdict.rank} "
               f"in {verdict.latency:.2f}s: {verdict.reason[:100]}")
+
+
+def judge_check_problem(verdict):
+    """Why the startup check's verdict on (red, blue) is not the expected [1, 2], or None: a failed request, two
+    orders that disagree (the ranks of each order, and --no_judge_swap suggested), no preference, or blue."""
+    if verdict.error is not None:
+        return verdict.error
+    if verdict.rank == [1, 2]:
+        return None
+    shown = "; ".join(f"shown {'red' if k == 0 else 'blue'} first: {r}" for k, r in enumerate(verdict.ranks))
+    if not verdict.consistent and len(verdict.ranks) > 1:
+        return (f"the two orders disagree (ranks of (red, blue) {shown}): a judge that follows the position "
+                "masks every pair. Check the model and --rubrics, or pass --no_judge_swap to judge one order (the "
+                "position bias then enters the reward)")
+    if verdict.rank is None:
+        return f"no preference between red and blue ({verdict.reason[:200]}); check the model and --rubrics"
+    return (f"ranked (red, blue) as {verdict.rank}, expected [1, 2] ({shown}; {verdict.reason[:200]}); check the "
+            "model, the server and --rubrics")
 
 
 def judge_usage(judge, since=None):
@@ -300,7 +419,7 @@ def judge_check(run):
     first check is printed as a warning."""
     if not run.check_items or run.step % run.cfg.judge_check_every:
         return
-    if run.d.rank == 0:
+    if run.d.rank == 0 and not run.stop_requested:  # a stop does not wait for a check
         if run.cfg.judge_mode != "rank":  # the run's scoring judge itself: a score sees one image, no order
             summary = evaluate(run.judge, run.check_items)
         else:
@@ -512,6 +631,8 @@ class Run:
     ema_updates: int = 0       # EMA updates so far: the t of its warm-up (arr_rpo.ema_decay_at)
     check_items: list = field(default_factory=list)  # labelled pairs of --judge_check_data
     checks: list = field(default_factory=list)       # (step, judge_check_accuracy) so far
+    lock: Path | None = None   # output_dir's lock file (rank 0)
+    stop_time: float = 0.0     # time.monotonic() of the stop request
 
 
 def percentile(values, q):
@@ -650,8 +771,8 @@ CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_accuracy_avg": ".3f", "ju
 
 def latest_checkpoint(out):
     """The newest complete checkpoint (the rename makes a step-* folder complete) or None."""
-    found = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file())
-    return found[-1] if found else None
+    found = checkpoints(out)
+    return found[0] if found else None
 
 
 def rng_state(run):
@@ -665,15 +786,27 @@ def lora_digest(policy):
 
 
 def save_checkpoint(run):
-    """Phase 6: rank 0 writes checkpoints/step-NNNNNN/ into a temporary folder, then renames it (atomic)."""
+    """Phase 6: rank 0 writes checkpoints/step-NNNNNN/ into a temporary folder of a name no other process uses,
+    fsyncs every file and the folder, renames it (atomic) and fsyncs the parent, then removes temporary folders
+    that killed runs left (the lock makes this run the folder's only writer). A failed write (a full disk:
+    ENOSPC) removes its temporary folder and stops the run with one line naming the folder and the space needed;
+    the earlier checkpoints are untouched."""
     states = all_gather(rng_state(run), run.d)  # every rank's RNG, written by rank 0
     digests = all_gather(lora_digest(run.policy), run.d)
     if len(set(digests)) > 1:
         raise RuntimeError(f"LoRA weights differ across ranks ({digests}): the gradient sync is broken")
     final = run.out / "checkpoints" / f"step-{run.step:06d}"
-    if run.d.rank == 0:
-        tmp = final.with_name(f".tmp-{final.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    error = write_checkpoint(run, final, states, digests) if run.d.rank == 0 else None
+    errors = all_gather(error, run.d)  # also the barrier: every rank sees the checkpoint once rank 0 wrote it
+    if errors[0] is not None:
+        raise RunStopped(errors[0])
+    return final
+
+
+def write_checkpoint(run, final, states, digests):
+    """Rank 0's part of save_checkpoint; returns None, or the one-line reason the write failed."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
         tmp.mkdir(parents=True)
         run.policy.save_lora(tmp)
         if run.ema is not None:  # beside the live LoRA, in the same diffusers format
@@ -684,15 +817,80 @@ def save_checkpoint(run):
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
                    tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
+        for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:  # files, then their folders
+            fsync(path)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    barrier(run.d)
-    return final
+        fsync(final.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return f"cannot write checkpoint {final} ({e}); the earlier checkpoints are intact"
+        free = shutil.disk_usage(run.out).free
+        return (f"no space left on the device of {final.parent}: checkpoint {final.name} needs about "
+                f"{checkpoint_bytes(run) / 2 ** 20:.1f} MiB, {free / 2 ** 20:.1f} MiB are free; the earlier "
+                f"checkpoints are intact. Free some space, then continue with --resume auto --output_dir {run.out}")
+    for left in final.parent.glob(".tmp-*"):  # of killed runs
+        shutil.rmtree(left, ignore_errors=True)
+    return None
 
 
-def load_checkpoint(run, path):
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+def fsync(path):
+    """Flush a file's or a folder's data to the disk (a folder: its entries, so a rename survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_bytes(run):
+    """What one checkpoint takes, about: the LoRA, AdamW's two moments, the EMA copy (ema_decay > 0), and the
+    size of the newest checkpoint when there is one (whichever is larger)."""
+    lora = sum(p.numel() * p.element_size() for p in run.policy.trainable_parameters())
+    newest = latest_checkpoint(run.out)
+    saved = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file()) if newest is not None else 0
+    return max(lora * (3 + (run.ema is not None)), saved)
+
+
+def checkpoints(out):
+    """The complete checkpoints (step-* with trainer_state.pt) of a run folder, newest first."""
+    return sorted((p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file()),
+                  reverse=True)
+
+
+def read_checkpoint(path):
+    """The trainer state of a checkpoint folder, after reading every file resume needs in full (the state and each
+    safetensors file); ValueError saying what is damaged (a truncated file, a foreign pickle)."""
+    from safetensors.torch import load_file
+    try:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        for weights in sorted(path.rglob("*.safetensors")):
+            load_file(weights)
+    except Exception as e:  # torch.load and safetensors raise several types for a damaged file
+        raise ValueError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"[:300]) from None
+    return state
+
+
+def resume_run(run, path, auto):
+    """Load the checkpoint `path`; with --resume auto, a damaged one is reported and the previous one used (a
+    checkpoint given by its folder must load). Returns the checkpoint loaded."""
+    candidates = [p for p in checkpoints(run.out) if p.name <= path.name] if auto else [path]
+    for candidate in candidates:
+        try:
+            state = read_checkpoint(candidate)
+        except ValueError as e:
+            if not auto:
+                raise ConfigError(f"--resume {candidate}: the checkpoint is damaged ({e})") from None
+            print0(run.d, f"warning: checkpoint {candidate} is damaged ({e}); trying the previous one")
+            continue
+        load_checkpoint(run, candidate, state)
+        return candidate
+    raise ConfigError(f"--resume auto: every checkpoint in {run.out / 'checkpoints'} is damaged")
+
+
+def load_checkpoint(run, path, state):
     if state["world_size"] != run.d.world_size:
         raise ConfigError(f"--resume {path}: written by {state['world_size']} ranks, this run has "
                           f"{run.d.world_size}; every rank's RNG state is restored, so the counts must match")
@@ -740,11 +938,46 @@ def install_stop_handler(run):
         return {}
 
     def request_stop(signum, frame):
-        run.stop_requested = True
+        run.stop_requested, run.stop_time = True, time.monotonic()
         signal.signal(signum, previous[signum])
-        print(f"rank {run.d.rank}: stop requested, saving a checkpoint after this step (again to abort)", flush=True)
+        print(f"rank {run.d.rank}: stop requested, saving a checkpoint after this step; judge verdicts not in "
+              f"within {run.cfg.stop_grace:g}s are masked (again to abort)", flush=True)
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     return previous
+
+
+NOT_AWAITED = "not awaited: the run was stopped (Ctrl-C / SIGTERM)"
+
+
+def await_done(run, futures):
+    """Wait for the futures; once a stop is requested, at most cfg.stop_grace seconds more (a judge that hangs
+    cannot hold a stop). True when all are done."""
+    pending = set(futures)
+    while pending:
+        if run.stop_requested and time.monotonic() - run.stop_time >= run.cfg.stop_grace:
+            return False
+        pending = concurrent.futures.wait(pending, timeout=0.1)[1]
+    return True
+
+
+def judgment_result(run, judgment):
+    """judge.GroupJudgment.result(), or a masked GroupVerdict (NOT_AWAITED) when a stop cut the wait short."""
+    return judgment.result() if await_done(run, judgment.futures.values()) else GroupVerdict(None, NOT_AWAITED)
+
+
+def verdict_result(run, future):
+    """A Future[Verdict]'s verdict, or a failed Verdict (NOT_AWAITED) when a stop cut the wait short."""
+    return future.result() if await_done(run, [future]) else Verdict(rank=None, error=NOT_AWAITED)
+
+
+def finish(code):
+    """The exit of `python train.py`: `code`, without waiting for judge requests still in flight after a stop (the
+    interpreter would join their threads: a hanging server would hold the exit after the checkpoint was saved)."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def restore_signal_handlers(previous):
@@ -754,7 +987,9 @@ def restore_signal_handlers(previous):
 
 
 def close_run(run):
-    """Stop the judges' threads and flush the tracker."""
-    close_judges(run.judge, run.eval_judge)
+    """Stop the judges' threads (after a stop, without waiting for requests in flight), flush the tracker and
+    release the output folder's lock."""
+    close_judges(run.judge, run.eval_judge, wait=not run.stop_requested)
     if run.tracker is not None:
         (run.tracker.finish if run.cfg.log_with == "wandb" else run.tracker.close)()
+    release_lock(run.lock)

@@ -25,7 +25,8 @@ Run
     torchrun --standalone --nproc_per_node=8 train.py --model ... (same flags)             # 8 GPUs, one node
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=$HEAD_NODE:29500 --rdzv_id=rpo train.py --model ... --output_dir /shared/runs/rpo
-    python train.py --resume auto --output_dir runs/x ...        # continue from the newest complete checkpoint
+    python train.py --resume auto --output_dir runs/x            # continue that run with its saved settings
+    python train.py --judge_url http://JUDGE_HOST:8000/v1 --rubrics rubrics.txt   # the demo model, a served judge
 The judge is an OpenAI-compatible server (`vllm serve Qwen/Qwen3-VL-8B-Instruct`) that every node can reach; its API
 key is read from the variable named by --judge_api_key_env, never logged or saved. Several nodes: output_dir shared.
 
@@ -51,8 +52,10 @@ Deliberate deviations from the paper and the official code
        regenerated per prompt-output pair: --prompt_rubrics per_group does that (rubrics.GroupRubricJudge: each
        group's rubrics from its prompt and candidates before it is judged, counted apart as rubric_*).
 """
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import cli
 from cli import above, at_least, beyond, paper, within
@@ -210,6 +213,10 @@ class Config:
                            choices=("none", "wandb", "tensorboard"))
     num_threads: int | None = beyond(None, "torch CPU threads per process; unset: torch's default", "ours",
                                      valid=at_least(1))
+    overwrite: bool = beyond(False, "start in a non-empty output_dir that holds no checkpoint (config.json and "
+                                    "metrics.jsonl are replaced, sample grids of the same steps too)", "ours")
+    stop_grace: float = beyond(10.0, "seconds Ctrl-C / SIGTERM waits for judge verdicts in flight before masking "
+                                     "them and saving", "ours", valid=at_least(0))
 
 
 RECIPES = {  # the official recipe for the fields left unset; prompts_per_rank = the official GA's intent
@@ -218,16 +225,71 @@ RECIPES = {  # the official recipe for the fields left unset; prompts_per_rank =
                       prompts_per_rank=2)}
 
 
-def demo_overrides(model_type):
-    """The demo's settings for `model_type` (what runs without --model), or None when it has no demo."""
+def demo_overrides(model_type, given):
+    """The demo's settings for `model_type` (what runs without --model), or None when it has no demo. With a
+    served judge (--judge_url) the candidate count is the paper's pair unless set: the demo's 4 suit only its
+    in-process judge, and a VLM that ranks two images would fail every group of 4."""
     from tools.demo import DEMOS  # the demo's models and judges: loaded only when it runs
-    return DEMOS[model_type].overrides if model_type in DEMOS else None
+    if model_type not in DEMOS:
+        return None
+    overrides = dict(DEMOS[model_type].overrides)
+    if given.get("judge_url") is not None:
+        overrides.pop("num_candidates", None)
+    return overrides
+
+
+# what a resumed run may change (anything else would make it another run): where it writes and logs, how long it
+# runs and how often it saves, evaluates and checks the judge, and plumbing that leaves every number as it was
+RESUME_SAFE = ("output_dir", "resume", "overwrite", "max_steps", "save_every", "eval_every", "judge_check_every",
+               "log_with", "num_threads", "cache_dir", "embed_cache", "judge_concurrency", "judge_api_key_env",
+               "stop_grace", "judge_timeout", "judge_max_retries", "judge_max_total_time", "judge_max_response_bytes",
+               "gradient_checkpointing")
+
+
+def saved_config(given):
+    """(the saved config of the run --resume continues, its file) or None: the config.json of the checkpoint given,
+    or with --resume auto of the newest checkpoint of --output_dir that has one (a fresh start: None)."""
+    resume = given.get("resume")
+    if resume == "auto" and given.get("output_dir") is not None:
+        found = sorted(Path(given["output_dir"], "checkpoints").glob("step-*/config.json"), reverse=True)
+        path = found[0] if found else None
+    else:
+        path = Path(resume, "config.json") if resume is not None and resume != "auto" else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise cli.ConfigError(f"--resume: cannot read the saved config {path} ({e})") from None
+    return with_secret_urls(values, given, path), path
+
+
+def with_secret_urls(values, given, path):
+    """The saved config holds URLs with their secrets masked (runtime.redacted): the URL given again on the command
+    line replaces its masked form when the two agree; a masked URL not given again, or one that names another
+    server, is refused (the error shows masked URLs only)."""
+    from vlm_client import public_url
+    for key, saved in values.items():
+        if not (key.endswith("_url") and isinstance(saved, str)):
+            continue
+        new = given.get(key)
+        if new is not None and public_url(new) != saved:
+            raise cli.ConfigError(f"--resume continues the run saved in {path}, whose --{key} is {saved}, not "
+                                  f"{public_url(new)}")
+        if new is None and "***" in saved:
+            raise cli.ConfigError(f"--resume: the run saved in {path} used --{key} {saved}, saved with its secrets "
+                                  f"masked: pass --{key} again")
+        if new is not None:
+            values[key] = new
+    return values
 
 
 def make_config(argv=None):
     """CLI -> Config: what the user set, else --config FILE, else the demo's settings (no --model), else the
-    recipe, else the default (cli.make_config). Raises cli.ConfigError naming the option."""
-    return cli.make_config(Config, RECIPES, argv, demo_overrides, description=f"{__doc__.splitlines()[0]}\n{DEFAULTS}")
+    recipe, else the default; with --resume, the saved config instead, changed only where RESUME_SAFE allows
+    (cli.make_config). Raises cli.ConfigError naming the option."""
+    return cli.make_config(Config, RECIPES, argv, demo_overrides, description=f"{__doc__.splitlines()[0]}\n{DEFAULTS}",
+                           saved=saved_config, resume_safe=RESUME_SAFE)
 
 
 DEFAULTS = ("With --model, the defaults are the paper's run: recipes/flux-paper.toml (--model_type qwen_edit:\n"
@@ -244,7 +306,6 @@ import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from dataclasses import field, fields, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -476,7 +537,7 @@ def train_step(run):
         sums = TermSums()
         for j in batch:
             if epoch == 0:  # a group's verdict is awaited when its update comes; later groups are still judged
-                group = window.timed("judge_wait", pending[j].judgment.result)  # 2. judge
+                group = window.timed("judge_wait", runtime.judgment_result, run, pending[j].judgment)  # 2. judge
                 rewards = window.count(group, judge_outcome(group, cfg))
                 adv[j] = None if rewards is None else advantages(rewards, cfg, run.policy.device)  # 3. advantages
             sums += update_group(run, pending[j], adv[j], window)  # 4. update
@@ -514,7 +575,7 @@ def evaluate(run):
         columns.append((source, mine_image, ref_image))
     counts = torch.zeros(4)  # wins, ties, failures, judged + failed
     for policy_at, future in futures:
-        v = future.result()
+        v = runtime.verdict_result(run, future)
         counts += torch.tensor([v.error is None and v.rank is not None and v.rank[policy_at] == 1,
                                 v.error is None and v.rank is None, v.error is not None, 1.0])
     wins, ties, failed, n = runtime.all_reduce_sum(counts.to(d.device), d).tolist()
@@ -541,23 +602,28 @@ def prepare(cfg, d, judge=None):
     if cfg.model is None:  # the CPU demo: its tiny model, prompts and judge
         from tools.demo import DEMOS, build_tiny_model, tiny_model_path
         demo = DEMOS[cfg.model_type]
-    cls = POLICIES[cfg.model_type]
-    cfg = replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
-                  dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
+    cls = POLICIES[cfg.model_type]  # the demo's model stays None in the config: a resume runs the demo again
+    model = cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir)
+    cfg = replace(cfg, dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
     items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
     gpu_bytes = torch.cuda.get_device_properties(d.device).total_memory if d.device.type == "cuda" else None
     checkpointing, why = runtime.checkpointing(cfg, d.world_size, d.device.type, gpu_bytes)
     cfg = replace(cfg, output_dir=str(out), gradient_checkpointing=checkpointing)
-    runtime.print0(d, f"config: {cli.changed(runtime.redacted(cfg), Config)} (every option: {out / 'config.json'}); gradient "
-                      f"checkpointing {'on' if checkpointing else 'off'} ({why})")
-    judge, eval_judge = runtime.make_judges(cfg, demo, rubric, eval_rubric, cls.task, d, judge)
+    runtime.print0(d, f"config: {cli.changed(runtime.redacted(cfg), Config)} (every option: {out / 'config.json'}); "
+                      f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
+    if demo is not None and cfg.judge_url is not None:
+        runtime.print0(d, f"the demo model with the judge at {runtime.public_url(cfg.judge_url)}: "
+                          f"{cfg.num_candidates} candidates per prompt (the paper's pair unless --num_candidates is set)")
+    lock = runtime.lock_output(out, d)
+    judges = (None, None)  # make_judges closes its own on a failure
     try:
+        judges = judge, eval_judge = runtime.make_judges(cfg, demo, rubric, eval_rubric, cls.task, d, judge)
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once
-            build_tiny_model(cfg.model_type, cfg.model)
+            build_tiny_model(cfg.model_type, model)
         runtime.barrier(d)
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast by load_policy, to be sure)
-        policy = runtime.load_policy(cfg, cls, d, demo, items + eval_items)  # prompts encoded, encoders released
+        policy = runtime.load_policy(replace(cfg, model=model), cls, d, demo, items + eval_items)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, cfg.lr_warmup_steps))
@@ -566,14 +632,15 @@ def prepare(cfg, d, judge=None):
         run = runtime.Run(cfg, d, policy, judge, optimizer, scheduler, items, eval_items,
                           rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out, eval_judge=eval_judge,
                           ema=[p.detach().clone() for p in policy.trainable_parameters()] if cfg.ema_decay else None,
-                          check_items=check_items)
+                          check_items=check_items, lock=lock)
         optimizer.register_step_post_hook(lambda *_: setattr(run, "steps_taken", run.steps_taken + 1))
         if resume is not None:
-            runtime.load_checkpoint(run, Path(resume))
+            runtime.resume_run(run, Path(resume), auto=cfg.resume == "auto")
         if d.rank == 0:
             runtime.start_logs(run)
     except BaseException:
-        runtime.close_judges(judge, eval_judge)
+        runtime.close_judges(*judges)
+        runtime.release_lock(lock)
         raise
     return run
 
@@ -585,15 +652,20 @@ def loop(run):
     cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window windows
     if run.step == 0:
         runtime.judge_check(run)
+    trained = []  # optimizer steps of each window of this process
     while run.step < cfg.max_steps:
+        if any(runtime.all_gather(run.stop_requested, run.d)):  # before a window (the step-0 eval): saved as is
+            return stopped(run)
         record = train_step(run)
+        trained.append(record["optimizer_steps"])
         runtime.log(run, record)
         runtime.judge_check(run)  # the drift alarm: the judge's accuracy on labelled pairs, every judge_check_every
         # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
         recent = (recent + [(record["masked_pairs"], record["pairs"])])[-cfg.failure_window:]
         failed, pairs = map(sum, zip(*recent))
         failing = len(recent) == cfg.failure_window and failed > cfg.failure_stop_rate * pairs
-        if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
+        evaluating = cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps)
+        if evaluating and not record["stop_requested"]:  # a stop saves first (the eval comes back at the resume)
             runtime.log(run, evaluate(run))
         if run.step % cfg.save_every == 0 or run.step == cfg.max_steps or failing or record["stop_requested"]:
             path = runtime.save_checkpoint(run)
@@ -604,13 +676,34 @@ def loop(run):
                              f"--failure_stop_rate {cfg.failure_stop_rate}; checkpoint saved to {path}. "
                              f"Check the judge server, then continue with --resume auto --output_dir {run.out}")
         if record["stop_requested"]:
-            runtime.print0(run.d, f"interrupted at step {run.step}; continue with --resume auto "
-                                  f"--output_dir {run.out}")
-            return 130
+            return stopped(run)
+    untrained(run, trained)
     curve = "  ".join(f"{s}: {w:.2f}" for s, w in run.evals if w is not None)
     runtime.print0(run.d, f"done: {run.step} steps in {run.out}"
                    + (f"\neval win rate by step  {curve}" if curve else ""))
     return 0
+
+
+def stopped(run):
+    """The end of a run stopped by Ctrl-C / SIGTERM, its checkpoint saved (here if not yet): exit code 130."""
+    path = run.out / "checkpoints" / f"step-{run.step:06d}"
+    if not (path / "trainer_state.pt").is_file():
+        runtime.print0(run.d, f"checkpoint: {runtime.save_checkpoint(run)}")
+    runtime.print0(run.d, f"interrupted at step {run.step}; continue with --resume auto --output_dir {run.out}")
+    return 130
+
+
+def untrained(run, trained):
+    """No silent success: RunStopped when this process's windows took no optimizer step at all, or its last
+    failure_window windows none (every pair masked: the failure-rate stop needs a full window, which a short run
+    never fills)."""
+    last = trained[-run.cfg.failure_window:]
+    if last and not any(last):
+        which = "any of its" if len(last) == len(trained) else f"the last {len(last)} of its"
+        raise RunStopped(f"no optimizer step in {which} {len(trained)} windows: every pair was masked (judge "
+                         f"failures and order-inconsistent ties: metrics.jsonl has the reasons); the checkpoint of "
+                         f"step {run.step} holds no new training. Check the judge (judge.py ping), then continue "
+                         f"with --resume auto --output_dir {run.out}")
 
 
 def train(cfg, judge=None):
@@ -630,18 +723,24 @@ def train(cfg, judge=None):
 
 
 def main(argv=None):
+    """The command line's exit code: 0 done, 1 stopped (judge, nothing trained, a failed save), 2 bad input or
+    options, 130 interrupted (Ctrl-C / SIGTERM)."""
+    cfg = None
     try:
-        return train(make_config(argv))
+        cfg = make_config(argv)
+        return train(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {redact(e)}", file=sys.stderr)  # redact: no URL secret in any message
         return 2
     except RunStopped as e:
         print(f"stopped: {redact(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("aborted without saving a checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        where = f" --output_dir {cfg.output_dir}" if cfg is not None and cfg.output_dir else " --output_dir DIR"
+        print(f"\naborted without saving a checkpoint; continue from the newest one saved, if any, with --resume "
+              f"auto{where}", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.finish(main()))

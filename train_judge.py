@@ -539,6 +539,9 @@ def summarize_scores(records):
     return summary
 
 
+TOOL = "train_judge.py eval"  # the results file's header names it (judge.read_results)
+
+
 def evaluate(client, items, low, high, templates="t2i_eval", out=None, swap=True):
     """Judge every item through the client (max_concurrency at once), append one JSON line per item to `out` as it
     finishes, skip items already finished there (failed ones are asked again; judge.py's resume rules), and return
@@ -549,18 +552,17 @@ def evaluate(client, items, low, high, templates="t2i_eval", out=None, swap=True
                 "templates": {name: judge.template_sha256(f"{templates}_{name}")[:16] for name in names},
                 "request": judge.request_settings(client)}
     spent_before = client.usage()
-    done = judge.read_results(out, items, settings) if out is not None and Path(out).exists() else {}
+    done = judge.read_results(out, items, settings, TOOL) if out is not None and Path(out).exists() else {}
     todo = [item for item in items if item.line not in done]
     results = map_concurrently(lambda item: judge_item(client, item, low, high, templates, swap, settings), todo,
                                client.max_concurrency, name="eval")
-    sink = open(out, "a", encoding="utf-8") if out is not None else None
+    sink = judge.ResultsFile(out, TOOL) if out is not None else None
     try:
         for _, future in results:
             record = future.result()
             done[record["line"]] = record
             if sink is not None:
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()  # a killed run loses at most the line being written
+                sink.write(record)  # a killed run loses at most the line being written
     finally:
         results.close()  # Ctrl-C: stop judging what has not started
         if sink is not None:
@@ -577,6 +579,7 @@ DEMO_OPTIONS = {  # --name: (default, help): what `python train_judge.py` runs
     "warmup_steps": (40, "SFT steps that teach the tags (with random scores)"),
     "grpo_steps": (250, "GRPO steps (8 images x 8 answers each)"),
     "eval_every": (25, "held-out Spearman every this many GRPO steps"),
+    "progress_every": (5, "a progress line (step, elapsed time, time left) every this many GRPO steps"),
     "train_items": (600, "synthetic training images"), "eval_items": (60, "held-out synthetic images"),
     "samples": (8, "sampled answers averaged into one held-out score"),
     "learning_rate": (1e-3, "GRPO learning rate (every weight; constant)"),
@@ -671,6 +674,8 @@ def run_demo(demo):
     print(f"[demo] warm-up: {demo.warmup_steps} SFT steps, {time.monotonic() - started:.0f}s; held-out spearman "
           f"{curve[0][1]:+.3f} at GRPO step 0", flush=True)
 
+    grpo_start = [time.monotonic(), 0]  # (clock, step) when GRPO began: the time-left estimate's base
+
     class Curve(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % demo.eval_every == 0 or state.global_step == state.max_steps:
@@ -678,6 +683,14 @@ def run_demo(demo):
                                                                    demo.seed)])
                 print(f"[demo] GRPO step {state.global_step}: held-out spearman {curve[-1][1]:+.3f} "
                       f"({time.monotonic() - started:.0f}s)", flush=True)
+            elif state.global_step % demo.progress_every == 0:  # between evals: minutes on a busy CPU
+                done = state.global_step - grpo_start[1]
+                per_step = (time.monotonic() - grpo_start[0]) / max(done, 1)
+                print(f"[demo] GRPO step {state.global_step}/{state.max_steps}: {time.monotonic() - started:.0f}s "
+                      f"elapsed, about {per_step * (state.max_steps - state.global_step):.0f}s left", flush=True)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            grpo_start[:] = [time.monotonic(), state.global_step]
 
     cfg = TrainConfig(model=str(out / "warmup"), data=[str(train_file)], output_dir=str(out), low=0, high=9,
                       templates="t2i_eval_demo", num_generations=8, per_device_batch=64,
@@ -729,6 +742,7 @@ def main(argv=None):
     args = parser.parse_args(argv or ["demo"])
     try:
         if args.command == "eval":
+            data.check_not_inputs([args.data, args.scores], [args.out])
             items = load_t2i_eval_bench(args.data, args.scores, args.low, args.high, args.image_root,
                                         args.dimension) if args.scores else \
                 load_items(args.data, args.low, args.high, args.min_confidence, args.multi_image)
@@ -755,6 +769,13 @@ def main(argv=None):
     except (DataError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # eval resumes from --out; train from its output_dir's checkpoints (TRL)
+        print(judge.interrupted_hint(args.out) if args.command == "eval" else
+              "\ninterrupted; continue with the same command and --resume auto (from the newest checkpoint-* of "
+              "--output_dir)" if args.command == "train" else
+              "\ninterrupted; the demo keeps no checkpoint: run it again (into a new --output_dir)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -320,3 +320,14 @@ def test_multi_image_responses_are_an_error_or_an_explicit_choice(tmp_path, fake
     assert summary_of(capsys.readouterr().out)["skipped"] == {"multi-image response": 1}
     assert eval_cli(fake, data, rubric) == 2
     assert "--multi_image skip" in capsys.readouterr().err
+
+
+def test_a_sidecar_is_never_its_output_and_outputs_never_an_input(tmp_path):
+    assert [data.sidecar_path(tmp_path / name).name for name in ("rubrics.txt", "rubrics", "rubrics.json",
+                                                                   "r.JSON")] \
+        == ["rubrics.json", "rubrics.json", "rubrics.meta.json", "r.meta.json"]
+    (tmp_path / "pairs.json").write_text("[]")
+    with pytest.raises(ValueError, match="is the input file"):
+        data.prepare_outputs([tmp_path / "rubrics.txt", tmp_path / "pairs.json"], [tmp_path / "pairs.json"], True)
+    with pytest.raises(ValueError, match="are one file"):
+        data.prepare_outputs(tmp_path / "pairs.json", [tmp_path / "a.txt", tmp_path / "sub" / ".." / "a.txt"], True)

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -244,7 +245,8 @@ def test_cli_eval_end_to_end_with_resume(fake, dataset, tmp_path):
     assert summary == {"n": 4, "accuracy": 0.75, "accuracy_first": 0.75, "accuracy_second": 0.75,
                        "position_gap": 0.0, "tie_rate": 0.0, "failure_rate": 0.0}
     assert "[judge] 4/4" in result.stderr and "Traceback" not in result.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    header, *records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header == {"arr_rpo_results": 1, "tool": "judge.py eval"}
     assert sorted(r["line"] for r in records) == [1, 2, 3, 4] and len(fake.requests) == 8
     assert {r["line"]: r["correct"] for r in records} == {1: True, 2: True, 3: False, 4: True}
     assert all(fake_headers["Authorization"] == f"Bearer {KEY}" for fake_headers in fake.headers)
@@ -254,13 +256,71 @@ def test_cli_eval_end_to_end_with_resume(fake, dataset, tmp_path):
     assert figures(again) == summary and len(fake.requests) == 8
 
     lines = out.read_text().splitlines()
-    out.write_text("\n".join(lines[:2]) + '\n{"line": 3, "prom')  # a run killed mid-write
+    out.write_text("\n".join(lines[:3]) + '\n{"line": 3, "prom')  # header, 2 records, a run killed mid-write
     resumed = run_cli(*eval_args(fake, data, rubrics, "--out", out))
     assert figures(resumed) == summary
     assert len(fake.requests) == 12  # only the 2 missing items, both orders
     cost = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert cost["requests"] == 4 and cost["requests_per_item"] == 2.0  # this run's cost: 2 items judged
-    assert len([json.loads(line) for line in out.read_text().splitlines()]) == 4
+    kept = out.read_text().splitlines()  # append-only: the torn line stays, on a line of its own
+    assert kept[:3] == lines[:3] and kept[3] == '{"line": 3, "prom' and len(kept) == 6
+    assert sorted(json.loads(line)["line"] for line in kept[1:3] + kept[4:]) == [1, 2, 3, 4]
+
+
+def test_cli_eval_never_overwrites_a_file_it_did_not_write(fake, dataset, tmp_path):
+    data, rubrics = dataset
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"my": "notes"}\nnot json at all\n')
+    result = run_cli(*eval_args(fake, data, rubrics, "--out", notes))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--out {notes} exists and is not a results file of judge.py eval" in result.stderr
+    assert notes.read_text() == '{"my": "notes"}\nnot json at all\n' and fake.requests == []
+    rubric_text = rubrics.read_text()
+    result = run_cli(*eval_args(fake, data, rubrics, "--out", rubrics))  # the rubric file itself
+    assert result.returncode == 2 and f"output {rubrics} is the input file" in result.stderr
+    assert rubrics.read_text() == rubric_text and fake.requests == []
+
+
+def test_ctrl_c_in_eval_prints_one_line_with_how_to_resume(fake, dataset, tmp_path):
+    data, rubrics = dataset
+    out = tmp_path / "results.jsonl"
+    fake.latency = 0.5
+    cmd = [sys.executable, str(ROOT / "judge.py"), *map(str, eval_args(fake, data, rubrics, "--out", out,
+                                                                       "--concurrency", "1"))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "ARR_TEST_KEY": KEY}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out.exists() and len(out.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == f"interrupted; the finished items are in {out}: rerun the same command " \
+                                           "to resume"
+    resumed = run_cli(*eval_args(fake, data, rubrics, "--out", out))
+    assert resumed.returncode == 0 and figures(resumed)["n"] == 4
+
+
+def test_two_evals_resuming_one_out_lose_no_record(fake, dataset, tmp_path):
+    """Two runs on one --out at once (both resume it): append-only, so neither loses what the other wrote."""
+    data, rubrics = dataset
+    out = tmp_path / "results.jsonl"
+    fake.latency = 0.2
+    first = run_cli(*eval_args(fake, data, rubrics, "--out", out, "--concurrency", "1"))  # 4 items
+    assert first.returncode == 0
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n")  # header and one record: 3 items left for both runs
+    cmd = [sys.executable, str(ROOT / "judge.py"), *map(str, eval_args(fake, data, rubrics, "--out", out,
+                                                                       "--concurrency", "1"))]
+    env = {**os.environ, "ARR_TEST_KEY": KEY}
+    runs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    assert [run.wait(timeout=60) for run in runs] == [0, 0]
+    records = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert lines[1] == out.read_text().splitlines()[1] and {r["line"] for r in records} == {1, 2, 3, 4}
+    asked = len(fake.requests)
+    again = run_cli(*eval_args(fake, data, rubrics, "--out", out))  # nothing was lost: nothing to ask
+    assert figures(again)["n"] == 4 and len(fake.requests) == asked
 
 
 def test_cli_eval_refuses_to_resume_with_other_settings(fake, dataset, tmp_path):

@@ -526,7 +526,7 @@ def test_cli_rejects_bad_input_with_a_clear_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "seed.jsonl" in err and "line 2" in err and "Traceback" not in err
     assert rubrics.main(["induce", "--data", str(data), "--out", str(data), "--force"] + base) == 2
-    assert "input data file" in capsys.readouterr().err
+    assert f"output {data} is the input file {data}" in capsys.readouterr().err
     missing = tmp_path / "missing.txt"
     assert rubrics.main(["select", "--data", str(data), "--rubrics", str(missing), "--top_n", "1",
                          "--out", str(tmp_path / "s.txt")] + base) == 2
@@ -549,3 +549,17 @@ def test_example_rubric_files_are_theme_tips_text_the_judge_accepts(name, task, 
         verdict = judge.compare("make it red", [blue, red], source_image=source)
         assert text.strip() in fake.requests[0]["messages"][0]["content"]
     assert verdict.rank == [2, 1]
+
+
+def test_induce_out_named_json_keeps_the_rubric_text_and_its_sidecar_apart(tmp_path, capsys):
+    _square(tmp_path, "red", RED), _square(tmp_path, "blue", BLUE)
+    data = tmp_path / "seed.jsonl"
+    data.write_text(json.dumps({"query": "keep red first", "response": ["red.png", "blue.png"],
+                                "label_rank": [1, 2]}) + "\n")
+    out = tmp_path / "rubrics.json"
+    with FakeVLM(handler=_scripted()) as fake:
+        assert rubrics.main(["induce", "--data", str(data), "--base_url", fake.url, "--model", "fake-model",
+                             "--out", str(out), "--num_rubrics", "3", "--max_refine", "1"]) == 0
+    assert f"wrote {out} and {tmp_path / 'rubrics.meta.json'}" in capsys.readouterr().out
+    assert out.read_text() == "Theme 1: Colour fidelity\n- red beats blue\n"
+    assert json.loads((tmp_path / "rubrics.meta.json").read_text())["rubrics_file"] == "rubrics.json"

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_train_judge.py -q    (about 60 s on 2 cores)
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -379,11 +380,15 @@ def test_full_finetune_grpo_with_kl_changes_the_weights(warm_judge, tmp_path):
 
 
 def test_demo_reduced_prints_the_json_line(tmp_path, cache, capsys):
-    argv = ["demo", "--warmup_steps", "2", "--grpo_steps", "2", "--eval_every", "1", "--train_items", "16",
-            "--eval_items", "6", "--samples", "2", "--output_dir", str(tmp_path / "demo"), "--cache_dir", cache]
+    argv = ["demo", "--warmup_steps", "2", "--grpo_steps", "3", "--eval_every", "3", "--progress_every", "1",
+            "--train_items", "16", "--eval_items", "6", "--samples", "2", "--output_dir", str(tmp_path / "demo"),
+            "--cache_dir", cache]
     assert tj.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert set(result) == {"spearman_before", "spearman_after"}
     assert all(isinstance(v, float) and -1 <= v <= 1 for v in result.values())
-    assert any(line.startswith("[demo] GRPO step 2:") for line in lines)
+    assert any(line.startswith("[demo] GRPO step 3: held-out spearman") for line in lines)
+    progress = [line for line in lines if re.fullmatch(r"\[demo\] GRPO step [12]/3: \d+s elapsed, about \d+s left",
+                                                       line)]
+    assert len(progress) == 2  # between the evaluations: a line per --progress_every steps

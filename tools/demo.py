@@ -155,8 +155,8 @@ class DemoJudge:
     def submit(self, prompt, images, source_image=None):
         return self._pool.submit(self.compare, prompt, images, source_image)
 
-    def close(self):
-        self._pool.shutdown(wait=True)
+    def close(self, wait=True):
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 # ---- Tiny random-weight models with the real architectures --------------------------------------------------------
