@@ -442,3 +442,18 @@ def test_judge_failure_reasons_are_printed_and_logged_per_step(tmp_path, cache, 
     captured = capsys.readouterr()
     assert f"  judge failed 2 x: {reason}" in captured.out.splitlines()
     assert "stopped: no optimizer step in any of its 1 windows" in captured.err
+
+
+def test_a_resume_takes_a_masked_judge_url_from_the_command_line_again(tmp_path):
+    """config.json holds the judge URL with its secrets masked; the resume must get the real one again, and an
+    error never prints the secret."""
+    from cli import ConfigError
+    saved = {"judge_url": "http://***@judge:8000/v1?key=***", "lr": 5e-5}
+    real = "http://user:PW@judge:8000/v1?key=SECRET"
+    assert train.with_secret_urls(dict(saved), {"judge_url": real}, tmp_path)["judge_url"] == real
+    for given in ({}, {"judge_url": "http://user:PW@other:8000/v1?key=SECRET"}):
+        with pytest.raises(ConfigError, match="judge_url") as err:
+            train.with_secret_urls(dict(saved), given, tmp_path)
+        assert "PW" not in str(err.value) and "SECRET" not in str(err.value)
+    plain = {"judge_url": "http://judge:8000/v1"}
+    assert train.with_secret_urls(dict(plain), {}, tmp_path) == plain
