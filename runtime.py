@@ -259,7 +259,7 @@ def memory_warning(cfg, world_size, gpu_bytes):
     from tools import memory  # the estimator: only where a GPU's size is known
     return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates, cfg.gradient_checkpointing,
                               world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank, cfg.lora_rank,
-                              ranks=world_size)
+                              ranks=world_size, true_cfg=cfg.model_type == "qwen_edit" and cfg.true_cfg_scale > 1)
 
 
 # ---- The data position -------------------------------------------------------------------------------------------
@@ -298,8 +298,10 @@ def sampler(cfg, evaluation=False):
     def pick(name):
         value = getattr(cfg, f"eval_{name}") if evaluation else None
         return getattr(cfg, name) if value is None else value
+    cfg_guidance = dict(true_cfg_scale=cfg.true_cfg_scale, negative_prompt=cfg.negative_prompt) if (
+        cfg.model_type == "qwen_edit") else {}  # true CFG: the same in training and evaluation
     return dict(num_steps=pick("num_steps"), eta=0.0 if evaluation else cfg.eta, shift=pick("shift"),
-                height=cfg.height, width=cfg.width, guidance=pick("guidance"))
+                height=cfg.height, width=cfg.width, guidance=pick("guidance"), sampler=cfg.sampler, **cfg_guidance)
 
 
 def warmup_factor(warmup_steps, step):
@@ -417,7 +419,31 @@ def window_metrics(run, windows):
             "skipped": None if taken else skipped[0], "nonfinite_skips": run.nonfinite_skips,
             "stop_requested": any(w.stop_requested for w in windows),
             "judge_failure_reasons": failure_reasons(e for w in windows for e in w.errors),
+            **log_ratio_metrics([v for w in windows for v in w.log_ratios]),
             **{f"judge_{key}": value for key, value in cost.items()}}
+
+
+def log_ratio_metrics(log_ratios):
+    """Rollout / train consistency (verl-omni #291): max and mean |log pi_theta - log pi_rollout| over the terms
+    of a window's first minibatch, where the policy has not moved, so both are exactly 0 on CPU in fp32; empty when
+    nothing was trained."""
+    if not log_ratios:
+        return {}
+    return {"rollout_train_max_abs_log_ratio": max(log_ratios),
+            "rollout_train_mean_abs_log_ratio": sum(log_ratios) / len(log_ratios)}
+
+
+def log_ratio_warning(record, threshold):
+    """The warning for a window whose rollout / train log-prob mismatch passes `threshold`, or None."""
+    worst = record.get("rollout_train_max_abs_log_ratio")
+    if worst is None or worst <= threshold:
+        return None
+    return (f"warning: step {record['step']}: max |log pi_train - log pi_rollout| = {worst:.3g} at the first "
+            f"minibatch (--log_ratio_warn {threshold}), where the policy has not moved yet and the ratio should be "
+            "1. Likely causes: low precision (bf16 timesteps or position ids, autocast differing between rollout "
+            "and recompute), nondeterministic kernels (attention backends, TF32, batch-size dependent kernels), "
+            "or a stale reference (log-probs recorded by other weights than the ones trained: a resume, an EMA or a "
+            "LoRA swapped between rollout and update).")
 
 
 def save_grid(columns, path):

@@ -120,6 +120,25 @@ class Config:
                                "Flow-GRPO", valid=at_least(1))
     train_fraction: float = beyond(1.0, "fraction of the K - 1 transitions trained per sample (random subset)",
                                    "DanceGRPO", valid=within(0, 1, low_open=True))
+    timestep_window: str | None = beyond(None, "START,END: train only the transitions k in [START, END) of the "
+                                               "K - 1 (the rollout samples every step as before); unset: all",
+                                         "Flow-GRPO (SDE window), MixGRPO arXiv 2507.21802")
+    timestep_window_shift_every: int = beyond(0, "slide the window by timestep_window_stride every this many "
+                                                 "windows, stopping at the last transition (0: fixed)",
+                                              "MixGRPO arXiv 2507.21802 (sliding window)", valid=at_least(0))
+    timestep_window_stride: int = beyond(1, "transitions the sliding window moves per shift", "MixGRPO",
+                                         valid=at_least(1))
+    sampler: str = beyond("sde", "stochastic transition of the rollout: sde (the paper's flow-SDE) or cps "
+                                 "(coefficient-preserving; needs eta <= 1)", "Flow-GRPO CPS, arXiv 2509.05952",
+                          choices=("sde", "cps"))
+    true_cfg_scale: float = beyond(1.0, "qwen_edit: true classifier-free guidance scale in training and eval "
+                                        "(1: off, the recipe; the 2509 pipeline's default is 4); doubles the batch",
+                                   "diffusers QwenImageEditPlusPipeline", valid=at_least(1))
+    negative_prompt: str = beyond(" ", "qwen_edit: the negative prompt of true CFG", "diffusers "
+                                       "QwenImageEditPlusPipeline")
+    log_ratio_warn: float = beyond(0.02, "warn when max |log pi_train - log pi_rollout| at a window's first "
+                                         "minibatch (0 on CPU fp32) is above", "ours; verl-omni #291",
+                                   valid=above(0))
     lr_warmup_steps: int = beyond(0, "linear LR warmup steps, then constant", "ours", valid=at_least(0))
     ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off)", "Flow-GRPO",
                               valid=within(0, 1, high_open=True))
@@ -133,6 +152,12 @@ class Config:
                                                 "per judgment)", "ours", valid=at_least(1))
     judge_check_data: str | None = beyond(None, "labelled pairs judged at step 0 and every judge_check_every: "
                                                 "the drift alarm", "ours")
+    judge_min_accuracy: float | None = beyond(None, "refuse to start unless the judge's accuracy on "
+                                                    "judge_check_data (both orders) reaches this", "ours",
+                                              valid=within(0, 1))
+    judge_divergence_evals: int = beyond(3, "with an eval judge: warn when over this many evals the training "
+                                            "judge's win rate rose by 0.05 while the eval judge's did not", "ours",
+                                         valid=at_least(1))
     judge_check_every: int = beyond(25, "windows between judge checks on judge_check_data", "ours",
                                     valid=at_least(1))
     eval_prompts: str | None = beyond(None, "eval prompts, same format; unset: held out from the prompts",
@@ -167,6 +192,8 @@ class Config:
     failure_window: int = beyond(5, "windows in the failure-rate window", "ours", valid=at_least(1))
     log_with: str = beyond("none", "also log to wandb or tensorboard (only if installed)", "ours",
                            choices=("none", "wandb", "tensorboard"))
+    log_rollouts: int = beyond(4, "with log_with: rollouts per window in the tracker's table (0: none)", "ours; "
+                                  "Flow-Factory LogTable", valid=at_least(0))
     num_threads: int | None = beyond(None, "torch CPU threads per process; unset: torch's default", "ours",
                                      valid=at_least(1))
 
@@ -282,16 +309,42 @@ def kl_term(stats, x_next, estimator):
     return arr_rpo.k1_kl(stats.log_prob, arr_rpo.gaussian_log_prob(x_next, stats.ref_mean, stats.std))
 
 
-def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0):
+def trained_window(cfg, step, num_transitions):
+    """The transitions k that window `step` may train (a range in [0, K - 1)): all of them, or [START, END) of
+    --timestep_window (Flow-GRPO's SDE window; here the rollout still samples every step with its sampler), slid
+    by timestep_window_stride every timestep_window_shift_every windows from the noisy end towards the data
+    (MixGRPO's sliding window, arXiv 2507.21802) until its end reaches the last transition, where it stays (ours).
+    ConfigError for a window that is not START,END with 0 <= START < END <= K - 1."""
+    if cfg.timestep_window is None:
+        return range(num_transitions)
+    try:
+        start, end = (int(v) for v in cfg.timestep_window.split(","))
+    except ValueError:
+        raise ConfigError(f"--timestep_window {cfg.timestep_window!r}: expected START,END such as 0,3") from None
+    if not 0 <= start < end <= num_transitions:
+        raise ConfigError(f"--timestep_window {cfg.timestep_window}: needs 0 <= START < END <= {num_transitions} "
+                          f"(the K - 1 = {num_transitions} stochastic transitions of --num_steps {num_transitions + 1})")
+    shift = 0
+    if cfg.timestep_window_shift_every:
+        shift = min(cfg.timestep_window_stride * (step // cfg.timestep_window_shift_every), num_transitions - end)
+    return range(start + shift, end + shift)
+
+
+def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0, window=None, log_ratios=None):
     """Phase 4 for one kept group: arr_rpo.rpo_loss (PPO clip + kl_beta * KL) summed over its trained transitions
     and N samples and back-propagated UNnormalised (reduce_and_step divides by the global term count T); returns
-    its TermSums. old = the rollout's log-probs (ratio != 1 after a window's first optimizer step)."""
-    num_transitions = traj.log_probs.shape[1]  # K - 1
-    trained = max(1, round(cfg.train_fraction * num_transitions))
+    its TermSums. old = the rollout's log-probs (ratio != 1 after a window's first optimizer step). The trained
+    transitions: a train_fraction of `window` (a range of k; default all K - 1), drawn with `rng`. `log_ratios`, a
+    list: gets |log pi_theta - log pi_old| of every trained term (the rollout / train consistency check)."""
+    window = range(traj.log_probs.shape[1]) if window is None else window  # K - 1 transitions by default
+    trained = max(1, round(cfg.train_fraction * len(window)))
     sums = TermSums()
-    for k in torch.randperm(num_transitions, generator=rng)[:trained].tolist():
+    for i in torch.randperm(len(window), generator=rng)[:trained].tolist():
+        k = window[i]
         stats = policy.recompute(traj, k, reference=cfg.kl_beta > 0)
         old = traj.log_probs[:, k]  # (N,) recorded at rollout time
+        if log_ratios is not None:
+            log_ratios += (stats.log_prob.detach() - old).abs().tolist()
         kl = kl_term(stats, traj.latents[:, k + 1], cfg.kl_estimator)  # (N,)
         loss = arr_rpo.rpo_loss(stats.log_prob, old, adv, cfg.clip_range, kl, cfg.kl_beta)  # (N,)
         (weight * loss.sum()).backward()
@@ -301,10 +354,11 @@ def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0):
     return sums
 
 
-def fsdp_lockstep_pass(policy, traj, cfg):
+def fsdp_lockstep_pass(policy, traj, cfg, window):
     """A masked group's forward and backward with weight 0 (--shard_base): FSDP2 all-gathers inside every block
     call, so every rank must make the same calls whatever its masks; its own generator keeps the rollout noise."""
-    backward_rpo_loss(policy, traj, torch.zeros_like(traj.log_probs[:, 0]), cfg, torch.Generator(), weight=0.0)
+    backward_rpo_loss(policy, traj, torch.zeros_like(traj.log_probs[:, 0]), cfg, torch.Generator(), weight=0.0,
+                      window=window)
 
 
 def reduce_and_step(run, sums):
@@ -354,6 +408,7 @@ class WindowStats:
     grad_norms: list = field(default_factory=list)        # of the steps taken
     skipped: list = field(default_factory=list)           # per optimizer step: None, or why it did not step
     spent: dict | None = None                             # the judge's requests and tokens (runtime.judge_usage)
+    log_ratios: list = field(default_factory=list)        # |log pi_theta - log pi_rollout| per term, 1st minibatch
     stop_requested: bool = False
 
     def timed(self, phase, fn, *args):
@@ -388,10 +443,13 @@ class WindowStats:
 def update_group(run, pending, adv, window):
     """Phase 4 for one group of the minibatch: the backward of its RPO loss when kept; when masked nothing, except
     the weight-0 pass that FSDP needs."""
-    if adv is not None:
-        return window.timed("update", backward_rpo_loss, run.policy, pending.traj, adv, run.cfg, run.rng)
+    trained = trained_window(run.cfg, run.step, pending.traj.log_probs.shape[1])
+    if adv is not None:  # before the window's first optimizer step the ratio should be 1: measure how far it is
+        first = window.log_ratios if not window.skipped else None
+        return window.timed("update", backward_rpo_loss, run.policy, pending.traj, adv, run.cfg, run.rng, 1.0,
+                            trained, first)
     if run.cfg.shard_base:
-        window.timed("update", fsdp_lockstep_pass, run.policy, pending.traj, run.cfg)
+        window.timed("update", fsdp_lockstep_pass, run.policy, pending.traj, run.cfg, trained)
     return TermSums()
 
 
@@ -462,6 +520,16 @@ def evaluate(run):
 
 # ---- Setup, loop and main ----------------------------------------------------------------------------------------
 
+def check_sampler(cfg):
+    """The sampler options across each other, before any model loads (ConfigError naming the option)."""
+    trained_window(cfg, 0, cfg.num_steps - 1)
+    if cfg.sampler == "cps" and cfg.eta > 1:
+        raise ConfigError(f"--sampler cps needs --eta in (0, 1] (std = sigma_next sin(eta pi / 2)), got {cfg.eta}")
+    if cfg.model_type != "qwen_edit" and (cfg.true_cfg_scale != 1.0 or cfg.negative_prompt != " "):
+        raise ConfigError("--true_cfg_scale and --negative_prompt are for --model_type qwen_edit (FLUX.1-dev is "
+                          "guidance-distilled: --guidance)")
+
+
 def prepare(cfg, d, judge=None):
     """Everything before the first step. `judge` (anything with the Judge interface) replaces the configured one."""
     if cfg.num_threads:
@@ -473,6 +541,7 @@ def prepare(cfg, d, judge=None):
     cls = POLICIES[cfg.model_type]
     cfg = replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
                   dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
+    check_sampler(cfg)
     items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
     cfg = replace(cfg, output_dir=str(out))
@@ -514,6 +583,8 @@ def loop(run):
     while run.step < cfg.max_steps:
         record = train_step(run)
         runtime.log(run, record)
+        if runtime.log_ratio_warning(record, cfg.log_ratio_warn):
+            runtime.print0(run.d, runtime.log_ratio_warning(record, cfg.log_ratio_warn))
         runtime.judge_check(run)  # the drift alarm: the judge's accuracy on labelled pairs, every judge_check_every
         # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
         recent = (recent + [(record["masked_pairs"], record["pairs"])])[-cfg.failure_window:]
