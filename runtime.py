@@ -242,6 +242,8 @@ def load_policy(cfg, cls, d, demo, items):
                                  gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
                                  shard_mesh=mesh)
     inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
+    if cls.task == "edit" and cfg.true_cfg_scale > 1:  # true CFG: the negative prompt with every source image
+        inputs += [(cfg.negative_prompt, item.source_image) for item in items]
     encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs)
     barrier(d)  # the shared folder is complete before any rank reads from it
     where = policy.release_text_encoders()
