@@ -145,8 +145,8 @@ def make_judge(cfg, demo, rubric, task, url=None, model=None):
     except ValueError as e:  # e.g. a key HTTP cannot carry: an input error, not a crash
         raise ConfigError(f"judge at {public_url(url)} (key from ${cfg.judge_api_key_env}): {e}") from None
     if cfg.judge_mode == "score":
-        return ScoreJudge(client, *score_scale(cfg)), f"{url} model {model} (score judge)"
-    return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{url} model {model}"
+        return ScoreJudge(client, *score_scale(cfg)), f"{public_url(url)} model {model} (score judge)"
+    return Judge(client, rubric, task=task, swap=cfg.judge_swap), f"{public_url(url)} model {model}"
 
 
 def make_judges(cfg, demo, rubric, eval_rubric, task, d, judge=None):
@@ -184,6 +184,47 @@ def check_judge(judge, task, where, d):
               f"in {verdict.latency:.2f}s: {verdict.reason[:100]}")
 
 
+def provenance(cfg, rubric, eval_rubric, judge, eval_judge):
+    """What rewards this run, to tell two checkpoints apart by it: the sha256 of the rubric text and of every prompt
+    template each judge uses (judge.Judge.templates), each judge's model name and URL (credentials and query
+    removed: vlm_client.public_url). The eval_* entries are None without an independent eval judge. A judge given
+    in code (tests, the demo) is named by its class."""
+    def sha(text):
+        return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def identity(j, url, model):
+        templates = j.templates() if hasattr(j, "templates") else {}
+        return {"model": model if url else type(j).__name__, "url": public_url(url) if url else None,
+                "templates_sha256": templates}
+    train_judge = identity(judge, cfg.judge_url, cfg.judge_model)
+    eval_side = identity(eval_judge, cfg.eval_judge_url, cfg.eval_judge_model or cfg.judge_model) if (
+        eval_judge is not None) else dict.fromkeys(("model", "url", "templates_sha256"))
+    return {"rubric_sha256": sha(rubric), "judge_model": train_judge["model"], "judge_url": train_judge["url"],
+            "judge_templates_sha256": train_judge["templates_sha256"],
+            "eval_rubric_sha256": sha(eval_rubric) if eval_judge is not None else None,
+            "eval_judge_model": eval_side["model"], "eval_judge_url": eval_side["url"],
+            "eval_judge_templates_sha256": eval_side["templates_sha256"]}
+
+
+def provenance_changes(before, now):
+    """The names of what differs between two `provenance` records (a template by its name), sorted."""
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{key}[{name}]" for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        elif old != new:
+            changed.append(key)
+    return changed
+
+
+def redacted(cfg):
+    """The config with the judges' URLs as vlm_client.public_url shows them (no user:password@, no query): what
+    the console, config.json and the trackers get, since a URL may carry a credential."""
+    return dataclasses.replace(cfg, **{name: public_url(getattr(cfg, name)) for name in ("judge_url", "eval_judge_url")
+                                       if getattr(cfg, name)})
+
+
 def judge_usage(judge, since=None):
     """The judge client's usage counters (vlm_client.VLMClient.usage), or what was spent since an earlier snapshot;
     None for a judge without a client (the demo judge)."""
@@ -216,7 +257,46 @@ def judge_check(run):
         if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
             print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
                   f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
-    barrier(run.d)
+        refusal = gate_refusal(run.cfg, summary) if first is None else None
+    refusal = all_gather(refusal if run.d.rank == 0 else None, run.d)[0]  # every rank stops, or none
+    if refusal is not None:
+        raise RunStopped(refusal)
+
+
+def gate_refusal(cfg, summary):
+    """The judge gate (--judge_min_accuracy X, at this process's first judge check, before any update): why the run
+    refuses to start with this judge, or None. The accuracy is judge.summarize's over the labelled pairs of
+    --judge_check_data judged in both orders: the final verdict equals the label, an order-inconsistent tie or a
+    failure counts as wrong (a contrarian judge scores 0, one that always prefers a position 0 too)."""
+    accuracy, threshold = summary["accuracy"], cfg.judge_min_accuracy
+    if threshold is None or (accuracy is not None and accuracy >= threshold):
+        return None
+    gap = summary["position_gap"]
+    reasons = "; ".join(f"{count} x {reason}" for count, reason in summary["failure_reasons"] or []) or "none"
+    return (f"the judge's accuracy on --judge_check_data {cfg.judge_check_data} is "
+            f"{'unmeasured' if accuracy is None else format(accuracy, '.3f')} (both orders, n {summary['n']}), below "
+            f"--judge_min_accuracy {threshold}; position gap (accuracy with the preferred image shown first minus "
+            "shown second) "
+            f"{'-' if gap is None else format(gap, '+.3f')}, tie rate {summary['tie_rate']}, failure rate "
+            f"{summary['failure_rate']}, failure reasons: {reasons}. Training against this judge would optimise "
+            "against the preferences: check the rubric, the model name and the labels, or lower the threshold")
+
+
+def divergence_warning(history, evals):
+    """The warning when the training judge's eval win rate rose by 0.05 or more over the last `evals` evaluations
+    while the independent eval judge's did not rise (the gap reward hacking opens; Rubric Dropout's "training
+    judge vs gold judge"), or None. history: [(step, training judge's win rate, eval judge's win rate)], either
+    None when nothing was judged (such evals are left out)."""
+    known = [h for h in history if h[1] is not None and h[2] is not None]
+    if len(known) <= evals:
+        return None
+    (s0, train0, eval0), (s1, train1, eval1) = known[-1 - evals], known[-1]
+    if train1 - train0 < 0.05 or eval1 > eval0:
+        return None
+    return (f"warning: from step {s0} to {s1} the training judge's win rate of the policy rose from {train0:.3f} to "
+            f"{train1:.3f} while the eval judge's went from {eval0:.3f} to {eval1:.3f}: the policy may be "
+            "exploiting the training judge (reward hacking). Look at the grids in samples/, compare the rubrics, "
+            "raise --kl_beta or stop at an earlier checkpoint.")
 
 
 # ---- The policy, its memory options, its prompts encoded up front -------------------------------------------------
@@ -378,8 +458,11 @@ class Run:
     evals: list = field(default_factory=list)
     eval_judge: object = None  # an independent judge for evaluation, or None (the training judge)
     ema: list | None = None    # EMA copies of the LoRA parameters (ema_decay > 0), fp32
+    provenance: dict = field(default_factory=dict)   # what rewards this run (`provenance`): checkpoints, metrics
+    provenance_changed: list = field(default_factory=list)  # what differs from the resumed checkpoint's
     check_items: list = field(default_factory=list)  # labelled pairs of --judge_check_data
     checks: list = field(default_factory=list)       # (step, judge_check_accuracy) so far
+    judge_evals: list = field(default_factory=list)  # (step, training judge's, eval judge's win rate): divergence
 
 
 def percentile(values, q):
@@ -470,14 +553,17 @@ def print0(d, *args):
 def start_logs(run):
     """Rank 0: config.json, metrics.jsonl (truncated after the resumed step), optional wandb / TensorBoard."""
     run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1) + "\n")
+    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
     metrics = run.out / "metrics.jsonl"
     kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() and run.step else [])
             if json.loads(line)["step"] <= run.step]
+    if not kept or run.provenance_changed:  # a fresh run: what rewards it comes first; a resume: if it changed
+        kept.append(json.dumps({"step": run.step, "provenance": run.provenance}))
     metrics.write_text("".join(line + "\n" for line in kept))
     if run.cfg.log_with == "wandb":
         import wandb
-        run.tracker = wandb.init(project="arr-rpo", config=dataclasses.asdict(run.cfg), dir=str(run.out))
+        run.tracker = wandb.init(project="arr-rpo", config=dataclasses.asdict(redacted(run.cfg)),
+                                 dir=str(run.out))
     elif run.cfg.log_with == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         run.tracker = SummaryWriter(str(run.out / "tensorboard"))
@@ -510,6 +596,7 @@ def log(run, record):
 
 CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_position_gap": "+.3f", "judge_check_failure_rate": ".2f",
            "eval_win_rate": ".3f", "eval_win_rate_lo": ".3f", "eval_win_rate_hi": ".3f", "eval_n": "d",
+           "eval_train_judge_win_rate": ".3f",
            "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "judge_score_mean": ".2f", "kl": ".2e",
            "approx_kl": ".1e", "clipfrac": ".2f", "grad_norm": ".2e", "optimizer_steps": "d",
            "judge_failure_rate": ".2f", "tie_rate": ".2f", "first_position_win_rate": ".2f", "judge_calls": ".1f",
@@ -556,7 +643,8 @@ def save_checkpoint(run):
                     "lora_digests": digests,
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
                    tmp / "trainer_state.pt")
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1) + "\n")
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
+        (tmp / "provenance.json").write_text(json.dumps(run.provenance, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -584,6 +672,13 @@ def load_checkpoint(run, path):
         torch.cuda.set_rng_state(mine["cuda"])
     run.step, run.position = state["step"], state["position"]
     print0(run.d, f"resumed from {path} at step {run.step}")
+    saved = path / "provenance.json"
+    changed = (provenance_changes(json.loads(saved.read_text()), run.provenance) if saved.is_file()
+               else ["rubric, templates and judge (the checkpoint has no provenance.json)"])
+    if changed:
+        run.provenance_changed = changed
+        print0(run.d, f"warning: resuming {path} with a different {', '.join(changed)} than the one that rewarded "
+                      "it (provenance.json); the new values are logged to metrics.jsonl")
 
 
 @contextlib.contextmanager

@@ -478,11 +478,14 @@ def train_step(run):
 def evaluate(run):
     """Win rate of the policy (its EMA if any) over the reference (adapters disabled) on held-out prompts, eval
     sampler (eta = 0), same noise, policy first for even prompts, eval judge: (wins + ties / 2) / judged (identical
-    models: 0.5) with its Wilson 95% interval (_lo, _hi). Rank 0 saves the grid; run.evals gets (step, win rate)."""
+    models: 0.5) with its Wilson 95% interval (_lo, _hi). With an independent eval judge the training judge judges
+    the same pairs too (eval_train_judge_win_rate; runtime.divergence_warning). Rank 0 saves the grid; run.evals
+    gets (step, win rate)."""
     cfg, d, start = run.cfg, run.d, time.perf_counter()
     mine = list(enumerate(run.eval_items))[d.rank::d.world_size]
     if cfg.shard_base:  # FSDP: every rank makes the same transformer calls, so short ranks roll out a spare prompt
         mine += [(None, run.eval_items[0])] * (-(-len(run.eval_items) // d.world_size) - len(mine))
+    judges = [run.eval_judge or run.judge] + ([run.judge] if run.eval_judge is not None else [])  # eval's first
     futures, columns = [], []
     for i, item in mine:  # one prompt per rollout: its noise depends on its index, not on the world size
         source = open_source(item)
@@ -497,14 +500,16 @@ def evaluate(run):
             continue
         mine_image, ref_image = images
         pair = [mine_image, ref_image] if i % 2 == 0 else [ref_image, mine_image]
-        futures.append((i % 2, (run.eval_judge or run.judge).submit(item.prompt, pair, source_image=source)))
+        futures.append((i % 2, [j.submit(item.prompt, pair, source_image=source) for j in judges]))
         columns.append((source, mine_image, ref_image))
-    counts = torch.zeros(4)  # wins, ties, failures, judged + failed
-    for policy_at, future in futures:
-        v = future.result()
-        counts += torch.tensor([v.error is None and v.rank is not None and v.rank[policy_at] == 1,
-                                v.error is None and v.rank is None, v.error is not None, 1.0])
-    wins, ties, failed, n = runtime.all_reduce_sum(counts.to(d.device), d).tolist()
+    counts = torch.zeros(len(judges), 4)  # per judge: wins, ties, failures, judged + failed
+    for policy_at, submitted in futures:
+        for row, future in enumerate(submitted):
+            v = future.result()
+            counts[row] += torch.tensor([v.error is None and v.rank is not None and v.rank[policy_at] == 1,
+                                         v.error is None and v.rank is None, v.error is not None, 1.0])
+    counts = runtime.all_reduce_sum(counts.to(d.device), d).cpu()
+    wins, ties, failed, n = counts[0].tolist()
     columns = [c for part in runtime.all_gather(columns, d) for c in part]
     judged = n - failed
     lo, hi = arr_rpo.wilson_interval(wins + ties / 2, judged) if judged else (None, None)
@@ -512,6 +517,13 @@ def evaluate(run):
               "eval_win_rate_lo": lo, "eval_win_rate_hi": hi, "eval_tie_rate": ties / judged if judged else None,
               "eval_failure_rate": failed / n if n else None, "eval_n": int(n),
               "eval_time": time.perf_counter() - start}
+    if len(judges) > 1:  # the training judge on the same pairs: does its win rate run away from the eval judge's?
+        t_wins, t_ties, t_failed, t_n = counts[1].tolist()
+        record["eval_train_judge_win_rate"] = (t_wins + t_ties / 2) / (t_n - t_failed) if t_n > t_failed else None
+        run.judge_evals.append((run.step, record["eval_train_judge_win_rate"], record["eval_win_rate"]))
+        warning = runtime.divergence_warning(run.judge_evals, cfg.judge_divergence_evals)
+        if warning:
+            runtime.print0(d, warning)
     if d.rank == 0 and columns:  # the first 16 prompts: a grid of 64 images of 512 px is unviewable
         runtime.save_grid(columns[:16], run.out / "samples" / f"step-{run.step:06d}.png")
     run.evals.append((record["step"], record["eval_win_rate"]))
@@ -520,14 +532,17 @@ def evaluate(run):
 
 # ---- Setup, loop and main ----------------------------------------------------------------------------------------
 
-def check_sampler(cfg):
-    """The sampler options across each other, before any model loads (ConfigError naming the option)."""
+def check_beyond_options(cfg):
+    """The sampler, window and judge-gate options across each other, before any model loads (ConfigError naming
+    the option)."""
     trained_window(cfg, 0, cfg.num_steps - 1)
     if cfg.sampler == "cps" and cfg.eta > 1:
         raise ConfigError(f"--sampler cps needs --eta in (0, 1] (std = sigma_next sin(eta pi / 2)), got {cfg.eta}")
     if cfg.model_type != "qwen_edit" and (cfg.true_cfg_scale != 1.0 or cfg.negative_prompt != " "):
         raise ConfigError("--true_cfg_scale and --negative_prompt are for --model_type qwen_edit (FLUX.1-dev is "
                           "guidance-distilled: --guidance)")
+    if cfg.judge_min_accuracy is not None and cfg.judge_check_data is None:
+        raise ConfigError("--judge_min_accuracy needs --judge_check_data (the labelled pairs the judge must pass)")
 
 
 def prepare(cfg, d, judge=None):
@@ -541,11 +556,11 @@ def prepare(cfg, d, judge=None):
     cls = POLICIES[cfg.model_type]
     cfg = replace(cfg, model=cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir),
                   dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
-    check_sampler(cfg)
+    check_beyond_options(cfg)
     items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
     cfg = replace(cfg, output_dir=str(out))
-    runtime.print0(d, f"config: {cli.changed(cfg, Config)} (every option: {out / 'config.json'})")
+    runtime.print0(d, f"config: {cli.changed(runtime.redacted(cfg), Config)} (every option: {out / 'config.json'})")
     judge, eval_judge = runtime.make_judges(cfg, demo, rubric, eval_rubric, cls.task, d, judge)
     try:
         if demo is not None and d.local_rank == 0:  # one process per machine builds the tiny model once
@@ -561,7 +576,8 @@ def prepare(cfg, d, judge=None):
         run = runtime.Run(cfg, d, policy, judge, optimizer, scheduler, items, eval_items,
                           rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out, eval_judge=eval_judge,
                           ema=[p.detach().clone() for p in policy.trainable_parameters()] if cfg.ema_decay else None,
-                          check_items=check_items)
+                          check_items=check_items, provenance=runtime.provenance(
+                              cfg, demo.rubric if rubric is None and demo else rubric, eval_rubric, judge, eval_judge))
         optimizer.register_step_post_hook(lambda *_: setattr(run, "steps_taken", run.steps_taken + 1))
         if resume is not None:
             runtime.load_checkpoint(run, Path(resume))

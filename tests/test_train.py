@@ -76,7 +76,8 @@ def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsy
     assert evals[0]["eval_win_rate"] == 0.5 and evals[0]["eval_tie_rate"] == 1.0  # policy == reference at init
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"step-00000{i}.png" for i in range(3)]
     ckpt = tmp_path / "checkpoints" / "step-000002"
-    assert {p.name for p in ckpt.iterdir()} == {"pytorch_lora_weights.safetensors", "trainer_state.pt", "config.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"pytorch_lora_weights.safetensors", "trainer_state.pt", "config.json",
+                                                "provenance.json"}
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"].startswith(cache) and (Path(config["model"]) / "model_index.json").is_file()
     assert (config["height"], config["num_steps"], config["lr"], config["num_candidates"]) == (64, 4, 3e-2, 4)
