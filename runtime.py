@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from cli import ConfigError
 from data import load_pairs, load_prompts, read_text, split_skipped
@@ -531,18 +531,39 @@ def log_ratio_warning(record, threshold):
             "LoRA swapped between rollout and update).")
 
 
+GRID_LABEL_WIDTH = 72  # pixels of the left strip that names each row of an eval grid
+
+
 def save_grid(columns, path):
     """Eval columns (source image or None, policy image, reference image) -> one PNG: the source row on top when
-    there are sources, the policy row, the reference row below; every cell the size of the first reference image."""
+    there are sources, the policy row, the reference row below, each named in a left strip (pillow's default font);
+    every cell the size of the first reference image. The PNG's text chunks record the rows and the cell size
+    (`grid_rows` reads them back). Returns the grid image."""
+    names = (["source"] if columns[0][0] is not None else []) + ["policy", "reference"]
     rows = [[c[0] for c in columns]] if columns[0][0] is not None else []
     rows += [[c[1] for c in columns], [c[2] for c in columns]]
     w, h = rows[-1][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for y, row in enumerate(rows):
+    grid = Image.new("RGB", (GRID_LABEL_WIDTH + w * max(len(r) for r in rows), h * len(rows)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for y, (name, row) in enumerate(zip(names, rows)):
+        draw.text((4, y * h + h // 2), name, fill="black", font=font, anchor="lm")
         for x, image in enumerate(row):
-            grid.paste(image.convert("RGB").resize((w, h)), (x * w, y * h))
+            grid.paste(image.convert("RGB").resize((w, h)), (GRID_LABEL_WIDTH + x * w, y * h))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("rows", ",".join(names))
+    info.add_text("cell", f"{w}x{h}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    grid.save(path, pnginfo=info)
+    return grid
+
+
+def grid_rows(path):
+    """{row name: the row's cells as one image, without the label strip} of a grid written by `save_grid`."""
+    with Image.open(path) as grid:
+        names = grid.text["rows"].split(",")
+        h = int(grid.text["cell"].split("x")[1])
+        return {name: grid.crop((GRID_LABEL_WIDTH, y * h, grid.width, (y + 1) * h)).copy()
+                for y, name in enumerate(names)}
 
 
 def print0(d, *args):
@@ -560,13 +581,9 @@ def start_logs(run):
     if not kept or run.provenance_changed:  # a fresh run: what rewards it comes first; a resume: if it changed
         kept.append(json.dumps({"step": run.step, "provenance": run.provenance}))
     metrics.write_text("".join(line + "\n" for line in kept))
-    if run.cfg.log_with == "wandb":
-        import wandb
-        run.tracker = wandb.init(project="arr-rpo", config=dataclasses.asdict(redacted(run.cfg)),
-                                 dir=str(run.out))
-    elif run.cfg.log_with == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        run.tracker = SummaryWriter(str(run.out / "tensorboard"))
+    if run.cfg.log_with != "none":
+        from tools.tracker import Tracker  # wandb / TensorBoard and their conversions: only when asked
+        run.tracker = Tracker(run.cfg.log_with, run.out, dataclasses.asdict(redacted(run.cfg)))
 
 
 def log(run, record):
@@ -577,11 +594,8 @@ def log(run, record):
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if run.cfg.log_with == "wandb":
-        run.tracker.log(numbers, step=record["step"])
-    elif run.cfg.log_with == "tensorboard":
-        for k, v in numbers.items():
-            run.tracker.add_scalar(k, v, record["step"])
+    if run.tracker is not None:
+        run.tracker.log(numbers, record["step"])
     cfg = run.cfg  # not shown: the KL without a reference pass, and what only moves with M x E > 1
     hidden = ({"kl"} if cfg.kl_beta == 0 else set()) | (
         {"approx_kl", "clipfrac", "optimizer_steps"} if cfg.minibatches * cfg.inner_epochs == 1 else set())
@@ -723,4 +737,4 @@ def close_run(run):
     """Stop the judges' threads and flush the tracker."""
     close_judges(run.judge, run.eval_judge)
     if run.tracker is not None:
-        (run.tracker.finish if run.cfg.log_with == "wandb" else run.tracker.close)()
+        run.tracker.close()

@@ -247,6 +247,8 @@ class Pending:
     """One prompt's rolled-out group, on its way to the judge."""
     traj: policy_lib.Trajectory              # its N candidates, with the rollout's log-probs
     judgment: judge_lib.GroupJudgment        # .result() -> judge.GroupVerdict (waits for the judge)
+    prompt: str = ""                         # what the candidates were asked for (the tracker's rollout table)
+    source: object = None                    # the source image (editing) or None
 
 
 def rollout_and_submit(run, items):
@@ -258,7 +260,7 @@ def rollout_and_submit(run, items):
         traj = run.policy.rollout([item.prompt] * cfg.num_candidates, **extra, **runtime.sampler(cfg),
                                   generator=run.rng, same_noise=cfg.same_noise)
         pending.append(Pending(traj, judge_lib.submit_group(run.judge, item.prompt, traj.images, cfg.group_judging,
-                                                            source)))
+                                                            source), item.prompt, source))
     return pending
 
 
@@ -453,6 +455,25 @@ def update_group(run, pending, adv, window):
     return TermSums()
 
 
+def log_rollouts(run, pending, adv):
+    """The tracker's table of this window's first log_rollouts groups (rank 0, --log_with): prompt, source,
+    candidates, the verdict, the judge's reasons, rewards, advantages. Their verdicts have all arrived by now."""
+    cfg = run.cfg
+    if run.tracker is None or not cfg.log_rollouts:
+        return
+    columns = ["prompt", "source", *(f"candidate {n + 1}" for n in range(cfg.num_candidates)), "verdict", "reason",
+               "rewards", "advantages"]
+    rows = []
+    for j, p in enumerate(pending[:cfg.log_rollouts]):
+        group = p.judgment.result()
+        verdict = group.rank or group.win_rates or f"masked: {group.error or 'no preference (a tie)'}"
+        rewards = judge_outcome(group, cfg)
+        rows.append([p.prompt, p.source, *p.traj.images, str(verdict), " / ".join(v.reason for v in group.verdicts),
+                     None if rewards is None else str([round(r, 3) for r in rewards]),
+                     None if adv.get(j) is None else str([round(a, 3) for a in adv[j].tolist()])])
+    run.tracker.log_table("rollouts", columns, rows, run.step + 1)
+
+
 def train_step(run):
     """One rollout window: phases 1-5, the update and step once per minibatch and inner epoch (M x E times).
     Returns its metrics, the same on every rank."""
@@ -468,6 +489,7 @@ def train_step(run):
                 adv[j] = None if rewards is None else advantages(rewards, cfg, run.policy.device)  # 3. advantages
             sums += update_group(run, pending[j], adv[j], window)  # 4. update
         window.stepped(*window.timed("update", reduce_and_step, run, sums))  # 5. step
+    log_rollouts(run, pending, adv)  # a few of them in the tracker (--log_with), to look at
     window.spent, window.stop_requested = runtime.judge_usage(run.judge, since=spent), run.stop_requested
     run.step += 1
     return runtime.window_metrics(run, runtime.all_gather(window, run.d))
@@ -525,7 +547,9 @@ def evaluate(run):
         if warning:
             runtime.print0(d, warning)
     if d.rank == 0 and columns:  # the first 16 prompts: a grid of 64 images of 512 px is unviewable
-        runtime.save_grid(columns[:16], run.out / "samples" / f"step-{run.step:06d}.png")
+        grid = runtime.save_grid(columns[:16], run.out / "samples" / f"step-{run.step:06d}.png")
+        if run.tracker is not None:
+            run.tracker.log_image("eval_grid", grid, run.step, caption=f"step {run.step}: policy above reference")
     run.evals.append((record["step"], record["eval_win_rate"]))
     return record
 

@@ -117,7 +117,8 @@ def test_qwen_edit_demo_two_steps(tmp_path, cache, capsys):
     lora = load_file(tmp_path / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
     with Image.open(tmp_path / "samples" / "step-000002.png") as grid:
-        assert grid.size == (2 * 64, 3 * 64)  # source row, policy row, reference row
+        assert grid.size == (runtime.GRID_LABEL_WIDTH + 2 * 64, 3 * 64)  # source row, policy row, reference row
+    assert list(runtime.grid_rows(tmp_path / "samples" / "step-000002.png")) == ["source", "policy", "reference"]
 
 
 def test_qwen_edit_torchrun_two_ranks_gloo(tmp_path, cache):
