@@ -192,6 +192,8 @@ class Config:
     failure_window: int = beyond(5, "windows in the failure-rate window", "ours", valid=at_least(1))
     log_with: str = beyond("none", "also log to wandb or tensorboard (only if installed)", "ours",
                            choices=("none", "wandb", "tensorboard"))
+    plot: bool = beyond(True, "at the end, write output_dir/metrics.png (python -m tools.plot; needs matplotlib, "
+                              "skipped without it)", "ours")
     log_rollouts: int = beyond(4, "with log_with: rollouts per window in the tracker's table (0: none)", "ours; "
                                   "Flow-Factory LogTable", valid=at_least(0))
     num_threads: int | None = beyond(None, "torch CPU threads per process; unset: torch's default", "ours",
@@ -220,6 +222,7 @@ if __name__ == "__main__":  # before torch and diffusers load (~10 s): --help an
     cli.exit_on_bad_command_line(make_config, sys.argv[1:])
 
 import functools  # noqa: E402 (below the config on purpose: see the line above)
+import importlib.util  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
@@ -647,6 +650,9 @@ def loop(run):
     curve = "  ".join(f"{s}: {w:.2f}" for s, w in run.evals if w is not None)
     runtime.print0(run.d, f"done: {run.step} steps in {run.out}"
                    + (f"\neval win rate by step  {curve}" if curve else ""))
+    if cfg.plot and run.d.rank == 0 and importlib.util.find_spec("matplotlib") is not None:
+        from tools.plot import plot_run  # matplotlib: optional, only here
+        runtime.print0(run.d, f"plot: {plot_run(run.out)[0]}")
     return 0
 
 
