@@ -16,7 +16,11 @@ test) can tell what a picture shows without reading pixels.
 
 matplotlib is optional (pip install matplotlib); it is imported only here.
 
-Run: nothing else; `python -m pytest tests/test_plot.py`.
+Run: the commands above; `python -m pytest tests/test_plot.py` checks it.
+
+Deliberate deviations (ours; the paper and the official code plot nothing)
+    1. One PNG of stacked panels sharing the step axis, not a dashboard: it is written where the metrics are and
+       travels with the run folder.
 """
 import json
 import sys
