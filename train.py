@@ -44,7 +44,10 @@ Deliberate deviations from the paper and the official code
        not weigh its remaining pairs more; gradients are normalised after it, which lets phase 4 start early.
     7. As in the official code, each window feeds one optimizer step by default: ratio 1, the clip never binds.
        Beyond the paper, off by default: M x E steps per window (Flow-GRPO, DanceGRPO; the clip can bind), N > 2
-       candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO).
+       candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO), a
+       window of trained transitions, fixed or sliding (Flow-GRPO, MixGRPO), the CPS sampler (Flow-GRPO), true CFG
+       for Qwen-Image-Edit; and checks: the rollout / train log-ratio, a judge gate on labelled pairs, the training
+       vs eval judge divergence, provenance (docs/beyond-the-paper.md).
 """
 import sys
 from dataclasses import dataclass
@@ -626,8 +629,9 @@ def loop(run):
     while run.step < cfg.max_steps:
         record = train_step(run)
         runtime.log(run, record)
-        if runtime.log_ratio_warning(record, cfg.log_ratio_warn):
-            runtime.print0(run.d, runtime.log_ratio_warning(record, cfg.log_ratio_warn))
+        mismatch = runtime.log_ratio_warning(record, cfg.log_ratio_warn)  # rollout vs recompute, first minibatch
+        if mismatch:
+            runtime.print0(run.d, mismatch)
         runtime.judge_check(run)  # the drift alarm: the judge's accuracy on labelled pairs, every judge_check_every
         # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
         recent = (recent + [(record["masked_pairs"], record["pairs"])])[-cfg.failure_window:]
