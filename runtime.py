@@ -8,6 +8,7 @@
   its prompts encoded up front and its text encoders released (`load_policy`);
 - the run's state (`Run`), checkpoints with every rank's RNG, the data position and the LoRA EMA, resume;
 - metrics.jsonl, the console line, optional wandb / TensorBoard, sample grids;
+- the judge gate (--judge_min_accuracy), the training vs eval judge divergence, provenance of what rewards a run;
 - Ctrl-C / SIGTERM handling: finish the step, save, exit.
 Read train.py first; this module only serves it.
 
@@ -235,12 +236,13 @@ def judge_usage(judge, since=None):
     return now if since is None else {key: now[key] - since[key] for key in USAGE_KEYS}
 
 
-def judge_check(run):
+def judge_check(run, gate=False):
     """The drift alarm (rank 0, at step 0 and every judge_check_every steps): the judge's accuracy and position gap
     on the labelled pairs of --judge_check_data, judged in both orders with the run's client and rubric, logged as
     judge_check_*; a judge that degrades or a server swapped mid-run shows there. A fall of 0.1 or more from the
-    first check is printed as a warning."""
-    if not run.check_items or run.step % run.cfg.judge_check_every:
+    first check is printed as a warning. `gate`: the check before this process trains (whatever the step, so a
+    resume is gated too), where --judge_min_accuracy can refuse the judge (RunStopped on every rank)."""
+    if not run.check_items or (run.step % run.cfg.judge_check_every and not gate):
         return
     if run.d.rank == 0:
         if run.cfg.judge_mode == "score":  # the run's score judge itself: a score sees one image, no order to swap
@@ -257,14 +259,14 @@ def judge_check(run):
         if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
             print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
                   f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
-        refusal = gate_refusal(run.cfg, summary) if first is None else None
+        refusal = gate_refusal(run.cfg, summary) if gate else None
     refusal = all_gather(refusal if run.d.rank == 0 else None, run.d)[0]  # every rank stops, or none
     if refusal is not None:
         raise RunStopped(refusal)
 
 
 def gate_refusal(cfg, summary):
-    """The judge gate (--judge_min_accuracy X, at this process's first judge check, before any update): why the run
+    """The judge gate (--judge_min_accuracy X, at the judge check before this process trains): why the run
     refuses to start with this judge, or None. The accuracy is judge.summarize's over the labelled pairs of
     --judge_check_data judged in both orders: the final verdict equals the label, an order-inconsistent tie or a
     failure counts as wrong (a contrarian judge scores 0, one that always prefers a position 0 too)."""

@@ -622,8 +622,8 @@ def prepare(cfg, d, judge=None):
 def loop(run):
     """Windows until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge."""
     cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window windows
-    if run.step == 0:
-        runtime.judge_check(run)
+    if run.step == 0 or cfg.judge_min_accuracy is not None:  # a resumed run is gated again
+        runtime.judge_check(run, gate=True)
     if run.step == 0 and cfg.eval_every:
         runtime.log(run, evaluate(run))
     while run.step < cfg.max_steps:
