@@ -240,8 +240,8 @@ def test_second_minibatch_is_off_policy_and_a_tiny_clip_zeroes_the_clipped_terms
     eps, params, expected, captured = run.cfg.clip_range, run.policy.trainable_parameters(), [], []
     original = train.backward_rpo_loss
 
-    def with_reference(policy, traj, adv, cfg, rng):  # the PPO-clip gradient by its closed form: only the terms
-        total = 0.0                                     # whose ratio is inside the clip, or moved against A, count
+    def with_reference(policy, traj, adv, cfg, rng, *rest):  # the PPO-clip gradient by its closed form: the terms
+        total = 0.0                                            # whose ratio is inside the clip or moved against A
         for k in range(traj.log_probs.shape[1]):
             ratio = torch.exp(policy.recompute(traj, k, reference=False).log_prob - traj.log_probs[:, k])
             clipped = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))
@@ -250,7 +250,7 @@ def test_second_minibatch_is_off_policy_and_a_tiny_clip_zeroes_the_clipped_terms
         grads = torch.autograd.grad(total, params, allow_unused=True) if torch.is_tensor(total) else None
         captured.append(None if grads is None else [torch.zeros_like(p) if g is None else g for g, p in
                                                     zip(grads, params)])
-        return original(policy, traj, adv, cfg, rng)
+        return original(policy, traj, adv, cfg, rng, *rest)
     monkeypatch.setattr(train, "backward_rpo_loss", with_reference)
     steps = []
     run.optimizer.register_step_pre_hook(lambda opt, a, k: steps.append([p.grad.clone() for p in params]))
