@@ -331,7 +331,7 @@ def trained_window(cfg, step, num_transitions):
         raise ConfigError(f"--timestep_window {cfg.timestep_window!r}: expected START,END such as 0,3") from None
     if not 0 <= start < end <= num_transitions:
         raise ConfigError(f"--timestep_window {cfg.timestep_window}: needs 0 <= START < END <= {num_transitions} "
-                          f"(the K - 1 = {num_transitions} stochastic transitions of --num_steps {num_transitions + 1})")
+                          f"(the K - 1 stochastic transitions of --num_steps {num_transitions + 1})")
     shift = 0
     if cfg.timestep_window_shift_every:
         shift = min(cfg.timestep_window_stride * (step // cfg.timestep_window_shift_every), num_transitions - end)

@@ -505,7 +505,8 @@ def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu
                                                              shard, lora_rank, prompts_per_rank)["peak"]))
     helps = "; ".join(f"{flag}: {b / GIB:.1f} GiB" for flag, b in options) or "nothing smaller is modelled"
     return (f"memory: one RPO step of {model_type} at {width}x{height} with {candidates} candidates, checkpointing "
-            f"{'on' if checkpointing else 'off'}{', true CFG' if true_cfg else ''}, base {'sharded over ' + str(shard) if shard > 1 else 'replicated'} "
+            f"{'on' if checkpointing else 'off'}{', true CFG' if true_cfg else ''}, "
+            f"base {'sharded over ' + str(shard) if shard > 1 else 'replicated'} "
             f"is estimated at {mine['peak'] / GIB:.1f} GiB per GPU ({worst} phase), above 90% of this GPU's "
             f"{gpu_bytes / GIB:.1f} GiB. Estimates with one change: {helps}. "
             "(python bench.py memory prints the table.)")
