@@ -656,7 +656,10 @@ def loop(run):
                    + (f"\neval win rate by step  {curve}" if curve else ""))
     if cfg.plot and run.d.rank == 0 and importlib.util.find_spec("matplotlib") is not None:
         from tools.plot import plot_run  # matplotlib: optional, only here
-        runtime.print0(run.d, f"plot: {plot_run(run.out)[0]}")
+        try:
+            runtime.print0(run.d, f"plot: {plot_run(run.out)[0]}")
+        except ValueError as e:  # nothing logged yet (max_steps 0, no eval): the run itself succeeded
+            runtime.print0(run.d, f"plot: skipped ({e})")
     return 0
 
 
