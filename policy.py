@@ -1,9 +1,9 @@
 """LoRA policies for RPO over diffusers flow-matching models: FLUX.1-dev (text-to-image) and Qwen-Image-Edit-2509.
 
 Implements the policy side of Rubric Policy Optimization (arXiv 2605.08354, §3.3): a frozen base transformer with a
-trainable peft LoRA, sampled with the flow-SDE of `arr_rpo.sde_step` so every transition has a Gaussian log-prob,
-the per-step quantities the PPO update needs recomputed with gradients, and the reference policy pi_ref obtained by
-disabling the adapters of the same transformer (no second copy of the weights).
+trainable peft LoRA, sampled with the flow-SDE of `arr_rpo.sde_step` (or the CPS step, `sampler="cps"`) so every
+transition has a Gaussian log-prob, the per-step quantities the PPO update needs recomputed with gradients, and the
+reference policy pi_ref obtained by disabling the adapters of the same transformer (no second copy of the weights).
 
 Run: `python -m pytest tests/test_policy_flux.py tests/test_policy_qwen.py` (tiny random-weight models built in
 code by demo.build_tiny_flux / build_tiny_qwen_edit, no download).
@@ -627,7 +627,7 @@ class QwenEditPolicy(FlowLoraPolicy):
         takes one set of grids per batch). The initial noise is one randn of shape (B, 1, 16, H/8, W/8) from
         `generator`, packed, as QwenImageEditPlusPipeline draws it; `same_noise` shares one draw of batch 1.
         With true_cfg_scale > 1 the velocity is the pipeline's guided one (with its norm rescale) against
-        `negative_prompt`, and the log-probs are of that guided transition.
+        `negative_prompt`, and the log-probs are of that guided transition. `sampler`: "sde" or "cps", as FLUX's.
         """
         if guidance is not None:
             raise ValueError("Qwen-Image-Edit-2509 has no guidance embedding: pass guidance=None (use "
