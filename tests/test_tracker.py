@@ -113,3 +113,20 @@ def test_train_logs_the_eval_grid_and_the_rollout_table_to_tensorboard(tmp_path,
     assert header.split(" | ")[2:4] == ["candidate 1", "candidate 2"] and len(row.split(" | ")) == len(COLUMNS)
     assert "(image rollouts/0/candidate 2)" in row and "scores" in row  # the demo judge's reason: its scores
     assert {e.width for e in events.Images("rollouts/0/candidate 1")} == {64}
+
+
+def test_train_logs_the_eval_grid_and_the_rollout_table_to_wandb_offline(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    cfg = train.make_config(demo_args(tmp_path / "run", cache, "--max_steps", "1", "--eval_every", "1",
+                                      "--log_with", "wandb", "--log_rollouts", "2"))
+    assert train.train(cfg, judge=demo.DemoJudge(demo.warmth)) == 0
+    files = wandb_run_folder(tmp_path / "run") / "files"
+    assert len(list((files / "media" / "images").glob("eval_grid_*.png"))) == 2  # steps 0 and 1
+    (table_file,) = (files / "media" / "table").glob("rollouts_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == COLUMNS and len(table["data"]) == 2
+    assert all(row[0] and row[1] is None and row[4] in ("[1, 2]", "[2, 1]") for row in table["data"])
+    with Image.open(next((files / "media" / "images").glob("eval_grid_*.png"))) as grid:
+        assert grid.height == 2 * 64  # the labelled grid: policy and reference rows
