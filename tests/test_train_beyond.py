@@ -162,6 +162,20 @@ def test_judge_gate_refuses_a_contrarian_judge_and_passes_a_good_one(kind, tmp_p
         in err and "position gap" in err and "failure reasons: none" in err
 
 
+def test_a_resume_is_gated_again_before_it_trains(tmp_path, cache, capsys):
+    (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
+    check_data = shipped_data.ties(tmp_path / "check")
+    with FakeVLM() as fake:
+        argv = demo_args(tmp_path / "run", cache, "--judge_url", fake.url, "--judge_model", "fake-vl", "--rubrics",
+                         str(tmp_path / "rubrics.txt"), "--judge_check_data", str(check_data),
+                         "--judge_min_accuracy", "0.6", "--judge_check_every", "10")
+        assert train.main([*argv, "--max_steps", "1"]) == 0
+        fake.handler = contrarian  # the server behind the URL changed between the runs
+        assert train.main([*argv, "--max_steps", "2", "--resume", "auto"]) == 1
+    assert "is 0.000 (both orders, n 2), below --judge_min_accuracy 0.6" in capsys.readouterr().err
+    assert [r["step"] for r in records(tmp_path / "run")] == [1]  # nothing trained after the resume
+
+
 def test_judge_gate_needs_check_data(tmp_path, cache):
     with pytest.raises(train.ConfigError, match="--judge_min_accuracy needs --judge_check_data"):
         train.check_beyond_options(config(tmp_path, cache, "--judge_min_accuracy", "0.7"))
