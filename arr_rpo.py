@@ -61,6 +61,13 @@ Beyond the paper (options; the paper's recipe is the default and stays exact)
        min(decay, (1 + t) / (10 + t)) (`ema_decay_at`), so the EMA leaves the reference within the first tens of
        steps instead of lagging it by ~1 / (1 - decay) steps.
     7. `wilson_interval`: the 95% interval of an evaluation win rate.
+    8. The CPS (coefficient-preserving) transition (`cps_mean_std`, `transition_step` with sampler="cps"), as
+       Flow-GRPO's `sde_type="cps"` (yifan123/flow_grpo, `sd3_sde_with_logprob.py`; Wang & Yu, "Coefficients-
+       Preserving Sampling for Reinforcement Learning with Flow Matching", arXiv 2509.05952): the next sample has
+       exactly the coefficients (1 - sigma_next, sigma_next) of x0 and noise that the schedule asks for, where the
+       flow-SDE's discretisation leaves them slightly off. Deviation: its log-prob here is the exact Gaussian one
+       (`gaussian_log_prob`, and the exact KL), where Flow-GRPO keeps only -(x_next - mean)^2; so clip_range and
+       kl_beta keep the meaning they have for the flow-SDE.
     9. `rubric_logit`: the weighted rubric reward of AutoRubric-T2I (arXiv 2605.17602): each candidate scored alone
        under the N selected rubrics, r = sum_i w_i s_i + b, the logit of the selector's logistic model (rewards.py).
     10. `combine_rewards`: K judges' rewards of one group, each z-scored within the group, then weighted:
@@ -248,7 +255,44 @@ def sde_step(x, v, sigma, sigma_next, eta, noise=None, generator=None):
     Returns (x_next, mean, std) with x_next, mean (B, ...) and std a 0-dim tensor. At eta = 0 no noise is drawn
     and x_next == mean is exactly diffusers' Euler step.
     """
-    mean, std = sde_mean_std(x, v, sigma, sigma_next, eta)
+    return transition_step(x, v, sigma, sigma_next, eta, "sde", noise, generator)
+
+
+def cps_mean_std(x, v, sigma, sigma_next, eta):
+    """Coefficient-preserving transition (Beyond the paper 8; Flow-GRPO's CPS, arXiv 2509.05952): pi(x_next | x).
+
+    With x0_hat = x - sigma * v (the data prediction) and x1_hat = x + (1 - sigma) * v (the noise prediction):
+        std  = sigma_next * sin(eta * pi / 2)
+        mean = (1 - sigma_next) * x0_hat + sqrt(sigma_next**2 - std**2) * x1_hat
+    so x_next = mean + std * z puts (1 - sigma_next) on x0 and a total noise of variance sigma_next**2: the
+    marginal of the schedule at sigma_next when x0_hat and x1_hat are exact. eta in [0, 1]; at eta = 0 the mean is
+    x + (sigma_next - sigma) * v, the Euler ODE step; at eta = 1 the noise is drawn afresh (mean = (1 - s') x0_hat).
+    x, v: (B, ...); sigma, sigma_next: floats or 0-dim tensors. Returns mean (B, ...) and std (0-dim tensor).
+    """
+    if not 0 <= eta <= 1:
+        raise ValueError(f"the CPS noise scale eta must be in [0, 1] (std = sigma_next sin(eta pi / 2)), got {eta}")
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device)
+    std = sigma_next * math.sin(eta * math.pi / 2)  # ()
+    x0_hat, x1_hat = x - sigma * v, x + (1 - sigma) * v  # (B, ...) each
+    mean = (1 - sigma_next) * x0_hat + torch.sqrt((sigma_next**2 - std**2).clamp(min=0)) * x1_hat  # (B, ...)
+    return mean, std
+
+
+SAMPLERS = {"sde": sde_mean_std, "cps": cps_mean_std}  # the transitions a rollout can use, by --sampler name
+
+
+def transition_mean_std(x, v, sigma, sigma_next, eta, sampler="sde"):
+    """The Gaussian transition of `sampler` (sde: `sde_mean_std`, cps: `cps_mean_std`). Returns (mean, std)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    return SAMPLERS[sampler](x, v, sigma, sigma_next, eta)
+
+
+def transition_step(x, v, sigma, sigma_next, eta, sampler="sde", noise=None, generator=None):
+    """One stochastic step of `sampler` (`sde_step` for either transition): (x_next, mean, std); at eta = 0 both
+    samplers are the Euler ODE step and no noise is drawn."""
+    mean, std = transition_mean_std(x, v, sigma, sigma_next, eta, sampler)
     if eta == 0:
         return mean, mean, std
     if noise is None:

@@ -282,16 +282,14 @@ def bench_groups(args):
     import time
     from pathlib import Path
 
-    from PIL import Image, ImageChops, ImageStat
+    from PIL import ImageChops, ImageStat
 
     import runtime
     import train
 
-    def grid_difference(path):  # rows: policy above reference; every cell the size of the first one
-        with Image.open(path) as grid:
-            half = grid.height // 2
-            top, bottom = grid.crop((0, 0, grid.width, half)), grid.crop((0, half, grid.width, 2 * half))
-            return statistics.mean(ImageStat.Stat(ImageChops.difference(top, bottom)).mean)
+    def grid_difference(path):  # the policy row against the reference row, without the labels
+        rows = runtime.grid_rows(path)
+        return statistics.mean(ImageStat.Stat(ImageChops.difference(rows["policy"], rows["reference"])).mean)
 
     def one_run(out, adv, n, me, seed):
         argv = ["--output_dir", out, "--advantage", adv, "--num_candidates", str(n), "--minibatches", str(me),

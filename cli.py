@@ -188,7 +188,7 @@ def make_config(config_cls, recipes, argv=None, demos=None, description=None, sa
         if valid is not None and value is not None and not valid.ok(value):
             raise ConfigError(f"--{f.name} {value} is out of range (must be {valid.text})")
     if getattr(cfg, "log_with", "none") != "none" and importlib.util.find_spec(cfg.log_with) is None:
-        raise ConfigError(f"--log_with {cfg.log_with}: the package is not installed")
+        raise ConfigError(f"--log_with {cfg.log_with}: the package is not installed (pip install {cfg.log_with})")
     return cfg
 
 

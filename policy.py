@@ -1,9 +1,9 @@
 """LoRA policies for RPO over diffusers flow-matching models: FLUX.1-dev (text-to-image) and Qwen-Image-Edit-2509.
 
 Implements the policy side of Rubric Policy Optimization (arXiv 2605.08354, §3.3): a frozen base transformer with a
-trainable peft LoRA, sampled with the flow-SDE of `arr_rpo.sde_step` so every transition has a Gaussian log-prob,
-the per-step quantities the PPO update needs recomputed with gradients, and the reference policy pi_ref obtained by
-disabling the adapters of the same transformer (no second copy of the weights).
+trainable peft LoRA, sampled with the flow-SDE of `arr_rpo.sde_step` (or the CPS step, `sampler="cps"`) so every
+transition has a Gaussian log-prob, the per-step quantities the PPO update needs recomputed with gradients, and the
+reference policy pi_ref obtained by disabling the adapters of the same transformer (no second copy of the weights).
 
 Run: `python -m pytest tests/test_policy_flux.py tests/test_policy_qwen.py` (tiny random-weight models built in
 code by demo.build_tiny_flux / build_tiny_qwen_edit, no download).
@@ -103,6 +103,7 @@ class Trajectory:
     cond: object             # policy-specific conditioning for the B samples
     height: int
     width: int
+    sampler: str = "sde"     # the transition of arr_rpo.SAMPLERS it was sampled with (sde, or cps)
 
 
 @dataclass
@@ -277,8 +278,9 @@ class FlowLoraPolicy:
         return images
 
     @torch.no_grad()
-    def _denoise(self, noise, cond, sigmas, eta, generator):
-        """Run the K-step flow-SDE from `noise` (B, L, C). Returns latents (B, K+1, L, C) and log_probs (B, K-1)."""
+    def _denoise(self, noise, cond, sigmas, eta, generator, sampler="sde"):
+        """Run the K-step flow-SDE (or CPS: `sampler`) from `noise` (B, L, C). Returns latents (B, K+1, L, C) and
+        log_probs (B, K-1)."""
         x, num_steps = noise, len(sigmas) - 1
         latents, log_probs = [x], []
         for k in range(num_steps):
@@ -287,7 +289,8 @@ class FlowLoraPolicy:
                 # the last step, to sigma = 0, is the deterministic Euler step: it lands on x0_hat and is not trained
                 x = arr_rpo.sde_step(x, v, sigmas[k], sigmas[k + 1], eta=0.0)[0]
             else:
-                x, mean, std = arr_rpo.sde_step(x, v, sigmas[k], sigmas[k + 1], eta, generator=generator)
+                x, mean, std = arr_rpo.transition_step(x, v, sigmas[k], sigmas[k + 1], eta, sampler,
+                                                       generator=generator)
                 log_probs.append(arr_rpo.gaussian_log_prob(x, mean, std) if eta > 0
                                  else torch.full((x.shape[0],), math.nan, device=x.device))
             latents.append(x)
@@ -304,12 +307,14 @@ class FlowLoraPolicy:
             raise IndexError(f"k must be in [0, {num_transitions}) (the final Euler step is never trained), got {k}")
         x, x_next = traj.latents[:, k], traj.latents[:, k + 1]  # (B, L, C) each
         sigma, sigma_next = traj.sigmas[k], traj.sigmas[k + 1]
-        mean, std = arr_rpo.sde_mean_std(x, self.velocity(traj.cond, x, sigma), sigma, sigma_next, traj.eta)
+        mean, std = arr_rpo.transition_mean_std(x, self.velocity(traj.cond, x, sigma), sigma, sigma_next, traj.eta,
+                                                traj.sampler)
         log_prob = arr_rpo.gaussian_log_prob(x_next, mean, std)  # (B,)
         ref_mean = None
         if reference:
             with torch.no_grad(), self.adapters_disabled():
-                ref_mean = arr_rpo.sde_mean_std(x, self.velocity(traj.cond, x, sigma), sigma, sigma_next, traj.eta)[0]
+                ref_mean = arr_rpo.transition_mean_std(x, self.velocity(traj.cond, x, sigma), sigma, sigma_next,
+                                                       traj.eta, traj.sampler)[0]
         return StepStats(log_prob=log_prob, mean=mean, ref_mean=ref_mean, std=std)
 
     @contextlib.contextmanager
@@ -451,12 +456,13 @@ class FluxPolicy(FlowLoraPolicy):
         self.pipe.text_encoder = self.pipe.text_encoder_2 = None
 
     def rollout(self, prompts, num_steps=8, eta=0.3, shift=3.0, sigmas=None, height=512, width=512, guidance=3.5,
-                generator=None, same_noise=True):
+                generator=None, same_noise=True, sampler="sde"):
         """Sample B = len(prompts) images with per-transition log-probs (no gradients).
 
         The initial noise is one randn of shape (B, 16, H/8, W/8) from `generator`, packed, as FluxPipeline draws
         it; with `same_noise` one draw of batch 1 is shared by all B samples (the paper's paired candidates).
         `sigmas` (K+1 values ending at 0), when given, are used as they are and `num_steps`/`shift` are ignored.
+        `sampler`: the stochastic transition, "sde" (the paper's flow-SDE) or "cps" (arr_rpo.cps_mean_std).
         """
         if height % 16 or width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {height} x {width}")
@@ -475,8 +481,9 @@ class FluxPolicy(FlowLoraPolicy):
         draws = 1 if same_noise else batch
         noise = randn_tensor((draws, 16, h, w), generator=generator, device=self.device, dtype=torch.float32)
         noise = self.pipe._pack_latents(noise, draws, 16, h, w).expand(batch, -1, -1)  # (B, L, 64)
-        latents, log_probs = self._denoise(noise, cond, sigmas.to(self.device), eta, generator)
+        latents, log_probs = self._denoise(noise, cond, sigmas.to(self.device), eta, generator, sampler)
         return Trajectory(latents=latents, log_probs=log_probs, sigmas=sigmas.to(self.device), eta=eta, cond=cond,
+                          sampler=sampler,
                           images=self.decode(latents[:, -1], height, width), height=height, width=width)
 
     def velocity(self, cond, x, sigma):
@@ -656,7 +663,8 @@ class QwenEditPolicy(FlowLoraPolicy):
         self.pipe.text_encoder = None
 
     def rollout(self, prompts, source_images, num_steps=10, eta=0.3, shift=3.0, sigmas=None, height=512,
-                width=512, guidance=None, generator=None, same_noise=True, true_cfg_scale=1.0, negative_prompt=" "):
+                width=512, guidance=None, generator=None, same_noise=True, true_cfg_scale=1.0, negative_prompt=" ",
+                sampler="sde"):
         """Sample B = len(prompts) edits of `source_images` with per-transition log-probs (no gradients).
 
         The edit takes each source's aspect ratio at about height * width pixels and the source latents at about
@@ -665,7 +673,7 @@ class QwenEditPolicy(FlowLoraPolicy):
         noise is one randn of shape (B, 1, 16, H/8, W/8) from `generator`, packed, as QwenImageEditPlusPipeline
         draws it; `same_noise` shares one draw of batch 1. With true_cfg_scale > 1 the velocity is the pipeline's
         guided one (with its norm rescale) against `negative_prompt`, and the log-probs are of that guided
-        transition.
+        transition. `sampler`: "sde" or "cps", as FLUX's.
         """
         if guidance is not None:
             raise ValueError("Qwen-Image-Edit-2509 has no guidance embedding: pass guidance=None (use "
@@ -700,8 +708,9 @@ class QwenEditPolicy(FlowLoraPolicy):
         draws = 1 if same_noise else batch
         noise = randn_tensor((draws, 1, channels, h, w), generator=generator, device=self.device, dtype=torch.float32)
         noise = self.pipe._pack_latents(noise, draws, channels, h, w).expand(batch, -1, -1)  # (B, L, 64)
-        latents, log_probs = self._denoise(noise, cond, sigmas.to(self.device), eta, generator)
+        latents, log_probs = self._denoise(noise, cond, sigmas.to(self.device), eta, generator, sampler)
         return Trajectory(latents=latents, log_probs=log_probs, sigmas=sigmas.to(self.device), eta=eta, cond=cond,
+                          sampler=sampler,
                           images=self.decode(latents[:, -1], out_height, out_width), height=out_height,
                           width=out_width)
 

@@ -10,6 +10,7 @@
   newest checkpoint falls back to the previous one); the output folder's lock (one run per folder) and the refusal
   to start in a folder that is not a run's;
 - metrics.jsonl, the console line, optional wandb / TensorBoard, sample grids;
+- the judge gate (--judge_min_accuracy), the training vs eval judge divergence, provenance of what rewards a run;
 - Ctrl-C / SIGTERM handling: finish the step (verdicts not in within stop_grace seconds are masked), save, exit
   without waiting for a hanging judge.
 Read train.py first; this module only serves it.
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from cli import ConfigError
 from data import load_pairs, load_prompts, read_text, split_skipped
@@ -400,6 +401,41 @@ def judge_check_problem(verdict):
             "model, the server and --rubrics")
 
 
+def provenance(cfg, rubric, eval_rubric, judge, eval_judge):
+    """What rewards this run, to tell two checkpoints apart by it: the sha256 of the rubric text and of every prompt
+    template each judge uses (judge.Judge.templates), each judge's model name and URL (credentials and query
+    removed: vlm_client.public_url). The eval_* entries are None without an independent eval judge. A judge given
+    in code (tests, the demo) is named by its class."""
+    def sha(text):
+        return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def identity(j, url, model):
+        templates = j.templates() if hasattr(j, "templates") else {}
+        return {"model": model if url else type(j).__name__, "url": public_url(url) if url else None,
+                "templates_sha256": templates}
+    train_judge = identity(judge, cfg.judge_url, cfg.judge_model)
+    eval_side = identity(eval_judge, cfg.eval_judge_url, cfg.eval_judge_model or cfg.judge_model) if (
+        eval_judge is not None) else dict.fromkeys(("model", "url", "templates_sha256"))
+    return {"rubric_sha256": sha(rubric), "judge_model": train_judge["model"], "judge_url": train_judge["url"],
+            "judge_templates_sha256": train_judge["templates_sha256"],
+            "eval_rubric_sha256": sha(eval_rubric) if eval_judge is not None else None,
+            "eval_judge_model": eval_side["model"], "eval_judge_url": eval_side["url"],
+            "eval_judge_templates_sha256": eval_side["templates_sha256"]}
+
+
+def provenance_changes(before, now):
+    """The names of what differs between two `provenance` records (a template by its name), sorted."""
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{key}[{name}]" for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        elif old != new:
+            changed.append(key)
+    return changed
+
+
+
 def judge_usage(judge, since=None):
     """The judge client's usage counters (vlm_client.VLMClient.usage), or what was spent since an earlier snapshot;
     None for a judge without a client (the demo judge)."""
@@ -412,12 +448,13 @@ def judge_usage(judge, since=None):
     return now if since is None else {key: now[key] - since[key] for key in now}
 
 
-def judge_check(run):
+def judge_check(run, gate=False):
     """The drift alarm (rank 0, at step 0 and every judge_check_every steps): the judge's accuracy and position gap
     on the labelled pairs of --judge_check_data, judged in both orders with the run's client and rubric, logged as
     judge_check_*; a judge that degrades or a server swapped mid-run shows there. A fall of 0.1 or more from the
-    first check is printed as a warning."""
-    if not run.check_items or run.step % run.cfg.judge_check_every:
+    first check is printed as a warning. `gate`: the check before this process trains (whatever the step, so a
+    resume is gated too), where --judge_min_accuracy can refuse the judge (RunStopped on every rank)."""
+    if not run.check_items or (run.step % run.cfg.judge_check_every and not gate):
         return
     if run.d.rank == 0 and not run.stop_requested:  # a stop does not wait for a check
         if run.cfg.judge_mode != "rank":  # the run's scoring judge itself: a score sees one image, no order
@@ -435,7 +472,46 @@ def judge_check(run):
         if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
             print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
                   f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
-    barrier(run.d)
+        refusal = gate_refusal(run.cfg, summary) if gate else None
+    refusal = all_gather(refusal if run.d.rank == 0 else None, run.d)[0]  # every rank stops, or none
+    if refusal is not None:
+        raise RunStopped(refusal)
+
+
+def gate_refusal(cfg, summary):
+    """The judge gate (--judge_min_accuracy X, at the judge check before this process trains): why the run
+    refuses to start with this judge, or None. The accuracy is judge.summarize's over the labelled pairs of
+    --judge_check_data judged in both orders: the final verdict equals the label, an order-inconsistent tie or a
+    failure counts as wrong (a contrarian judge scores 0, one that always prefers a position 0 too)."""
+    accuracy, threshold = summary["accuracy"], cfg.judge_min_accuracy
+    if threshold is None or (accuracy is not None and accuracy >= threshold):
+        return None
+    gap = summary["position_gap"]
+    reasons = "; ".join(f"{count} x {reason}" for count, reason in summary["failure_reasons"] or []) or "none"
+    return (f"the judge's accuracy on --judge_check_data {cfg.judge_check_data} is "
+            f"{'unmeasured' if accuracy is None else format(accuracy, '.3f')} (both orders, n {summary['n']}), below "
+            f"--judge_min_accuracy {threshold}; position gap (accuracy with the preferred image shown first minus "
+            "shown second) "
+            f"{'-' if gap is None else format(gap, '+.3f')}, tie rate {summary['tie_rate']}, failure rate "
+            f"{summary['failure_rate']}, failure reasons: {reasons}. Training against this judge would optimise "
+            "against the preferences: check the rubric, the model name and the labels, or lower the threshold")
+
+
+def divergence_warning(history, evals):
+    """The warning when the training judge's eval win rate rose by 0.05 or more over the last `evals` evaluations
+    while the independent eval judge's did not rise (the gap reward hacking opens; Rubric Dropout's "training
+    judge vs gold judge"), or None. history: [(step, training judge's win rate, eval judge's win rate)], either
+    None when nothing was judged (such evals are left out)."""
+    known = [h for h in history if h[1] is not None and h[2] is not None]
+    if len(known) <= evals:
+        return None
+    (s0, train0, eval0), (s1, train1, eval1) = known[-1 - evals], known[-1]
+    if train1 - train0 < 0.05 or eval1 > eval0:
+        return None
+    return (f"warning: from step {s0} to {s1} the training judge's win rate of the policy rose from {train0:.3f} to "
+            f"{train1:.3f} while the eval judge's went from {eval0:.3f} to {eval1:.3f}: the policy may be "
+            "exploiting the training judge (reward hacking). Look at the grids in samples/, compare the rubrics, "
+            "raise --kl_beta or stop at an earlier checkpoint.")
 
 
 # ---- The policy, its memory options, its prompts encoded up front -------------------------------------------------
@@ -461,6 +537,8 @@ def load_policy(cfg, cls, d, demo, items):
                                  gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
                                  shard_mesh=mesh, **({"source_area": cfg.source_area} if cls.task == "edit" else {}))
     inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
+    if cls.task == "edit" and cfg.true_cfg_scale > 1:  # true CFG: the negative prompt with every source image
+        inputs += [(cfg.negative_prompt, item.source_image) for item in items]
     encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs,
                                       progress=Progress("prompts: encoded") if d.rank == 0 else None)
     barrier(d)  # the shared folder is complete before any rank reads from it
@@ -502,7 +580,8 @@ def memory_warning(cfg, world_size, gpu_bytes):
         on = checkpointing(cfg, world_size, "cuda", gpu_bytes)[0]
     return memory.fit_warning(cfg.model_type, cfg.height, cfg.width, cfg.num_candidates, on,
                               world_size if cfg.shard_base else 1, gpu_bytes, cfg.prompts_per_rank, cfg.lora_rank,
-                              ranks=world_size, source_area=cfg.source_area)
+                              ranks=world_size, source_area=cfg.source_area,
+                              true_cfg=cfg.model_type == "qwen_edit" and cfg.true_cfg_scale > 1)
 
 
 def checkpointing(cfg, world_size, device_type, gpu_bytes):
@@ -552,8 +631,10 @@ def sampler(cfg, evaluation=False):
     def pick(name):
         value = getattr(cfg, f"eval_{name}") if evaluation else None
         return getattr(cfg, name) if value is None else value
+    cfg_guidance = dict(true_cfg_scale=cfg.true_cfg_scale, negative_prompt=cfg.negative_prompt) if (
+        cfg.model_type == "qwen_edit") else {}  # true CFG: the same in training and evaluation
     return dict(num_steps=pick("num_steps"), eta=0.0 if evaluation else cfg.eta, shift=pick("shift"),
-                height=cfg.height, width=cfg.width, guidance=pick("guidance"))
+                height=cfg.height, width=cfg.width, guidance=pick("guidance"), sampler=cfg.sampler, **cfg_guidance)
 
 
 def warmup_factor(warmup_steps, step):
@@ -633,6 +714,9 @@ class Run:
     checks: list = field(default_factory=list)       # (step, judge_check_accuracy) so far
     lock: Path | None = None   # output_dir's lock file (rank 0)
     stop_time: float = 0.0     # time.monotonic() of the stop request
+    provenance: dict = field(default_factory=dict)   # what rewards this run (`provenance`): checkpoints, metrics
+    provenance_changed: list = field(default_factory=list)  # what differs from the resumed checkpoint's
+    judge_evals: list = field(default_factory=list)  # (step, training judge's, eval judge's win rate): divergence
 
 
 def percentile(values, q):
@@ -676,6 +760,7 @@ def window_metrics(run, windows):
             "skipped": None if taken else skipped[0], "nonfinite_skips": run.nonfinite_skips,
             "stop_requested": any(w.stop_requested for w in windows),
             "judge_failure_reasons": failure_reasons(e for w in windows for e in w.errors),
+            **log_ratio_metrics([v for w in windows for v in w.log_ratios]),
             **{f"judge_{key}": value for key, value in cost.items()},
             **({key: sum(w.spent[key] for w in windows) for key in windows[0].spent if key.startswith("rubric_")}
                if windows[0].spent is not None else {})}
@@ -694,18 +779,62 @@ def component_metrics(windows):
     return out
 
 
+def log_ratio_metrics(log_ratios):
+    """Rollout / train consistency (verl-omni #291): max and mean |log pi_theta - log pi_rollout| over the terms
+    of a window's first minibatch, where the policy has not moved, so both are exactly 0 on CPU in fp32; empty when
+    nothing was trained."""
+    if not log_ratios:
+        return {}
+    return {"rollout_train_max_abs_log_ratio": max(log_ratios),
+            "rollout_train_mean_abs_log_ratio": sum(log_ratios) / len(log_ratios)}
+
+
+def log_ratio_warning(record, threshold):
+    """The warning for a window whose rollout / train log-prob mismatch passes `threshold`, or None."""
+    worst = record.get("rollout_train_max_abs_log_ratio")
+    if worst is None or worst <= threshold:
+        return None
+    return (f"warning: step {record['step']}: max |log pi_train - log pi_rollout| = {worst:.3g} at the first "
+            f"minibatch (--log_ratio_warn {threshold}), where the policy has not moved yet and the ratio should be "
+            "1. Likely causes: low precision (bf16 timesteps or position ids, autocast differing between rollout "
+            "and recompute), nondeterministic kernels (attention backends, TF32, batch-size dependent kernels), "
+            "or a stale reference (log-probs recorded by other weights than the ones trained: a resume, an EMA or a "
+            "LoRA swapped between rollout and update).")
+
+
+GRID_LABEL_WIDTH = 72  # pixels of the left strip that names each row of an eval grid
+
+
 def save_grid(columns, path):
     """Eval columns (source image or None, policy image, reference image) -> one PNG: the source row on top when
-    there are sources, the policy row, the reference row below; every cell the size of the first reference image."""
+    there are sources, the policy row, the reference row below, each named in a left strip (pillow's default font);
+    every cell the size of the first reference image. The PNG's text chunks record the rows and the cell size
+    (`grid_rows` reads them back). Returns the grid image."""
+    names = (["source"] if columns[0][0] is not None else []) + ["policy", "reference"]
     rows = [[c[0] for c in columns]] if columns[0][0] is not None else []
     rows += [[c[1] for c in columns], [c[2] for c in columns]]
     w, h = rows[-1][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for y, row in enumerate(rows):
+    grid = Image.new("RGB", (GRID_LABEL_WIDTH + w * max(len(r) for r in rows), h * len(rows)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for y, (name, row) in enumerate(zip(names, rows)):
+        draw.text((4, y * h + h // 2), name, fill="black", font=font, anchor="lm")
         for x, image in enumerate(row):
-            grid.paste(image.convert("RGB").resize((w, h)), (x * w, y * h))
+            grid.paste(image.convert("RGB").resize((w, h)), (GRID_LABEL_WIDTH + x * w, y * h))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("rows", ",".join(names))
+    info.add_text("cell", f"{w}x{h}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    grid.save(path, pnginfo=info)
+    return grid
+
+
+def grid_rows(path):
+    """{row name: the row's cells as one image, without the label strip} of a grid written by `save_grid`."""
+    with Image.open(path) as grid:
+        names = grid.text["rows"].split(",")
+        h = int(grid.text["cell"].split("x")[1])
+        return {name: grid.crop((GRID_LABEL_WIDTH, y * h, grid.width, (y + 1) * h)).copy()
+                for y, name in enumerate(names)}
 
 
 def print0(d, *args):
@@ -720,13 +849,12 @@ def start_logs(run):
     metrics = run.out / "metrics.jsonl"
     kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() and run.step else [])
             if json.loads(line)["step"] <= run.step]
+    if not kept or run.provenance_changed:  # a fresh run: what rewards it comes first; a resume: if it changed
+        kept.append(json.dumps({"step": run.step, "provenance": run.provenance}))
     metrics.write_text("".join(line + "\n" for line in kept))
-    if run.cfg.log_with == "wandb":
-        import wandb
-        run.tracker = wandb.init(project="arr-rpo", config=dataclasses.asdict(redacted(run.cfg)), dir=str(run.out))
-    elif run.cfg.log_with == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        run.tracker = SummaryWriter(str(run.out / "tensorboard"))
+    if run.cfg.log_with != "none":
+        from tools.tracker import Tracker  # wandb / TensorBoard and their conversions: only when asked
+        run.tracker = Tracker(run.cfg.log_with, run.out, dataclasses.asdict(redacted(run.cfg)))
 
 
 def log(run, record):
@@ -737,11 +865,8 @@ def log(run, record):
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if run.cfg.log_with == "wandb":
-        run.tracker.log(numbers, step=record["step"])
-    elif run.cfg.log_with == "tensorboard":
-        for k, v in numbers.items():
-            run.tracker.add_scalar(k, v, record["step"])
+    if run.tracker is not None:
+        run.tracker.log(numbers, record["step"])
     cfg = run.cfg  # not shown: the KL without a reference pass, and what only moves with M x E > 1
     hidden = ({"kl"} if cfg.kl_beta == 0 else set()) | (
         {"approx_kl", "clipfrac", "optimizer_steps"} if cfg.minibatches * cfg.inner_epochs == 1 else set())
@@ -757,6 +882,7 @@ def log(run, record):
 CONSOLE = {"judge_check_accuracy": ".3f", "judge_check_accuracy_avg": ".3f", "judge_check_position_gap": "+.3f",
            "judge_check_failure_rate": ".2f",
            "eval_win_rate": ".3f", "eval_win_rate_lo": ".3f", "eval_win_rate_hi": ".3f", "eval_n": "d",
+           "eval_train_judge_win_rate": ".3f",
            "eval_tie_rate": ".2f", "eval_failure_rate": ".2f", "judge_score_mean": ".2f", "kl": ".2e",
            "approx_kl": ".1e", "clipfrac": ".2f", "grad_norm": ".2e", "optimizer_steps": "d",
            "judge_failure_rate": ".2f", "tie_rate": ".2f", "first_position_win_rate": ".2f", "judge_calls": ".1f",
@@ -817,6 +943,7 @@ def write_checkpoint(run, final, states, digests):
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
                    tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(redacted(run.cfg)), indent=1) + "\n")
+        (tmp / "provenance.json").write_text(json.dumps(run.provenance, indent=1) + "\n")
         for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:  # files, then their folders
             fsync(path)
         if final.exists():
@@ -911,6 +1038,13 @@ def load_checkpoint(run, path, state):
     # older checkpoints: every optimizer step updated the EMA, and the scheduler counts the optimizer steps
     run.ema_updates = state.get("ema_updates", run.scheduler.last_epoch if run.ema is not None else 0)
     print0(run.d, f"resumed from {path} at step {run.step}")
+    saved = path / "provenance.json"
+    changed = (provenance_changes(json.loads(saved.read_text()), run.provenance) if saved.is_file()
+               else ["rubric, templates and judge (the checkpoint has no provenance.json)"])
+    if changed:
+        run.provenance_changed = changed
+        print0(run.d, f"warning: resuming {path} with a different {', '.join(changed)} than the one that rewarded "
+                      "it (provenance.json); the new values are logged to metrics.jsonl")
 
 
 @contextlib.contextmanager
@@ -991,5 +1125,5 @@ def close_run(run):
     release the output folder's lock."""
     close_judges(run.judge, run.eval_judge, wait=not run.stop_requested)
     if run.tracker is not None:
-        (run.tracker.finish if run.cfg.log_with == "wandb" else run.tracker.close)()
+        run.tracker.close()
     release_lock(run.lock)

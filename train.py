@@ -47,7 +47,10 @@ Deliberate deviations from the paper and the official code
        Beyond the paper, off by default: M x E steps per window (Flow-GRPO, DanceGRPO; the clip can bind), N > 2
        candidates judged listwise or pairwise (Pref-GRPO), group-relative advantages, a LoRA EMA (Flow-GRPO),
        AutoRubric-T2I's weighted rubric reward (--judge_mode rubric_weights) and weighted compositions of the
-       judges (--reward; rewards.py, docs/rewards.md).
+       judges (--reward; rewards.py, docs/rewards.md), a window of trained transitions, fixed or sliding
+       (Flow-GRPO, MixGRPO), the CPS sampler (Flow-GRPO), true CFG for Qwen-Image-Edit; and checks: the rollout /
+       train log-ratio, a judge gate on labelled pairs, the training vs eval judge divergence, provenance
+       (docs/beyond-the-paper.md).
     8. The rubric is fixed by default, as the official code reads one rubric file once; §3.3 says rubrics are
        regenerated per prompt-output pair: --prompt_rubrics per_group does that (rubrics.GroupRubricJudge: each
        group's rubrics from its prompt and candidates before it is judged, counted apart as rubric_*).
@@ -128,6 +131,25 @@ class Config:
                                "Flow-GRPO", valid=at_least(1))
     train_fraction: float = beyond(1.0, "fraction of the K - 1 transitions trained per sample (random subset)",
                                    "DanceGRPO", valid=within(0, 1, low_open=True))
+    timestep_window: str | None = beyond(None, "START,END: train only the transitions k in [START, END) of the "
+                                               "K - 1 (the rollout samples every step as before); unset: all",
+                                         "Flow-GRPO (SDE window), MixGRPO arXiv 2507.21802")
+    timestep_window_shift_every: int = beyond(0, "slide the window by timestep_window_stride every this many "
+                                                 "windows, stopping at the last transition (0: fixed)",
+                                              "MixGRPO arXiv 2507.21802 (sliding window)", valid=at_least(0))
+    timestep_window_stride: int = beyond(1, "transitions the sliding window moves per shift", "MixGRPO",
+                                         valid=at_least(1))
+    sampler: str = beyond("sde", "stochastic transition of the rollout: sde (the paper's flow-SDE) or cps "
+                                 "(coefficient-preserving; needs eta <= 1)", "Flow-GRPO CPS, arXiv 2509.05952",
+                          choices=("sde", "cps"))
+    true_cfg_scale: float = beyond(1.0, "qwen_edit: true classifier-free guidance scale in training and eval "
+                                        "(1: off, the recipe; the 2509 pipeline's default is 4); doubles the batch",
+                                   "diffusers QwenImageEditPlusPipeline", valid=at_least(1))
+    negative_prompt: str = beyond(" ", "qwen_edit: the negative prompt of true CFG", "diffusers "
+                                       "QwenImageEditPlusPipeline")
+    log_ratio_warn: float = beyond(0.02, "warn when max |log pi_train - log pi_rollout| at a window's first "
+                                         "minibatch (0 on CPU fp32) is above", "ours; verl-omni #291",
+                                   valid=above(0))
     lr_warmup_steps: int = beyond(0, "linear LR warmup steps, then constant", "ours", valid=at_least(0))
     ema_decay: float = beyond(0.0, "EMA of the LoRA used for evaluation and saved in ema/ (0: off); update t uses "
                                    "min(ema_decay, (1 + t) / (10 + t))", "Flow-GRPO (with its warm-up)",
@@ -170,6 +192,12 @@ class Config:
                                                         "(a failed judgment)", "ours", valid=at_least(1024))
     judge_check_data: str | None = beyond(None, "labelled pairs judged at step 0 and every judge_check_every: "
                                                 "the drift alarm", "ours")
+    judge_min_accuracy: float | None = beyond(None, "refuse to start unless the judge's accuracy on "
+                                                    "judge_check_data (both orders) reaches this", "ours",
+                                              valid=within(0, 1))
+    judge_divergence_evals: int = beyond(3, "with an eval judge: warn when over this many evals the training "
+                                            "judge's win rate rose by 0.05 while the eval judge's did not", "ours",
+                                         valid=at_least(1))
     judge_check_every: int = beyond(25, "windows between judge checks on judge_check_data", "ours",
                                     valid=at_least(1))
     eval_prompts: str | None = beyond(None, "eval prompts, same format; unset: held out from the prompts",
@@ -211,6 +239,10 @@ class Config:
     failure_window: int = beyond(5, "windows in the failure-rate window", "ours", valid=at_least(1))
     log_with: str = beyond("none", "also log to wandb or tensorboard (only if installed)", "ours",
                            choices=("none", "wandb", "tensorboard"))
+    plot: bool = beyond(True, "at the end, write output_dir/metrics.png (python -m tools.plot; needs matplotlib, "
+                              "skipped without it)", "ours")
+    log_rollouts: int = beyond(4, "with log_with: rollouts per window in the tracker's table (0: none)", "ours; "
+                                  "Flow-Factory LogTable", valid=at_least(0))
     num_threads: int | None = beyond(None, "torch CPU threads per process; unset: torch's default", "ours",
                                      valid=at_least(1))
     overwrite: bool = beyond(False, "start in a non-empty output_dir that holds no checkpoint (config.json and "
@@ -302,6 +334,7 @@ if __name__ == "__main__":  # before torch and diffusers load (~10 s): --help an
     cli.exit_on_bad_command_line(make_config, sys.argv[1:])
 
 import functools  # noqa: E402 (below the config on purpose: see the line above)
+import importlib.util  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
@@ -329,6 +362,8 @@ class Pending:
     """One prompt's rolled-out group, on its way to the judge."""
     traj: policy_lib.Trajectory              # its N candidates, with the rollout's log-probs
     judgment: judge_lib.GroupJudgment        # .result() -> judge.GroupVerdict (waits for the judge)
+    prompt: str = ""                         # what the candidates were asked for (the tracker's rollout table)
+    source: object = None                    # the source image (editing) or None
 
 
 def rollout_and_submit(run, items):
@@ -340,7 +375,7 @@ def rollout_and_submit(run, items):
         traj = run.policy.rollout([item.prompt] * cfg.num_candidates, **extra, **runtime.sampler(cfg),
                                   generator=run.rng, same_noise=cfg.same_noise)
         pending.append(Pending(traj, judge_lib.submit_group(run.judge, item.prompt, traj.images, cfg.group_judging,
-                                                            source)))
+                                                            source), item.prompt, source))
     return pending
 
 
@@ -398,16 +433,42 @@ def kl_term(stats, x_next, estimator):
     return arr_rpo.k1_kl(stats.log_prob, arr_rpo.gaussian_log_prob(x_next, stats.ref_mean, stats.std))
 
 
-def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0):
+def trained_window(cfg, step, num_transitions):
+    """The transitions k that window `step` may train (a range in [0, K - 1)): all of them, or [START, END) of
+    --timestep_window (Flow-GRPO's SDE window; here the rollout still samples every step with its sampler), slid
+    by timestep_window_stride every timestep_window_shift_every windows from the noisy end towards the data
+    (MixGRPO's sliding window, arXiv 2507.21802) until its end reaches the last transition, where it stays (ours).
+    ConfigError for a window that is not START,END with 0 <= START < END <= K - 1."""
+    if cfg.timestep_window is None:
+        return range(num_transitions)
+    try:
+        start, end = (int(v) for v in cfg.timestep_window.split(","))
+    except ValueError:
+        raise ConfigError(f"--timestep_window {cfg.timestep_window!r}: expected START,END such as 0,3") from None
+    if not 0 <= start < end <= num_transitions:
+        raise ConfigError(f"--timestep_window {cfg.timestep_window}: needs 0 <= START < END <= {num_transitions} "
+                          f"(the K - 1 stochastic transitions of --num_steps {num_transitions + 1})")
+    shift = 0
+    if cfg.timestep_window_shift_every:
+        shift = min(cfg.timestep_window_stride * (step // cfg.timestep_window_shift_every), num_transitions - end)
+    return range(start + shift, end + shift)
+
+
+def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0, window=None, log_ratios=None):
     """Phase 4 for one kept group: arr_rpo.rpo_loss (PPO clip + kl_beta * KL) summed over its trained transitions
     and N samples and back-propagated UNnormalised (reduce_and_step divides by the global term count T); returns
-    its TermSums. old = the rollout's log-probs (ratio != 1 after a window's first optimizer step)."""
-    num_transitions = traj.log_probs.shape[1]  # K - 1
-    trained = max(1, round(cfg.train_fraction * num_transitions))
+    its TermSums. old = the rollout's log-probs (ratio != 1 after a window's first optimizer step). The trained
+    transitions: a train_fraction of `window` (a range of k; default all K - 1), drawn with `rng`. `log_ratios`, a
+    list: gets |log pi_theta - log pi_old| of every trained term (the rollout / train consistency check)."""
+    window = range(traj.log_probs.shape[1]) if window is None else window  # K - 1 transitions by default
+    trained = max(1, round(cfg.train_fraction * len(window)))
     sums = TermSums()
-    for k in torch.randperm(num_transitions, generator=rng)[:trained].tolist():
+    for i in torch.randperm(len(window), generator=rng)[:trained].tolist():
+        k = window[i]
         stats = policy.recompute(traj, k, reference=cfg.kl_beta > 0)
         old = traj.log_probs[:, k]  # (N,) recorded at rollout time
+        if log_ratios is not None:
+            log_ratios += (stats.log_prob.detach() - old).abs().tolist()
         kl = kl_term(stats, traj.latents[:, k + 1], cfg.kl_estimator)  # (N,)
         loss = arr_rpo.rpo_loss(stats.log_prob, old, adv, cfg.clip_range, kl, cfg.kl_beta)  # (N,)
         (weight * loss.sum()).backward()
@@ -417,10 +478,11 @@ def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0):
     return sums
 
 
-def fsdp_lockstep_pass(policy, traj, cfg):
+def fsdp_lockstep_pass(policy, traj, cfg, window):
     """A masked group's forward and backward with weight 0 (--shard_base): FSDP2 all-gathers inside every block
     call, so every rank must make the same calls whatever its masks; its own generator keeps the rollout noise."""
-    backward_rpo_loss(policy, traj, torch.zeros_like(traj.log_probs[:, 0]), cfg, torch.Generator(), weight=0.0)
+    backward_rpo_loss(policy, traj, torch.zeros_like(traj.log_probs[:, 0]), cfg, torch.Generator(), weight=0.0,
+                      window=window)
 
 
 def reduce_and_step(run, sums):
@@ -481,6 +543,7 @@ class WindowStats:
     grad_norms: list = field(default_factory=list)        # of the steps taken
     skipped: list = field(default_factory=list)           # per optimizer step: None, or why it did not step
     spent: dict | None = None                             # the judge's requests and tokens (runtime.judge_usage)
+    log_ratios: list = field(default_factory=list)        # |log pi_theta - log pi_rollout| per term, 1st minibatch
     stop_requested: bool = False
 
     def timed(self, phase, fn, *args):
@@ -520,11 +583,33 @@ class WindowStats:
 def update_group(run, pending, adv, window):
     """Phase 4 for one group of the minibatch: the backward of its RPO loss when kept; when masked nothing, except
     the weight-0 pass that FSDP needs."""
-    if adv is not None:
-        return window.timed("update", backward_rpo_loss, run.policy, pending.traj, adv, run.cfg, run.rng)
+    trained = trained_window(run.cfg, run.step, pending.traj.log_probs.shape[1])
+    if adv is not None:  # before the window's first optimizer step the ratio should be 1: measure how far it is
+        first = window.log_ratios if not window.skipped else None
+        return window.timed("update", backward_rpo_loss, run.policy, pending.traj, adv, run.cfg, run.rng, 1.0,
+                            trained, first)
     if run.cfg.shard_base:
-        window.timed("update", fsdp_lockstep_pass, run.policy, pending.traj, run.cfg)
+        window.timed("update", fsdp_lockstep_pass, run.policy, pending.traj, run.cfg, trained)
     return TermSums()
+
+
+def log_rollouts(run, pending, adv):
+    """The tracker's table of this window's first log_rollouts groups (rank 0, --log_with): prompt, source,
+    candidates, the verdict, the judge's reasons, rewards, advantages. Their verdicts have all arrived by now."""
+    cfg = run.cfg
+    if run.tracker is None or not cfg.log_rollouts:
+        return
+    columns = ["prompt", "source", *(f"candidate {n + 1}" for n in range(cfg.num_candidates)), "verdict", "reason",
+               "rewards", "advantages"]
+    rows = []
+    for j, p in enumerate(pending[:cfg.log_rollouts]):
+        group = p.judgment.result()
+        verdict = group.rank or group.win_rates or f"masked: {group.error or 'no preference (a tie)'}"
+        rewards = judge_outcome(group, cfg)
+        rows.append([p.prompt, p.source, *p.traj.images, str(verdict), " / ".join(v.reason for v in group.verdicts),
+                     None if rewards is None else str([round(r, 3) for r in rewards]),
+                     None if adv.get(j) is None else str([round(a, 3) for a in adv[j].tolist()])])
+    run.tracker.log_table("rollouts", columns, rows, run.step + 1)
 
 
 def train_step(run):
@@ -542,6 +627,7 @@ def train_step(run):
                 adv[j] = None if rewards is None else advantages(rewards, cfg, run.policy.device)  # 3. advantages
             sums += update_group(run, pending[j], adv[j], window)  # 4. update
         window.stepped(*window.timed("update", reduce_and_step, run, sums))  # 5. step
+    log_rollouts(run, pending, adv)  # a few of them in the tracker (--log_with), to look at
     window.spent, window.stop_requested = runtime.judge_usage(run.judge, since=spent), run.stop_requested
     run.step += 1
     return runtime.window_metrics(run, runtime.all_gather(window, run.d))
@@ -552,11 +638,14 @@ def train_step(run):
 def evaluate(run):
     """Win rate of the policy (its EMA if any) over the reference (adapters disabled) on held-out prompts, eval
     sampler (eta = 0), same noise, policy first for even prompts, eval judge: (wins + ties / 2) / judged (identical
-    models: 0.5) with its Wilson 95% interval (_lo, _hi). Rank 0 saves the grid; run.evals gets (step, win rate)."""
+    models: 0.5) with its Wilson 95% interval (_lo, _hi). With an independent eval judge the training judge judges
+    the same pairs too (eval_train_judge_win_rate; runtime.divergence_warning). Rank 0 saves the grid; run.evals
+    gets (step, win rate)."""
     cfg, d, start = run.cfg, run.d, time.perf_counter()
     mine = list(enumerate(run.eval_items))[d.rank::d.world_size]
     if cfg.shard_base:  # FSDP: every rank makes the same transformer calls, so short ranks roll out a spare prompt
         mine += [(None, run.eval_items[0])] * (-(-len(run.eval_items) // d.world_size) - len(mine))
+    judges = [run.eval_judge or run.judge] + ([run.judge] if run.eval_judge is not None else [])  # eval's first
     futures, columns = [], []
     for i, item in mine:  # one prompt per rollout: its noise depends on its index, not on the world size
         source = open_source(item)
@@ -571,14 +660,16 @@ def evaluate(run):
             continue
         mine_image, ref_image = images
         pair = [mine_image, ref_image] if i % 2 == 0 else [ref_image, mine_image]
-        futures.append((i % 2, (run.eval_judge or run.judge).submit(item.prompt, pair, source_image=source)))
+        futures.append((i % 2, [j.submit(item.prompt, pair, source_image=source) for j in judges]))
         columns.append((source, mine_image, ref_image))
-    counts = torch.zeros(4)  # wins, ties, failures, judged + failed
-    for policy_at, future in futures:
-        v = runtime.verdict_result(run, future)
-        counts += torch.tensor([v.error is None and v.rank is not None and v.rank[policy_at] == 1,
-                                v.error is None and v.rank is None, v.error is not None, 1.0])
-    wins, ties, failed, n = runtime.all_reduce_sum(counts.to(d.device), d).tolist()
+    counts = torch.zeros(len(judges), 4)  # per judge: wins, ties, failures, judged + failed
+    for policy_at, submitted in futures:
+        for row, future in enumerate(submitted):
+            v = runtime.verdict_result(run, future)
+            counts[row] += torch.tensor([v.error is None and v.rank is not None and v.rank[policy_at] == 1,
+                                         v.error is None and v.rank is None, v.error is not None, 1.0])
+    counts = runtime.all_reduce_sum(counts.to(d.device), d).cpu()
+    wins, ties, failed, n = counts[0].tolist()
     columns = [c for part in runtime.all_gather(columns, d) for c in part]
     judged = n - failed
     lo, hi = arr_rpo.wilson_interval(wins + ties / 2, judged) if judged else (None, None)
@@ -586,13 +677,35 @@ def evaluate(run):
               "eval_win_rate_lo": lo, "eval_win_rate_hi": hi, "eval_tie_rate": ties / judged if judged else None,
               "eval_failure_rate": failed / n if n else None, "eval_n": int(n),
               "eval_time": time.perf_counter() - start}
+    if len(judges) > 1:  # the training judge on the same pairs: does its win rate run away from the eval judge's?
+        t_wins, t_ties, t_failed, t_n = counts[1].tolist()
+        record["eval_train_judge_win_rate"] = (t_wins + t_ties / 2) / (t_n - t_failed) if t_n > t_failed else None
+        run.judge_evals.append((run.step, record["eval_train_judge_win_rate"], record["eval_win_rate"]))
+        warning = runtime.divergence_warning(run.judge_evals, cfg.judge_divergence_evals)
+        if warning:
+            runtime.print0(d, warning)
     if d.rank == 0 and columns:  # the first 16 prompts: a grid of 64 images of 512 px is unviewable
-        runtime.save_grid(columns[:16], run.out / "samples" / f"step-{run.step:06d}.png")
+        grid = runtime.save_grid(columns[:16], run.out / "samples" / f"step-{run.step:06d}.png")
+        if run.tracker is not None:
+            run.tracker.log_image("eval_grid", grid, run.step, caption=f"step {run.step}: policy above reference")
     run.evals.append((record["step"], record["eval_win_rate"]))
     return record
 
 
 # ---- Setup, loop and main ----------------------------------------------------------------------------------------
+
+def check_beyond_options(cfg):
+    """The sampler, window and judge-gate options across each other, before any model loads (ConfigError naming
+    the option)."""
+    trained_window(cfg, 0, cfg.num_steps - 1)
+    if cfg.sampler == "cps" and cfg.eta > 1:
+        raise ConfigError(f"--sampler cps needs --eta in (0, 1] (std = sigma_next sin(eta pi / 2)), got {cfg.eta}")
+    if cfg.model_type != "qwen_edit" and (cfg.true_cfg_scale != 1.0 or cfg.negative_prompt != " "):
+        raise ConfigError("--true_cfg_scale and --negative_prompt are for --model_type qwen_edit (FLUX.1-dev is "
+                          "guidance-distilled: --guidance)")
+    if cfg.judge_min_accuracy is not None and cfg.judge_check_data is None:
+        raise ConfigError("--judge_min_accuracy needs --judge_check_data (the labelled pairs the judge must pass)")
+
 
 def prepare(cfg, d, judge=None):
     """Everything before the first step. `judge` (anything with the Judge interface) replaces the configured one."""
@@ -605,6 +718,7 @@ def prepare(cfg, d, judge=None):
     cls = POLICIES[cfg.model_type]  # the demo's model stays None in the config: a resume runs the demo again
     model = cfg.model or tiny_model_path(cfg.model_type, cfg.cache_dir)
     cfg = replace(cfg, dtype=cfg.dtype or ("bfloat16" if d.device.type == "cuda" else "float32"))
+    check_beyond_options(cfg)
     items, eval_items, rubric, eval_rubric, check_items = runtime.load_inputs(cfg, demo, cls.task)
     out, resume = runtime.resolve_output(cfg, d)
     gpu_bytes = torch.cuda.get_device_properties(d.device).total_memory if d.device.type == "cuda" else None
@@ -632,7 +746,8 @@ def prepare(cfg, d, judge=None):
         run = runtime.Run(cfg, d, policy, judge, optimizer, scheduler, items, eval_items,
                           rng=torch.Generator().manual_seed(cfg.seed + d.rank), out=out, eval_judge=eval_judge,
                           ema=[p.detach().clone() for p in policy.trainable_parameters()] if cfg.ema_decay else None,
-                          check_items=check_items, lock=lock)
+                          check_items=check_items, lock=lock, provenance=runtime.provenance(
+                              cfg, demo.rubric if rubric is None and demo else rubric, eval_rubric, judge, eval_judge))
         optimizer.register_step_post_hook(lambda *_: setattr(run, "steps_taken", run.steps_taken + 1))
         if resume is not None:
             runtime.resume_run(run, Path(resume), auto=cfg.resume == "auto")
@@ -650,8 +765,8 @@ def loop(run):
     first eval is after eval_every windows: at step 0 the LoRA is untouched and the policy is the reference, a known
     0.5 (evaluate's docstring) that would cost 2 x eval_size judge requests."""
     cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window windows
-    if run.step == 0:
-        runtime.judge_check(run)
+    if run.step == 0 or cfg.judge_min_accuracy is not None:  # a resumed run is gated again
+        runtime.judge_check(run, gate=True)
     trained = []  # optimizer steps of each window of this process
     while run.step < cfg.max_steps:
         if any(runtime.all_gather(run.stop_requested, run.d)):  # before a window (the step-0 eval): saved as is
@@ -659,6 +774,9 @@ def loop(run):
         record = train_step(run)
         trained.append(record["optimizer_steps"])
         runtime.log(run, record)
+        mismatch = runtime.log_ratio_warning(record, cfg.log_ratio_warn)  # rollout vs recompute, first minibatch
+        if mismatch:
+            runtime.print0(run.d, mismatch)
         runtime.judge_check(run)  # the drift alarm: the judge's accuracy on labelled pairs, every judge_check_every
         # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
         recent = (recent + [(record["masked_pairs"], record["pairs"])])[-cfg.failure_window:]
@@ -681,6 +799,12 @@ def loop(run):
     curve = "  ".join(f"{s}: {w:.2f}" for s, w in run.evals if w is not None)
     runtime.print0(run.d, f"done: {run.step} steps in {run.out}"
                    + (f"\neval win rate by step  {curve}" if curve else ""))
+    if cfg.plot and run.d.rank == 0 and importlib.util.find_spec("matplotlib") is not None:
+        from tools.plot import plot_run  # matplotlib: optional, only here
+        try:
+            runtime.print0(run.d, f"plot: {plot_run(run.out)[0]}")
+        except ValueError as e:  # nothing logged yet (max_steps 0, no eval): the run itself succeeded
+            runtime.print0(run.d, f"plot: skipped ({e})")
     return 0
 
 

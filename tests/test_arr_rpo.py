@@ -306,3 +306,66 @@ def test_rpo_loss_is_the_clipped_term_plus_beta_kl_and_its_gradient_by_hand():
     torch.testing.assert_close(loss.detach(), clipped_term + 0.01 * (points - ref))
     loss.sum().backward()
     torch.testing.assert_close(log_prob.grad, torch.tensor([-rho[0], 0.0, 0.1 * rho[2], 0.0]) + 0.01)
+
+
+# ----- CPS: the coefficient-preserving transition (Beyond the paper 8) ------------------------------------------
+
+def test_cps_eta0_equals_diffusers_euler_step():
+    g = torch.Generator().manual_seed(5)
+    sigmas = arr_rpo.sigma_schedule(6)
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    sched.set_timesteps(sigmas=sigmas[:-1].numpy())
+    x = torch.randn(2, 16, 64, generator=g)
+    for i, t in enumerate(sched.timesteps):
+        v = torch.randn(2, 16, 64, generator=g)
+        expected = sched.step(v, t, x, return_dict=False)[0]
+        x_next, mean, std = arr_rpo.transition_step(x, v, sigmas[i], sigmas[i + 1], 0.0, "cps")
+        assert torch.allclose(x_next, expected, atol=1e-6) and torch.equal(x_next, mean) and float(std) == 0.0
+        x = expected
+
+
+def test_cps_closed_form_and_fresh_noise_at_eta1():
+    x, v, noise = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    sigma, sigma_next, eta = 0.75, 0.5, 0.6
+    x_next, mean, std = arr_rpo.transition_step(x, v, sigma, sigma_next, eta, "cps", noise=noise)
+    noise_std = sigma_next * math.sin(eta * math.pi / 2)
+    x0_hat, x1_hat = x - sigma * v, x + (1 - sigma) * v
+    assert float(std) == pytest.approx(noise_std)
+    assert torch.allclose(mean, (1 - sigma_next) * x0_hat + math.sqrt(sigma_next**2 - noise_std**2) * x1_hat,
+                          atol=1e-6)
+    assert torch.allclose(x_next, mean + std * noise)
+    mean1, std1 = arr_rpo.cps_mean_std(x, v, sigma, sigma_next, 1.0)  # eta = 1: no memory of the noise estimate
+    assert torch.allclose(mean1, (1 - sigma_next) * x0_hat, atol=1e-6) and float(std1) == pytest.approx(sigma_next)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        arr_rpo.cps_mean_std(x, v, sigma, sigma_next, 1.5)
+    with pytest.raises(ValueError, match="sampler"):
+        arr_rpo.transition_mean_std(x, v, sigma, sigma_next, 0.3, "ddim")
+
+
+def test_cps_preserves_the_marginal_coefficients_and_the_flow_sde_does_not():
+    """With the exact velocity v = noise - x0, x_sigma = (1 - sigma) x0 + sigma noise steps to a sample whose
+    mean is (1 - sigma_next) x0 and whose noise has std sigma_next: the schedule's marginal at sigma_next."""
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.linspace(-1.5, 1.5, 8).repeat(40_000, 1)  # (S, 8): one data point per column, S samples of noise
+    eps = torch.randn(x0.shape, generator=g)
+    sigma, sigma_next, eta = 0.8, 0.55, 0.7
+    x = (1 - sigma) * x0 + sigma * eps
+    v = eps - x0
+    x_next = arr_rpo.transition_step(x, v, sigma, sigma_next, eta, "cps", generator=g)[0]
+    assert torch.allclose(x_next.mean(0), (1 - sigma_next) * x0[0], atol=0.02)
+    assert torch.allclose((x_next - (1 - sigma_next) * x0).std(0), torch.full((8,), sigma_next), atol=0.01)
+    sde_next = arr_rpo.transition_step(x, v, sigma, sigma_next, eta, "sde", generator=g)[0]
+    assert not torch.allclose((sde_next - (1 - sigma_next) * x0).std(0), torch.full((8,), sigma_next), atol=0.01)
+
+
+def test_cps_log_prob_matches_torch_distributions_and_kl_is_zero_at_equal_means():
+    g = torch.Generator().manual_seed(13)
+    x, v = torch.randn(4, 6, 3, generator=g), torch.randn(4, 6, 3, generator=g)
+    x_next, mean, std = arr_rpo.transition_step(x, v, 0.6, 0.4, 0.5, "cps", generator=g)
+    expected = torch.distributions.Normal(mean, std).log_prob(x_next).flatten(1).mean(1)
+    assert torch.allclose(arr_rpo.gaussian_log_prob(x_next, mean, std), expected, atol=1e-6)
+    ref_mean = arr_rpo.cps_mean_std(x, v + 0.1, 0.6, 0.4, 0.5)[0]
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                           torch.distributions.Normal(ref_mean, std)).flatten(1).mean(1)
+    assert torch.allclose(arr_rpo.gaussian_kl(mean, ref_mean, std), kl, atol=1e-6)
+    assert torch.equal(arr_rpo.gaussian_kl(mean, mean, std), torch.zeros(4))

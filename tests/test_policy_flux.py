@@ -98,6 +98,23 @@ def test_recompute_gives_ratio_one_and_reference_equals_policy_at_init(flux):
     assert_ratio_one_at_init(flux, traj)
 
 
+def test_cps_rollout_recomputes_its_own_transition_with_ratio_one(flux):
+    traj = flux.rollout(PROMPTS, num_steps=4, eta=0.7, height=SIZE, width=SIZE, sampler="cps",
+                        generator=torch.Generator().manual_seed(0))
+    assert traj.sampler == "cps" and torch.isfinite(traj.log_probs).all()
+    stats = assert_ratio_one_at_init(flux, traj)
+    k = traj.log_probs.shape[1] - 1  # the last stochastic transition: CPS's std is sigma_next sin(eta pi / 2)
+    assert float(stats.std) == pytest.approx(float(traj.sigmas[k + 1]) * np.sin(0.7 * np.pi / 2), rel=1e-6)
+    x = traj.latents[:, k]
+    v = flux.velocity(traj.cond, x, traj.sigmas[k])
+    mean = arr_rpo.cps_mean_std(x, v, traj.sigmas[k], traj.sigmas[k + 1], 0.7)[0]
+    assert torch.allclose(stats.mean, mean, atol=1e-6)
+    sde = flux.rollout(PROMPTS, num_steps=4, eta=0.7, height=SIZE, width=SIZE,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sde.latents[:, 0], traj.latents[:, 0]) and not torch.allclose(sde.latents[:, 1],
+                                                                                      traj.latents[:, 1])
+
+
 def test_recomputed_log_prob_matches_distribution_of_stored_transition(flux):
     traj = flux.rollout(PROMPTS[:1], num_steps=4, eta=0.5, height=SIZE, width=SIZE,
                         generator=torch.Generator().manual_seed(1))

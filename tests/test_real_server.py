@@ -139,7 +139,8 @@ def test_train_step_against_random_weights_stops_at_the_judge_check(tmp_path, ca
 
 def test_train_step_against_the_rigged_judge(tmp_path, cache, fixed_server, capsys):
     assert train.main(train_args(tmp_path, cache, fixed_server, "--no_judge_swap")) == 0
-    (step,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    (step,) = [r for r in map(json.loads, lines) if "loss" in r]  # after the provenance line
     assert step["judge_failure_rate"] == 0.0 and step["tie_rate"] == 0.0 and step["skipped"] is None
     assert step["judge_requests"] == 2 and step["judge_completion_tokens"] == 2 * 2
     assert step["judge_requests_per_kept_pair"] == 1.0 and step["first_position_win_rate"] == 1.0

@@ -75,7 +75,8 @@ def test_demo_two_steps_writes_metrics_samples_checkpoint(tmp_path, cache, capsy
     assert [r["step"] for r in evals] == [1, 2]  # none at step 0: an untouched LoRA is the reference (0.5)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"step-00000{i}.png" for i in (1, 2)]
     ckpt = tmp_path / "checkpoints" / "step-000002"
-    assert {p.name for p in ckpt.iterdir()} == {"pytorch_lora_weights.safetensors", "trainer_state.pt", "config.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"pytorch_lora_weights.safetensors", "trainer_state.pt", "config.json",
+                                                "provenance.json"}
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"] is None and config["cache_dir"] == cache  # the demo: a resume runs the demo again
     assert (config["height"], config["num_steps"], config["lr"], config["num_candidates"]) == (64, 4, 3e-2, 4)
@@ -117,7 +118,8 @@ def test_qwen_edit_demo_two_steps(tmp_path, cache, capsys):
     lora = load_file(tmp_path / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
     with Image.open(tmp_path / "samples" / "step-000002.png") as grid:
-        assert grid.size == (2 * 64, 3 * 64)  # source row, policy row, reference row
+        assert grid.size == (runtime.GRID_LABEL_WIDTH + 2 * 64, 3 * 64)  # source row, policy row, reference row
+    assert list(runtime.grid_rows(tmp_path / "samples" / "step-000002.png")) == ["source", "policy", "reference"]
 
 
 def test_qwen_edit_torchrun_two_ranks_gloo(tmp_path, cache):
@@ -239,8 +241,8 @@ def test_second_minibatch_is_off_policy_and_a_tiny_clip_zeroes_the_clipped_terms
     eps, params, expected, captured = run.cfg.clip_range, run.policy.trainable_parameters(), [], []
     original = train.backward_rpo_loss
 
-    def with_reference(policy, traj, adv, cfg, rng):  # the PPO-clip gradient by its closed form: only the terms
-        total = 0.0                                     # whose ratio is inside the clip, or moved against A, count
+    def with_reference(policy, traj, adv, cfg, rng, *rest):  # the PPO-clip gradient by its closed form: the terms
+        total = 0.0                                            # whose ratio is inside the clip or moved against A
         for k in range(traj.log_probs.shape[1]):
             ratio = torch.exp(policy.recompute(traj, k, reference=False).log_prob - traj.log_probs[:, k])
             clipped = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))
@@ -249,7 +251,7 @@ def test_second_minibatch_is_off_policy_and_a_tiny_clip_zeroes_the_clipped_terms
         grads = torch.autograd.grad(total, params, allow_unused=True) if torch.is_tensor(total) else None
         captured.append(None if grads is None else [torch.zeros_like(p) if g is None else g for g, p in
                                                     zip(grads, params)])
-        return original(policy, traj, adv, cfg, rng)
+        return original(policy, traj, adv, cfg, rng, *rest)
     monkeypatch.setattr(train, "backward_rpo_loss", with_reference)
     steps = []
     run.optimizer.register_step_pre_hook(lambda opt, a, k: steps.append([p.grad.clone() for p in params]))

@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def demo_args(out, cache, *extra):
     """The demo config, shortened: no eval unless asked, 2 eval prompts, 2 prompts per rank, 2 candidates each
-    (the demo's 4 run in the demo test and under torchrun)."""
+    (the demo's 4 run in the demo test and under torchrun); no plot at the end (tests/test_plot.py asks for one)."""
     return ["--output_dir", str(out), "--cache_dir", cache, "--eval_every", "0", "--eval_size", "2",
-            "--prompts_per_rank", "2", "--num_candidates", "2", *extra]
+            "--prompts_per_rank", "2", "--num_candidates", "2", "--no_plot", *extra]
 
 
 def records(out, key="loss"):

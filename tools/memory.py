@@ -475,22 +475,25 @@ QUICK = {  # `python bench.py memory --constants` (bytes; transients per sample-
 
 
 def quick_estimate(model_type, height=512, width=512, candidates=2, checkpointing=True, shard=1, lora_rank=None,
-                   prompts_per_rank=None, constants=None, source_area=SOURCE_AREA):
+                   prompts_per_rank=None, constants=None, source_area=SOURCE_AREA, true_cfg=False):
     """`estimate` in closed form (microseconds, no model built): the recipe's measured transients scaled linearly
     with sample-tokens (activations are linear in them: flash attention keeps no L x L matrix) and pixels. LoRA
-    targets other than the official attention set are not modelled (their LoRA is larger but still small)."""
+    targets other than the official attention set are not modelled (their LoRA is larger but still small).
+    true_cfg (qwen_edit): every transformer call runs the prompt and the negative prompt in one doubled batch, so
+    the rollout and update transients are those of 2x candidates; the trajectories and the decode are not doubled."""
     c = constants or QUICK[model_type]
     n = sample_tokens(model_type, height, width, candidates, source_area)
+    n_transformer = n * (2 if true_cfg else 1)  # (2B) rows per transformer call under true CFG
     lora = c["lora_per_rank"] * (lora_rank or MODELS[model_type].lora_rank)
     params = {**{k: c[k] for k in ("frozen", "root", "largest_block", "vae")}, "lora": lora}
-    transients = {"trajectory": c["trajectory"] * n, "rollout": c["rollout"] * n,
+    transients = {"trajectory": c["trajectory"] * n, "rollout": c["rollout"] * n_transformer,
                   "decode": c["decode"] * height * width, "source": c["source"] * source_side(source_area) ** 2,
-                  "update": lora + c["update"][checkpointing] * n}
+                  "update": lora + c["update"][checkpointing] * n_transformer}
     return combine(model_type, params, transients, shard, c["encoders"], prompts_per_rank)
 
 
 def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu_bytes, prompts_per_rank=None,
-                lora_rank=None, ranks=8, source_area=SOURCE_AREA):
+                lora_rank=None, ranks=8, source_area=SOURCE_AREA, true_cfg=False):
     """None if `quick_estimate` fits in `gpu_bytes` less 10% headroom, else a warning that names the estimate and
     the estimates with one change (--gradient_checkpointing, --shard_base over `ranks` GPUs, fewer candidates or
     pixels)."""
@@ -498,10 +501,10 @@ def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu
         setting = dict(height=height, width=width, candidates=candidates, checkpointing=checkpointing, shard=shard)
         setting.update(change)
         return quick_estimate(model_type, lora_rank=lora_rank, prompts_per_rank=prompts_per_rank,
-                              source_area=source_area, **setting)["peak"]
+                              source_area=source_area, true_cfg=true_cfg, **setting)["peak"]
     budget = 0.9 * gpu_bytes
     mine = quick_estimate(model_type, height, width, candidates, checkpointing, shard, lora_rank, prompts_per_rank,
-                          source_area=source_area)
+                          source_area=source_area, true_cfg=true_cfg)
     if mine["peak"] <= budget:
         return None
     worst = max(("prepare", "rollout", "decode", "update"), key=lambda phase: mine[phase])
@@ -514,9 +517,13 @@ def fit_warning(model_type, height, width, candidates, checkpointing, shard, gpu
         options.append(("2 candidates", peak(candidates=2)))
     if height * width > 512 * 512:
         options.append(("512 x 512", peak(height=512, width=512)))
+    if true_cfg:
+        options.append(("--true_cfg_scale 1", quick_estimate(model_type, height, width, candidates, checkpointing,
+                                                             shard, lora_rank, prompts_per_rank)["peak"]))
     helps = "; ".join(f"{flag}: {b / GIB:.1f} GiB" for flag, b in options) or "nothing smaller is modelled"
     return (f"memory: one RPO step of {model_type} at {width}x{height} with {candidates} candidates, checkpointing "
-            f"{'on' if checkpointing else 'off'}, base {'sharded over ' + str(shard) if shard > 1 else 'replicated'} "
+            f"{'on' if checkpointing else 'off'}{', true CFG' if true_cfg else ''}, "
+            f"base {'sharded over ' + str(shard) if shard > 1 else 'replicated'} "
             f"is estimated at {mine['peak'] / GIB:.1f} GiB per GPU ({worst} phase), above 90% of this GPU's "
             f"{gpu_bytes / GIB:.1f} GiB. Estimates with one change: {helps}. "
             "(python bench.py memory prints the table.)")
