@@ -756,7 +756,6 @@ def window_metrics(run, windows):
             "judge_latency_p95": percentile(every["latencies"], 0.95),
             "pairs": total["groups"], "judge_failures": total["failed"], "masked_pairs": total["failed"] + total["ties"],
             "terms": int(sums.terms),  # trained (sample, transition) terms over all ranks: the gradient's normaliser
-            "log_ratio_max": max(float(w.sums.log_ratio_max) for w in windows),  # over ranks and steps
             "skipped": None if taken else skipped[0], "nonfinite_skips": run.nonfinite_skips,
             "stop_requested": any(w.stop_requested for w in windows),
             "judge_failure_reasons": failure_reasons(e for w in windows for e in w.errors),

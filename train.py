@@ -400,21 +400,16 @@ def advantages(rewards, cfg, device):
 @dataclass
 class TermSums:
     """Sums over trained (sample, transition) terms: phase 5 all-reduces them with the gradients, and `terms` is
-    the gradient's normaliser T. Fields are floats or 0-dim tensors (summed on the device, one sync per step).
-    `log_ratio_max` is a maximum instead, max |log pi - log pi_old| of this rank's terms (in bf16 a ratio-1 update
-    shows the rollout-vs-recompute mismatch); phase 5 keeps this rank's, window_metrics takes the max over ranks."""
+    the gradient's normaliser T. Fields are floats or 0-dim tensors (summed on the device, one sync per step)."""
     loss: float = 0.0
     kl: float = 0.0
     approx_kl: float = 0.0
     clipped: float = 0.0
     terms: float = 0.0
     nonfinite: float = 0.0
-    log_ratio_max: float = 0.0
 
     def __add__(self, other):
-        return TermSums(*(torch.maximum(torch.as_tensor(getattr(self, f.name)), torch.as_tensor(getattr(other, f.name)))
-                          if f.name == "log_ratio_max" else getattr(self, f.name) + getattr(other, f.name)
-                          for f in fields(self)))
+        return TermSums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def as_tensor(self, device):
         return torch.stack([torch.as_tensor(getattr(self, f.name), device=device).float() for f in fields(self)])
@@ -474,7 +469,7 @@ def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0, window=None, log_
         (weight * loss.sum()).backward()
         sums += TermSums(loss.detach().sum(), kl.detach().sum(), arr_rpo.approx_kl(stats.log_prob, old).detach().sum(),
                          arr_rpo.clip_fraction(stats.log_prob, old, cfg.clip_range) * len(loss), len(loss),
-                         (~torch.isfinite(loss)).sum(), (stats.log_prob - old).detach().abs().max())
+                         (~torch.isfinite(loss)).sum())
     return sums
 
 
@@ -488,12 +483,12 @@ def fsdp_lockstep_pass(policy, traj, cfg, window):
 def reduce_and_step(run, sums):
     """Phase 5: one all-reduce of the LoRA gradients (with the sums), the mean over the T global terms, clip,
     AdamW, schedule, LoRA EMA (ema_decay > 0). Returns (global TermSums, grad_norm or None, why it skipped or None)."""
-    params, local = run.policy.trainable_parameters(), sums
+    params = run.policy.trainable_parameters()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten().float() for g in grads] + [sums.as_tensor(grads[0].device)])
     runtime.all_reduce_sum(flat, run.d)
     *flat_grads, flat_sums = flat.split([p.numel() for p in params] + [len(fields(TermSums))])
-    sums = replace(TermSums.of_tensor(flat_sums.cpu()), log_ratio_max=float(local.log_ratio_max))  # a max: this rank's
+    sums = TermSums.of_tensor(flat_sums.cpu())
     skipped = "nonfinite loss" if sums.nonfinite else ("no valid pairs" if sums.terms == 0 else None)
     grad_norm = None
     if skipped is None:

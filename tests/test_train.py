@@ -96,7 +96,7 @@ def test_torchrun_two_ranks_gloo_with_groups_of_4_and_2_minibatches(tmp_path, ca
     assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] == 4 for r in steps)  # 2 ranks x 2 prompts
     # each minibatch holds one group of each rank (global indices 0-1, then 2-3): two steps in lockstep
     assert all(r["optimizer_steps"] == 2 and r["terms"] == 4 * 4 * 3 and r["judge_calls"] == 2 for r in steps)
-    assert all(r["log_ratio_max"] > 0 for r in steps)  # the second minibatch's policy has moved since the rollout
+    assert all(r["approx_kl"] > 0 for r in steps)  # the second minibatch's policy has moved since the rollout
     assert all(r["reward_mean"] == pytest.approx(0.45) for r in steps)  # ranks 1..4 -> 1.0, 0.63, 0.27, -0.1
     assert records(tmp_path, "eval_win_rate")[-1]["eval_n"] == 2
     state = torch.load(tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)

@@ -264,7 +264,7 @@ def run_model(model_type, work, nproc, tiny, peak_tflops, timeout=540):
               "estimate_step_gib": None if estimate is None else estimate / memory.GIB,
               "window_s": sum(r["step_time"] for r in timed) / len(timed), "update_s": update_s,
               "update_mfu": flops * (k - 1) * cfg.prompts_per_rank / update_s / (peak_tflops * 1e12),
-              "first_log_ratio_max": steps[0]["log_ratio_max"], "first_approx_kl": steps[0]["approx_kl"],
+              "first_log_ratio_max": steps[0]["rollout_train_max_abs_log_ratio"], "first_approx_kl": steps[0]["approx_kl"],
               "host_mib": [rank["host"] for rank in ranks], "build_s": built,
               "params": transformer_parameters(model_type, model)}
     shutil.rmtree(folder / "model", ignore_errors=True)  # 24-41 GB of disk at full size
