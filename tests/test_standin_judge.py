@@ -4,18 +4,16 @@ at once; a judgment past its wall-time cap is a failure, masked and counted.
 """
 import base64
 import io
+import json
 import math
 import time
 
 import pytest
 import requests
-from PIL import Image
-
 import judge
+from fake_vlm import FakeVLM, candidate_images, redness
+from judge_helpers import BLUE, PINK, RED, make_client, make_judge, solid
 from tools.standin_judge import StandinJudge
-
-RED, BLUE = Image.new("RGB", (32, 32), (220, 30, 30)), Image.new("RGB", (32, 32), (30, 30, 220))
-
 
 def data_url(image):
     buffer = io.BytesIO()
@@ -44,7 +42,7 @@ def test_observed_rates_match_the_parameters_over_hundreds_of_requests():
     with StandinJudge(failure_rate=fail, malformed_rate=malformed, seed=3) as standin, requests.Session() as http:
         assert (standin.q, standin.c) == pytest.approx((0.316, 0.795), abs=1e-3)
         counts, usage = {"500": 0, "malformed": 0, "first": [0, 0], "second": [0, 0]}, 0
-        bodies = {True: pair_request([RED, BLUE]), False: pair_request([BLUE, RED])}
+        bodies = {True: pair_request([solid(RED), solid(BLUE)]), False: pair_request([solid(BLUE), solid(RED)])}
         for i in range(n):
             better_first = i % 2 == 0
             response = http.post(f"{standin.url}/chat/completions", json=bodies[better_first], timeout=30)
@@ -80,7 +78,64 @@ def test_content_accuracy_keeps_the_gap_and_latency_is_drawn_within_its_bounds()
     with StandinJudge(latency_lo=0.05, latency_hi=0.1, seed=1) as standin, requests.Session() as http:
         for _ in range(5):
             start = time.monotonic()
-            assert http.post(f"{standin.url}/chat/completions", json=pair_request([RED, BLUE])).status_code == 200
+            response = http.post(f"{standin.url}/chat/completions", json=pair_request([solid(RED), solid(BLUE)]))
+            assert response.status_code == 200
             assert time.monotonic() - start >= 0.05
     with pytest.raises(ValueError, match="reverse <= forward"):
         StandinJudge(forward=0.5, reverse=0.6)
+
+
+# ----- judge.py's submit paths: every request of a judgment in flight at once -------------------------------------
+
+def test_both_orders_of_a_judgment_are_in_flight_at_once_and_land_in_their_order():
+    """swap on, 0.4 s per request, the forward order answered 0.3 s later than the reverse one: submit() takes about
+    one latency (the two requests overlap on the server), and each answer is mapped to its own order. An always-
+    first server: forward [1, 2], reverse shown (blue, red) answered [1, 2] = [2, 1] in the given order, a tie."""
+    with FakeVLM(latency=0.4) as fake:
+        def first_wins(body):
+            if redness(candidate_images(body)[0]) > 0:  # the forward presentation (red shown first) is slower
+                time.sleep(0.3)
+            return json.dumps({"reason": "first", "rank": [1, 2]})
+        fake.handler = first_wins
+        with make_judge(fake, swap=True) as judge_:
+            start = time.monotonic()
+            verdict = judge_.submit("red", [solid(RED), solid(BLUE)]).result(timeout=30)
+            wall = time.monotonic() - start
+        assert fake.max_in_flight == 2 and len(fake.requests) == 2
+    assert wall < 0.4 + 0.3 + 0.35  # serial would be 0.4 + 0.7 = 1.1 s
+    assert verdict.ranks == [[1, 2], [2, 1]] and not verdict.consistent and verdict.rank is None
+    assert verdict.first_position_wins == [True, True] and verdict.calls == 2 and verdict.error is None
+
+
+def test_every_image_of_a_score_group_is_in_flight_at_once_and_scores_keep_their_images():
+    """ScoreJudge over 3 images, 0.3 s per request: the group takes about one latency; the scores (red 9, pink 5,
+    blue 1 by the server) come back in the images' order whatever order they were answered in."""
+    with FakeVLM(latency=0.3) as fake:
+        score = {RED: 9, PINK: 5, BLUE: 1}
+
+        def scorer(body):
+            (image,) = candidate_images(body)
+            return f"<think>looked</think><answer>{score[image.convert('RGB').getpixel((0, 0))]}</answer>"
+        fake.handler = scorer
+        with judge.ScoreJudge(make_client(fake), 0, 10) as score_judge:
+            start = time.monotonic()
+            verdict = score_judge.submit("red", [solid(BLUE), solid(RED), solid(PINK)]).result(timeout=30)
+            wall = time.monotonic() - start
+        assert fake.max_in_flight == 3
+    assert wall < 0.3 + 0.45  # serial: 0.9 s
+    assert verdict.scores == [1, 9, 5] and verdict.rank == [3, 1, 2] and verdict.calls == 3
+
+
+def test_a_judgment_past_its_wall_time_cap_is_a_counted_failure_not_a_wait():
+    """A server 1 s per request and --judge_timeout 0.3 s: the group is a failure after ~0.3 s, masked by train.py
+    (judge_outcome None) and counted as failed by its window, not a tie."""
+    import train
+    with FakeVLM(latency=1.0) as fake:
+        with make_judge(fake, client_options=dict(timeout=5.0, max_retries=0), swap=True) as judge_:
+            start = time.monotonic()
+            group = judge.submit_group(judge_, "red", [solid(RED), solid(BLUE)]).result(timeout=0.3)
+            waited = time.monotonic() - start
+    assert waited < 0.9 and group.win_rates is None and "--judge_timeout" in group.error
+    window = train.WindowStats(lr=0.0)
+    assert window.count(group, train.judge_outcome(group, train.make_config(["--model", "m"]))) is None
+    assert (window.groups, window.failed, window.ties) == (1, 1, 0) and "0.3 s" in window.errors[0]
