@@ -22,6 +22,7 @@ Deliberate deviations from the official code
 """
 import contextlib
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -32,6 +33,7 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +74,10 @@ def load_inputs(cfg, demo, task):
         if cfg.model_type != "flux" or cfg.rubrics or cfg.eval_rubrics:
             raise ConfigError("--judge_mode score: the score judge (T2I-Eval-R1) judges text-to-image candidates "
                               "without a rubric; drop --rubrics / --eval_rubrics and use --model_type flux")
+    if cfg.judge_timeout > cfg.dist_timeout * 60 / 2:  # the other half: the window's compute after the last verdict
+        raise ConfigError(f"--judge_timeout {cfg.judge_timeout:g} s is more than half of --dist_timeout "
+                          f"{cfg.dist_timeout:g} min: a rank waiting that long for its judge would make the others "
+                          "time out in the next all-reduce; lower --judge_timeout or raise --dist_timeout")
     if cfg.minibatches > cfg.prompts_per_rank:
         raise ConfigError(f"--minibatches {cfg.minibatches} is more than --prompts_per_rank {cfg.prompts_per_rank}: "
                           "every minibatch takes the same number of each rank's prompts, at least one")
@@ -194,29 +200,75 @@ def judge_usage(judge, since=None):
     return now if since is None else {key: now[key] - since[key] for key in USAGE_KEYS}
 
 
-def judge_check(run):
+def judge_check(run, final=False):
     """The drift alarm (rank 0, at step 0 and every judge_check_every steps): the judge's accuracy and position gap
     on the labelled pairs of --judge_check_data, judged in both orders with the run's client and rubric, logged as
-    judge_check_*; a judge that degrades or a server swapped mid-run shows there. A fall of 0.1 or more from the
-    first check is printed as a warning."""
-    if not run.check_items or run.step % run.cfg.judge_check_every:
+    judge_check_* with the step it started at; a judge that degrades or a server swapped mid-run shows there. A fall
+    of 0.1 or more from the first check is printed as a warning. The check runs in the background on rank 0 (its
+    requests share the client's --judge_concurrency slots), so no rank waits for it: it is logged at the first
+    window end after it is done, and `final` (the run's end) waits for it. A check due while the previous one still
+    runs is skipped, with a line on the console."""
+    if not run.check_items or run.d.rank != 0:
         return
-    if run.d.rank == 0:
-        if run.cfg.judge_mode == "score":  # the run's score judge itself: a score sees one image, no order to swap
-            summary = evaluate(run.judge, run.check_items)
-        else:
-            rubric = read_text(run.cfg.rubrics, "rubrics")
-            with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
-                summary = evaluate(check, run.check_items)
-        record = {"step": run.step, **{f"judge_check_{key}": summary[key] for key in (
-            "accuracy", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons", "requests")}}
-        log(run, record)
-        first = run.checks[0] if run.checks else None
-        run.checks.append((run.step, summary["accuracy"]))
-        if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
-            print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
-                  f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
-    barrier(run.d)
+    if run.check_future is not None and (final or run.check_future.done()):
+        future, run.check_future = run.check_future, None
+        try:
+            log_check(run, future.result())
+        except Exception as e:  # the alarm must never take the run down
+            print(f"warning: the judge check of step {run.check_step} failed: {type(e).__name__}: {e}", flush=True)
+    if final or run.step % run.cfg.judge_check_every:
+        return
+    if run.check_future is not None:
+        print(f"judge check of step {run.step} skipped: the one of step {run.check_step} is still running", flush=True)
+        return
+    if run.check_pool is None:
+        run.check_pool = ThreadPoolExecutor(1, thread_name_prefix="judge-check")
+    run.check_step, run.check_future = run.step, run.check_pool.submit(check_summary, run)
+
+
+def check_summary(run):
+    """judge.evaluate's summary of the judge on the labelled pairs (both orders; a score judge as it is)."""
+    if run.cfg.judge_mode == "score":  # the run's score judge itself: a score sees one image, no order to swap
+        return evaluate(run.judge, run.check_items)
+    rubric = read_text(run.cfg.rubrics, "rubrics")
+    with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
+        return evaluate(check, run.check_items)
+
+
+def log_check(run, summary):
+    """Log one finished judge check (step: when it started) and warn when the accuracy fell by 0.1 or more."""
+    record = {"step": run.check_step, **{f"judge_check_{key}": summary[key] for key in (
+        "accuracy", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons", "requests")}}
+    log(run, record)
+    first = run.checks[0] if run.checks else None
+    run.checks.append((run.check_step, summary["accuracy"]))
+    if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
+        print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
+              f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
+
+
+TIE_WARN_RATE = 0.4  # ours: an unbiased judge right on 3 pairs in 4 ties 2 x 0.75 x 0.25 = 0.375 of them
+
+
+def tie_warning(run, recent):
+    """Once per run, when more than TIE_WARN_RATE of the pairs of the last failure_window windows (`recent`, their
+    records) were order-inconsistent ties: a warning naming the judge's position gap and what helps. The gap comes
+    from the first-position win rate w over the valid answers: with the better image first in half of them,
+    w = (forward + 1 - reverse) / 2, so forward - reverse = 2 w - 1 (paper Table 5's gap)."""
+    pairs = sum(r["pairs"] for r in recent)
+    ties = sum(r["tie_rate"] * r["pairs"] for r in recent)
+    if run.tie_warned or len(recent) < run.cfg.failure_window or ties <= TIE_WARN_RATE * pairs:
+        return
+    run.tie_warned = True
+    wins = [r["first_position_win_rate"] for r in recent if r["first_position_win_rate"] is not None]
+    w = sum(wins) / len(wins) if wins else None
+    bias = (f"The judge preferred the image shown first in {w:.0%} of its answers: a position gap (forward - "
+            f"reverse accuracy, paper Table 5) of about {2 * w - 1:+.2f}. " if w is not None else "")
+    print0(run.d, f"warning: {ties / pairs:.0%} of the pairs of the last {len(recent)} windows were order-"
+                  f"inconsistent ties: masked, so they train nothing (they never stop the run). {bias}What helps: a "
+                  "stronger judge, or a rubric that names the decisive differences (measure either with `python "
+                  "judge.py eval` or --judge_check_data); --no_judge_swap trains every pair, but then a share of the "
+                  "rewards follows the position, not the image (noisier rewards, the bias inside the signal).")
 
 
 # ---- The policy, its memory options, its prompts encoded up front -------------------------------------------------
@@ -224,9 +276,12 @@ def judge_check(run):
 def load_policy(cfg, cls, d, demo, items):
     """The policy of the config with its memory options, after the memory check (a warning naming the estimate and
     the flags that help, before anything loads); every item's encoder input (`items`: training and eval prompts)
-    encoded up front, then the text encoders released (freed, or moved to the CPU if host memory could not keep
-    every embedding); the LoRA broadcast from rank 0. With --embed_cache the ranks encode a share each into the
-    shared folder and read the rest from it; without it each rank encodes everything into its host memory."""
+    encoded up front into the embedding folder (--embed_cache, by default output_dir/embeddings), then the text
+    encoders freed, so they never run in the hot path (a missing embedding later is an error, not a slow CPU encode);
+    the LoRA broadcast from rank 0. Rank r encodes only its share (every W-th item), then, after a barrier, every
+    rank checks every file and encodes what another rank could not write; later reads come from host memory (a
+    bounded LRU) or the folder, whose entries are keyed by the encoders' and tokenizers' identity and the item, so
+    another model's or prompt set's file is never read as this run's (embed_cache.py)."""
     if demo is None and d.device.type == "cuda":
         warning = memory_warning(cfg, d.world_size, torch.cuda.get_device_properties(d.device).total_memory)
         if warning:
@@ -236,18 +291,20 @@ def load_policy(cfg, cls, d, demo, items):
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(d.device.type, (d.world_size,))
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # LoRA and AdamW stay fp32 either way
+    folder = cfg.embed_cache or str(Path(cfg.output_dir) / "embeddings")
     policy = cls.from_pretrained(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                  lora_targets=cfg.lora_targets, device=d.device, dtype=dtype,
                                  mixed_precision=dtype if dtype != torch.float32 else None,
-                                 gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
+                                 gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=folder,
                                  shard_mesh=mesh)
     inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
-    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs)
-    barrier(d)  # the shared folder is complete before any rank reads from it
-    where = policy.release_text_encoders()
-    print0(d, f"prompts: {encoded} encoded on rank 0 ({policy.embed_cache.stats['evicted']} did not fit in host "
-              f"memory), text encoders {'freed' if where == 'freed' else 'moved to the CPU (pass --embed_cache)'}"
-              + (f", the base sharded over {d.world_size} ranks" if mesh is not None else ""))
+    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size])  # this rank's share only
+    barrier(d)  # the folder is complete before any rank reads from it (the slowest share, within --dist_timeout)
+    redone = policy.cache_embeddings(inputs)  # 0 unless a rank's file is missing or unreadable
+    policy.release_text_encoders()  # freed: every embedding is in the folder
+    print0(d, f"prompts: {len(inputs)} (this run's windows and eval) embedded in {folder}: {encoded} encoded by rank "
+              f"0, the rest by the other ranks{f', {redone} again after the barrier' if redone else ''}; text "
+              "encoders freed" + (f", the base sharded over {d.world_size} ranks" if mesh is not None else ""))
     for p in policy.trainable_parameters():
         if d.world_size > 1:
             dist.broadcast(p.data, src=0)
@@ -270,6 +327,16 @@ def next_window(run):
     positions = [run.position + j * ranks + run.d.rank for j in range(per_rank)]
     run.position += per_rank * ranks
     return [run.items[epoch_order(n, run.cfg.seed, p // n)[p % n]] for p in positions]
+
+
+def planned_items(cfg, items, world_size):
+    """The training items that windows 1..max_steps visit (next_window's order is fixed by the seed and the world
+    size): only they are embedded up front. A resume with a larger --max_steps plans the new windows too."""
+    n, total = len(items), cfg.max_steps * world_size * cfg.prompts_per_rank
+    visited = set()
+    for epoch in range(-(-total // n)):
+        visited.update(epoch_order(n, cfg.seed, epoch)[:total - epoch * n])
+    return [items[i] for i in sorted(visited)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -316,17 +383,20 @@ class Dist:
     device: torch.device
 
 
-def init_distributed(device=None):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process with world size 1."""
+def init_distributed(device=None, timeout_minutes=None):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process with world size 1.
+    timeout_minutes (--dist_timeout): how long a collective may wait for the slowest rank before the job aborts;
+    None keeps torch's default (10 minutes for NCCL), shorter than a judge that is slow for a while."""
+    timeout = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     use_cuda = device != "cpu" and torch.cuda.is_available() and (device or "cuda").startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)  # before init: NCCL and the object collectives use the current device
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), **timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **timeout)
     return Dist(rank, local_rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
@@ -376,6 +446,10 @@ class Run:
     ema: list | None = None    # EMA copies of the LoRA parameters (ema_decay > 0), fp32
     check_items: list = field(default_factory=list)  # labelled pairs of --judge_check_data
     checks: list = field(default_factory=list)       # (step, judge_check_accuracy) so far
+    check_pool: ThreadPoolExecutor | None = None     # rank 0: the background judge check (judge_check)
+    check_future: object = None                      # the running check's Future[summary], or None
+    check_step: int = 0                              # the step the last check started at
+    tie_warned: bool = False                         # tie_warning said its piece
 
 
 def percentile(values, q):
@@ -597,7 +671,9 @@ def restore_signal_handlers(previous):
 
 
 def close_run(run):
-    """Stop the judges' threads and flush the tracker."""
+    """Stop the judges' threads (a running judge check finishes first) and flush the tracker."""
+    if run.check_pool is not None:
+        run.check_pool.shutdown(wait=True, cancel_futures=True)
     close_judges(run.judge, run.eval_judge)
     if run.tracker is not None:
         (run.tracker.finish if run.cfg.log_with == "wandb" else run.tracker.close)()

@@ -35,7 +35,8 @@ Deliberate deviations from the paper and the official code
     2. Judging overlaps computation (phase 4 starts while later groups are judged); the official code waits for
        every judgment with the GPU idle.
     3. A failed or order-inconsistent judgment masks its group (judge_failure_rate / tie_rate) instead of crashing
-       the job; the run saves and stops when the masked rate over failure_window steps passes failure_stop_rate.
+       the job; the run saves and stops when the judge-failure rate over failure_window steps passes
+       failure_stop_rate. Ties never stop it: a high tie rate is warned about once (runtime.tie_warning).
     4. The KL penalty is the exact KL of the two Gaussian transitions by default; the official on-policy k1
        estimate, whose expected gradient is zero, is kept as --kl_estimator k1.
     5. The judge sees both candidate orders by default (--judge_swap); evaluation alternates the policy's position,
@@ -135,6 +136,12 @@ class Config:
                                                 "the drift alarm", "ours")
     judge_check_every: int = beyond(25, "windows between judge checks on judge_check_data", "ours",
                                     valid=at_least(1))
+    judge_timeout: float = beyond(900.0, "seconds one judgment (both orders, re-asks, retries) may take from its "
+                                         "submission; past it the pair is a judge failure (masked, counted); at most "
+                                         "half of --dist_timeout", "ours", valid=above(0))
+    dist_timeout: float = beyond(120.0, "minutes a rank may wait in a collective before torch.distributed aborts "
+                                        "the job (init_process_group's timeout; NCCL's default is 10)",
+                                 "ours; Pref-GRPO sets hours", valid=above(0))
     eval_prompts: str | None = beyond(None, "eval prompts, same format; unset: held out from the prompts",
                                       "ours (the official code has no evaluation)")
     eval_size: int = beyond(64, "at most this many eval prompts", "ours", valid=at_least(1))
@@ -153,7 +160,7 @@ class Config:
     gradient_checkpointing: bool = beyond(True, "recompute each transformer block in backward (same gradients)",
                                           "diffusers (python bench.py memory: the estimates)")
     embed_cache: str | None = beyond(None, "folder of prompt embeddings (per prompt and model), reused by runs and "
-                                           "ranks", "ours")
+                                           "ranks; unset: output_dir/embeddings", "ours")
     shard_base: bool = beyond(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA replicated)",
                               "torch FSDP2")
     cache_dir: str = beyond("~/.cache/arr-rpo", "where the demo's tiny model is built once", "ours")
@@ -162,8 +169,8 @@ class Config:
     resume: str | None = beyond(None, "auto (newest complete checkpoint in output_dir) or a checkpoint folder",
                                 "ours (the official --resume_from_checkpoint is ignored)")
     seed: int = beyond(42, "seed; rank r samples with seed + r", "ours")
-    failure_stop_rate: float = beyond(0.5, "save and stop when the masked-pair rate over failure_window windows "
-                                           "is above", "ours", valid=within(0, 1))
+    failure_stop_rate: float = beyond(0.5, "save and stop when the judge-failure rate over failure_window windows "
+                                           "is above (ties never stop a run)", "ours", valid=within(0, 1))
     failure_window: int = beyond(5, "windows in the failure-rate window", "ours", valid=at_least(1))
     log_with: str = beyond("none", "also log to wandb or tensorboard (only if installed)", "ours",
                            choices=("none", "wandb", "tensorboard"))
@@ -405,7 +412,7 @@ def train_step(run):
         sums = TermSums()
         for j in batch:
             if epoch == 0:  # a group's verdict is awaited when its update comes; later groups are still judged
-                group = window.timed("judge_wait", pending[j].judgment.result)  # 2. judge
+                group = window.timed("judge_wait", pending[j].judgment.result, cfg.judge_timeout)  # 2. judge
                 rewards = window.count(group, judge_outcome(group, cfg))
                 adv[j] = None if rewards is None else advantages(rewards, cfg, run.policy.device)  # 3. advantages
             sums += update_group(run, pending[j], adv[j], window)  # 4. update
@@ -483,7 +490,7 @@ def prepare(cfg, d, judge=None):
             build_tiny_model(cfg.model_type, cfg.model)
         runtime.barrier(d)
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast by load_policy, to be sure)
-        policy = runtime.load_policy(cfg, cls, d, demo, items + eval_items)  # prompts encoded, encoders released
+        policy = runtime.load_policy(cfg, cls, d, demo, runtime.planned_items(cfg, items, d.world_size) + eval_items)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, cfg.lr_warmup_steps))
@@ -506,7 +513,7 @@ def prepare(cfg, d, judge=None):
 
 def loop(run):
     """Windows until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge."""
-    cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window windows
+    cfg, recent = run.cfg, []  # the records of the last failure_window windows
     if run.step == 0:
         runtime.judge_check(run)
     if run.step == 0 and cfg.eval_every:
@@ -515,24 +522,26 @@ def loop(run):
         record = train_step(run)
         runtime.log(run, record)
         runtime.judge_check(run)  # the drift alarm: the judge's accuracy on labelled pairs, every judge_check_every
-        # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
-        recent = (recent + [(record["masked_pairs"], record["pairs"])])[-cfg.failure_window:]
-        failed, pairs = map(sum, zip(*recent))
+        # only judge failures stop the run: a tie is a valid judgment (masked), warned about once when frequent
+        recent = (recent + [record])[-cfg.failure_window:]
+        failed, pairs = sum(r["judge_failures"] for r in recent), sum(r["pairs"] for r in recent)
         failing = len(recent) == cfg.failure_window and failed > cfg.failure_stop_rate * pairs
+        runtime.tie_warning(run, recent)
         if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
             runtime.log(run, evaluate(run))
         if run.step % cfg.save_every == 0 or run.step == cfg.max_steps or failing or record["stop_requested"]:
             path = runtime.save_checkpoint(run)
             runtime.print0(run.d, f"checkpoint: {path}")
         if failing:
-            raise RunStopped(f"{failed / pairs:.0%} of the pairs of the last {cfg.failure_window} steps were masked "
-                             "(judge failures and order-inconsistent ties), more than "
+            raise RunStopped(f"{failed / pairs:.0%} of the pairs of the last {cfg.failure_window} steps were judge "
+                             "failures (server errors, invalid answers, past --judge_timeout), more than "
                              f"--failure_stop_rate {cfg.failure_stop_rate}; checkpoint saved to {path}. "
                              f"Check the judge server, then continue with --resume auto --output_dir {run.out}")
         if record["stop_requested"]:
             runtime.print0(run.d, f"interrupted at step {run.step}; continue with --resume auto "
                                   f"--output_dir {run.out}")
             return 130
+    runtime.judge_check(run, final=True)  # the last drift check, if one is still running
     curve = "  ".join(f"{s}: {w:.2f}" for s, w in run.evals if w is not None)
     runtime.print0(run.d, f"done: {run.step} steps in {run.out}"
                    + (f"\neval win rate by step  {curve}" if curve else ""))
@@ -541,7 +550,7 @@ def loop(run):
 
 def train(cfg, judge=None):
     """Run RPO as configured; returns the exit code. `judge` replaces the configured judge (tests, benchmarks)."""
-    d = runtime.init_distributed(cfg.device)
+    d = runtime.init_distributed(cfg.device, cfg.dist_timeout)
     run, previous = None, {}
     try:
         run = prepare(cfg, d, judge)

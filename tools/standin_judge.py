@@ -23,6 +23,7 @@ failure_rate an HTTP 500; with probability malformed_rate prose without JSON (th
 (`down_for`) an HTTP 503 at once. Usage: prompt_tokens = text characters / 4 + one token per 28 x 28 pixels of
 every image (Qwen-VL's patch merge), completion_tokens = answer characters / 4 + 1.
 
+Run: `python -m pytest tests/test_standin_judge.py` checks it; in code or as a process:
     with StandinJudge(seed=0, latency_lo=1.0, latency_hi=3.0) as judge:
         client = VLMClient(judge.url, "standin")
         judge.down_for(60.0)                      # the server is down for a minute (503s)
