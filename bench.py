@@ -71,7 +71,9 @@ def bench_judge(args):
     through Judge.submit (swap off: one request each), so the measurement includes image encoding, request
     building, the bounded transport and answer parsing. The fake server runs in its own process, as a real VLM
     server does (in this process it would share the GIL and bill its own parsing to the client). A warm-up round
-    opens the threads and keep-alive connections; the median of `repeats` rounds is reported.
+    opens the threads and keep-alive connections; the median of `repeats` rounds is reported. Then one judgment
+    with the order swap: submit() (both orders in flight at once, as training asks) vs compare() (the orders in
+    turn, as evaluation asks), target ratio <= 0.6 (ideal 0.5).
     """
     import json
     import statistics
@@ -101,6 +103,13 @@ def bench_judge(args):
                 wrong = [v for v in verdicts if v.rank != [1, 2]]
                 if wrong:
                     raise RuntimeError(f"{len(wrong)} wrong verdicts, first: {wrong[0]}")
+        with judge.Judge(client, "1. Prefer the image that shows the colour named in the prompt.") as swapped:
+            serial, both = [], []  # one judgment in both orders: compare() asks them in turn, submit() at once
+            for _ in range(args.repeats):
+                for sink, ask in ((serial, swapped.compare), (both, lambda *a: swapped.submit(*a).result())):
+                    start = time.perf_counter()
+                    ask("a red square", images)
+                    sink.append(time.perf_counter() - start)
     finally:
         stats, _ = server.communicate(timeout=30)  # closing stdin stops the server, which prints its counters
     stats = json.loads(stats.strip().splitlines()[-1])
@@ -109,6 +118,10 @@ def bench_judge(args):
           f"(server saw at most {stats['max_in_flight']} in flight over {stats['connections']} connections): "
           f"ideal {ideal:.2f} s, measured {measured:.3f} s (median of {args.repeats}); "
           f"ratio {measured / ideal:.3f} (target <= 1.2)")
+    print(f"judge swap: one judgment in both orders, {latency * 1000:.0f} ms per request: submit (both in flight) "
+          f"{statistics.median(both) * 1000:.0f} ms, orders in turn {statistics.median(serial) * 1000:.0f} ms "
+          f"(median of {args.repeats}); ratio {statistics.median(both) / statistics.median(serial):.3f} "
+          f"(target <= 0.6)")
 
 
 def bench_step(args):
