@@ -4,9 +4,11 @@ A frozen VLM, given the induced rubric in its system prompt, ranks N >= 2 candid
 edited results of one source image (editing). Smaller rank = better; [1, 2] means the first candidate is preferred.
     Judge.compare(prompt, images, source_image=None) -> Verdict      never raises, never makes up a rank: a failed
         judgment has rank None and an error; an order-inconsistent one has rank None and consistent False
-    Judge.submit(...) -> Future[Verdict]                             so training overlaps judging with rollouts
-    submit_group(judge, prompt, images, mode) -> .result() -> GroupVerdict   N candidates of one prompt: a win
-        rate per candidate from one listwise judgment (mean rank over the orders) or from every pair
+    Judge.submit(...) -> Future[Verdict]                             so training overlaps judging with rollouts;
+        every request of the judgment (both orders; a ScoreJudge's every image) in flight at once
+    submit_group(judge, prompt, images, mode) -> .result(timeout) -> GroupVerdict   N candidates of one prompt: a
+        win rate per candidate from one listwise judgment (mean rank over the orders) or from every pair; past
+        `timeout` seconds from submission a judgment is a failure (train.py's --judge_timeout)
     evaluate(judge, items) -> summary                                accuracy and position bias (paper Table 5)
     ScoreJudge(client, low, high)                                    the same interface for a judge trained by
         train_judge.py (T2I-Eval-R1, arXiv 2505.17897): each candidate scored alone, the higher score wins
@@ -488,15 +490,11 @@ class GroupJudgment:
         self.submitted = time.monotonic()
 
     def result(self, timeout=None):
-        """The GroupVerdict. With `timeout` (seconds since submission: train.py's --judge_timeout) a group not
-        judged by then is a failure (masked and counted) at once; its requests finish or time out in the pool."""
-        try:
-            verdicts = {key: future.result(None if timeout is None else
-                                           max(0.0, self.submitted + timeout - time.monotonic()))
-                        for key, future in self.futures.items()}
-        except TimeoutError:
-            return GroupVerdict(None, f"the judgment took longer than {timeout:g} s (--judge_timeout): counted as "
-                                      "failed; is the judge server overloaded or down?")
+        """The GroupVerdict. With `timeout` (seconds since submission: train.py's --judge_timeout) a judgment not
+        done by then is a failure at once (listwise: the group is masked and counted; pairs: that pair is left out);
+        its requests finish or time out in the pool."""
+        deadline = None if timeout is None else self.submitted + timeout
+        verdicts = {key: verdict_by(future, deadline, timeout) for key, future in self.futures.items()}
         errors = [v.error for v in verdicts.values() if v.error]
         if self.mode == "listwise":
             (v,) = verdicts.values()
@@ -514,6 +512,20 @@ class GroupJudgment:
         rank = next(iter(verdicts.values())).rank if self.n == 2 and rates is not None else None
         return GroupVerdict(rates, "; ".join(errors) if rates is None and errors else None, list(verdicts.values()),
                             rank)
+
+
+def timed_out(timeout):
+    return (f"the judgment took longer than {timeout:g} s (--judge_timeout): counted as failed; is the judge server "
+            "overloaded or down?")
+
+
+def verdict_by(future, deadline, timeout=None):
+    """future.result() (a Future[Verdict] of submit) waited for until time.monotonic() reaches `deadline` (None: no
+    limit); past it a failed Verdict saying so (timed_out(timeout)), without waiting any longer."""
+    try:
+        return future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return Verdict(rank=None, error=timed_out(timeout), latency=timeout or 0.0)
 
 
 def submit_group(judge, prompt, images, mode="listwise", source_image=None):

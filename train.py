@@ -449,8 +449,9 @@ def evaluate(run):
         futures.append((i % 2, (run.eval_judge or run.judge).submit(item.prompt, pair, source_image=source)))
         columns.append((source, mine_image, ref_image))
     counts = torch.zeros(4)  # wins, ties, failures, judged + failed
+    deadline = time.monotonic() + cfg.judge_timeout  # every eval pair was submitted: the cap of one judgment
     for policy_at, future in futures:
-        v = future.result()
+        v = judge_lib.verdict_by(future, deadline, cfg.judge_timeout)
         counts += torch.tensor([v.error is None and v.rank is not None and v.rank[policy_at] == 1,
                                 v.error is None and v.rank is None, v.error is not None, 1.0])
     wins, ties, failed, n = runtime.all_reduce_sum(counts.to(d.device), d).tolist()

@@ -156,3 +156,16 @@ def test_a_folder_of_another_model_is_never_read_as_this_ones(tmp_path, cache, m
         run.judge.close()
         assert len(calls) == 4  # never served the first model's embeddings
     assert len(list(folder.rglob("*.safetensors"))) == 8
+
+
+def test_an_eval_judge_slower_than_the_cap_gives_counted_failures(tmp_path, cache):
+    """Evaluation waits for its verdicts at most --judge_timeout after its last pair was submitted: a judge 2 s per
+    pair under a 0.3 s cap gives eval_failure_rate 1.0 over the 2 eval prompts, not a wait."""
+    cfg = train.make_config(demo_args(tmp_path / "run", cache, "--max_steps", "1", "--judge_timeout", "0.3"))
+    run = train.prepare(cfg, runtime.Dist(0, 0, 1, policy.torch.device("cpu")),
+                        demo.DemoJudge(demo.warmth, latency=2.0))
+    try:
+        record = train.evaluate(run)
+    finally:
+        runtime.close_run(run)
+    assert (record["eval_n"], record["eval_failure_rate"], record["eval_win_rate"]) == (2, 1.0, None)
