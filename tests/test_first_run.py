@@ -169,3 +169,21 @@ def test_an_eval_judge_slower_than_the_cap_gives_counted_failures(tmp_path, cach
     finally:
         runtime.close_run(run)
     assert (record["eval_n"], record["eval_failure_rate"], record["eval_win_rate"]) == (2, 1.0, None)
+
+
+def test_bench_rehearsal_on_two_gloo_ranks_reports_each_ranks_share_and_no_hot_path_encoding(tmp_path, cache):
+    """`python bench.py rehearsal` under torchrun (2 gloo ranks, 50 generated prompts, 2 windows, an instant stand-in,
+    no emulated GPU time): both windows train; of the 50 prompts 12 are held out for eval and the 2 windows visit
+    2 x 2 x 4 = 16 of the other 38, so each rank encodes 14 = (16 + 12) / 2 before step 1 and none after window 1."""
+    import subprocess
+    import sys
+    from train_helpers import ROOT
+    cmd = [sys.executable, "bench.py", "rehearsal", "--ranks", "2", "--windows", "2", "--num_prompts", "50",
+           "--latency", "0,0", "--rollout_s", "0", "--update_s", "0", "--cache_dir", cache, "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["windows_done"], summary["stopped"], summary["consistent_pairs_trained"]) == (2, None, 1.0)
+    assert summary["encoder_calls_before"] == [14, 14] and summary["encoder_calls_after_window_1"] == [0, 0]
+    assert len(list((tmp_path / "run" / "embeddings").rglob("*.safetensors"))) == 28
+    assert result.stdout.count("window ") >= 2 and all(mib > 0 for mib in summary["peak_rss_mib"])
