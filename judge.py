@@ -261,7 +261,9 @@ class _PooledJudge:
                 _resolve(outer, lambda: Verdict(rank=None, error=f"{type(exc).__name__}: {exc}"), started)
                 return
             _when_all(futures, lambda: _resolve(outer, lambda: finish(futures), started))
-        self._pool_submit(start)
+        self._pool_submit(start).add_done_callback(  # close() cancelled it before it ran: resolve with the reason
+            lambda task: task.cancelled() and _resolve(outer, lambda: Verdict(
+                rank=None, error="CancelledError: the judge was closed before the judgment started"), started))
         return outer
 
     def _pool_submit(self, fn, *args):

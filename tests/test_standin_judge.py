@@ -139,3 +139,15 @@ def test_a_judgment_past_its_wall_time_cap_is_a_counted_failure_not_a_wait():
     window = train.WindowStats(lr=0.0)
     assert window.count(group, train.judge_outcome(group, train.make_config(["--model", "m"]))) is None
     assert (window.groups, window.failed, window.ties) == (1, 1, 0) and "0.3 s" in window.errors[0]
+
+
+def test_judgments_still_queued_when_the_judge_closes_resolve_with_the_reason_never_hang():
+    """One pool thread, four judgments submitted, then close(): the running one finishes, the queued ones resolve
+    at once as failures saying why (a Future left pending would hang whoever waits on it)."""
+    with FakeVLM(latency=0.3) as fake:
+        judge_ = make_judge(fake, swap=False, max_workers=1)
+        futures = [judge_.submit("red", [solid(RED), solid(BLUE)]) for _ in range(4)]
+        judge_.close()
+        verdicts = [future.result(timeout=10) for future in futures]
+    assert verdicts[0].rank == [1, 2] and verdicts[0].error is None
+    assert all(v.rank is None and "closed before the judgment started" in v.error for v in verdicts[1:])
