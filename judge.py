@@ -4,9 +4,11 @@ A frozen VLM, given the induced rubric in its system prompt, ranks N >= 2 candid
 edited results of one source image (editing). Smaller rank = better; [1, 2] means the first candidate is preferred.
     Judge.compare(prompt, images, source_image=None) -> Verdict      never raises, never makes up a rank: a failed
         judgment has rank None and an error; an order-inconsistent one has rank None and consistent False
-    Judge.submit(...) -> Future[Verdict]                             so training overlaps judging with rollouts
-    submit_group(judge, prompt, images, mode) -> .result() -> GroupVerdict   N candidates of one prompt: a win
-        rate per candidate from one listwise judgment (mean rank over the orders) or from every pair
+    Judge.submit(...) -> Future[Verdict]                             so training overlaps judging with rollouts;
+        every request of the judgment (both orders; a ScoreJudge's every image) in flight at once
+    submit_group(judge, prompt, images, mode) -> .result(timeout) -> GroupVerdict   N candidates of one prompt: a
+        win rate per candidate from one listwise judgment (mean rank over the orders) or from every pair; past
+        `timeout` seconds from submission a judgment is a failure (train.py's --judgment_timeout)
     evaluate(judge, items) -> summary                                accuracy (accuracy_avg: the paper's, Table 1)
                                                                      and position bias (paper Table 5); per
                                                                      benchmark subset and group: benchmark_summary
@@ -64,7 +66,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,10 +192,39 @@ def parse_rank(answer, n):
     return values
 
 
+def _when_all(futures, callback):
+    """callback() once every future is done (in the thread that finishes the last one)."""
+    remaining, lock = [len(futures)], threading.Lock()
+
+    def one_done(_):
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            callback()
+    for future in futures:
+        future.add_done_callback(one_done)
+
+
+def _resolve(outer, make, started):
+    """outer.set_result(make()) with the latency since `started`; whatever make() raises becomes a failed Verdict
+    (a Future that never resolves would hang the training loop)."""
+    try:
+        verdict = make()
+    except (Exception, CancelledError) as exc:  # CancelledError: the pool was shut down under the judgment
+        verdict = Verdict(rank=None, error=f"{type(exc).__name__}: {exc}")
+    verdict.latency = time.monotonic() - started
+    outer.set_result(verdict)
+
+
 class _PooledJudge:
-    """What the judges share: compare() (never raises) is compare_detailed()'s verdict; submit() runs compare() in a
-    pool of max_workers threads made on first use (default: the client's max_concurrency, so the pool never outruns
-    the client's bound); close() shuts the pool down and closes an answer cache the judge opened itself."""
+    """What the judges share: compare() (never raises) is compare_detailed()'s verdict; submit() sends every request
+    of a judgment (Judge: both orders; ScoreJudge: every image) to a pool of max_workers threads made on first use
+    (default: the client's max_concurrency, so the pool never outruns the client's bound) at once; close() shuts the
+    pool down and closes an answer cache the judge opened itself. compare_detailed (evaluation and rubric induction,
+    which keep many items in flight, so one item's latency does not matter) asks one request after the other and
+    skips the rest when the transport failed; submit (training, where a window waits on each judgment) takes one
+    latency, not two."""
 
     def _start(self, client, cache, max_workers):
         if self.max_invalid < 0:
@@ -226,11 +257,36 @@ class _PooledJudge:
         return self.compare_detailed(prompt, images, source_image, **options)[0]
 
     def submit(self, prompt, images, source_image=None, **options):
-        """compare() in the judge's thread pool: a concurrent.futures.Future[Verdict]."""
+        """The judgment in the judge's thread pool, all its requests in flight at once: a Future[Verdict] that
+        resolves when the last request is answered (never with an exception). No pool task waits on another, so
+        any pool size works."""
+        started, outer = time.monotonic(), Future()
+        outer.set_running_or_notify_cancel()  # a caller's cancel() cannot leave it unresolvable
+
+        def start():  # in the pool: validation and image encoding stay off the caller's thread
+            try:
+                tasks, finish = self._requests(prompt, images, source_image, **options)
+                futures = [self._pool_submit(task) for task in tasks]
+            except Exception as exc:
+                _resolve(outer, lambda: Verdict(rank=None, error=f"{type(exc).__name__}: {exc}"), started)
+                return
+            _when_all(futures, lambda: _resolve(outer, lambda: finish(futures), started))
+        self._pool_submit(start).add_done_callback(  # close() cancelled it before it ran: resolve with the reason
+            lambda task: task.cancelled() and _resolve(outer, lambda: Verdict(
+                rank=None, error="CancelledError: the judge was closed before the judgment started"), started))
+        return outer
+
+    def _requests(self, prompt, images, source_image, **options):
+        """submit()'s tasks and how their finished futures become the Verdict; here one task, the whole compare()
+        (a judge whose requests do not split: rewards.RubricWeightJudge). Judge and ScoreJudge split theirs."""
+        return [functools.partial(self.compare, prompt, images, source_image, **options)], \
+            lambda futures: futures[0].result()
+
+    def _pool_submit(self, fn, *args):
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="judge")
-            return self._pool.submit(self.compare, prompt, images, source_image, **options)
+            return self._pool.submit(fn, *args)
 
 
 class Judge(_PooledJudge):
@@ -258,47 +314,62 @@ class Judge(_PooledJudge):
         return templates_sha256([self._system_name, f"judge_user_{self.task}", self._extra_name, "judge_reask"])
 
     def compare_detailed(self, prompt, images, source_image=None, prompt_rubric=None, progress=None):
-        """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics.
-        prompt_rubric: rubric text for this judgment only, in place of the per-prompt one (train.py
-        --prompt_rubrics per_group: rubrics.GroupRubricJudge). progress(k, orders, order, presentation): called
-        before asking order k of `orders` (presentation None) and after it (`judge.py ping` prints both)."""
+        """(Verdict, [Presentation, ...]): the verdict plus each order it was asked in, for position-bias metrics;
+        the orders one after the other (submit() sends them at once). prompt_rubric: rubric text for this judgment
+        only, in place of the per-prompt one (train.py --prompt_rubrics per_group: rubrics.GroupRubricJudge).
+        progress(k, orders, order, presentation): called before asking order k of `orders` (presentation None) and
+        after it (`judge.py ping` prints both)."""
         started = time.monotonic()
         presentations = []
         try:
-            n = len(images)
-            if n < 2:
-                raise ValueError(f"need at least 2 candidate images, got {n}")
-            if source_image is not None and self.task != "edit":
-                raise ValueError("source_image given to a t2i judge (use task='edit')")
-            urls = [self.client.encode(image) for image in images]  # once, shared by both orders
-            source_url = self.client.encode(source_image) if source_image is not None else None
-            extra = self._prompt_rubric(prompt) if prompt_rubric is None else \
-                self._extra_template.format(prompt_rubrics=prompt_rubric.strip())
-            orders = [list(range(n))] + ([list(range(n))[::-1]] if self.swap else [])
-            calls = 0
+            ask, orders = self._orders(prompt, images, source_image, prompt_rubric)
             for k, order in enumerate(orders):
-                calls += 1
                 if progress is not None:
                     progress(k + 1, len(orders), order, None)
-                try:
-                    presentation = self._present(prompt, urls, source_url, order, extra)
-                except JudgeError as exc:  # the client already retried; the server is down or refusing us
-                    presentation = Presentation(order, None, "", str(exc))
-                presentations.append(presentation)
+                presentations.append(ask(order))
                 if progress is not None:
-                    progress(k + 1, len(orders), order, presentation)
-                if presentation.error and not presentation.invalid:  # a transport failure: ask nothing more
+                    progress(k + 1, len(orders), order, presentations[-1])
+                if presentations[-1].error and not presentations[-1].invalid:  # the transport failed for good
                     presentations += [Presentation(o, None, "", "not asked: an earlier request failed")
                                       for o in orders[k + 1:]]
                     break
             verdict = self._combine(presentations)
-            verdict.calls = calls
+            verdict.calls = k + 1
         except Exception as exc:  # compare() must never take the training loop down
             verdict = Verdict(rank=None, error=f"{type(exc).__name__}: {exc}")
         verdict.latency = time.monotonic() - started
         return verdict, presentations
 
+    def _requests(self, prompt, images, source_image, prompt_rubric=None):
+        """submit()'s tasks (one presentation each) and how their finished futures become the Verdict."""
+        ask, orders = self._orders(prompt, images, source_image, prompt_rubric)
+
+        def finish(futures):
+            verdict = self._combine([future.result() for future in futures])  # in the orders' order, whatever
+            verdict.calls = len(orders)                                      # order they were answered in
+            return verdict
+        return [functools.partial(ask, order) for order in orders], finish
+
     # -- internals
+    def _orders(self, prompt, images, source_image, prompt_rubric=None):
+        """(ask(order) -> Presentation, the orders to ask): the inputs checked and each image encoded once."""
+        n = len(images)
+        if n < 2:
+            raise ValueError(f"need at least 2 candidate images, got {n}")
+        if source_image is not None and self.task != "edit":
+            raise ValueError("source_image given to a t2i judge (use task='edit')")
+        urls = [self.client.encode(image) for image in images]  # once, shared by both orders
+        source_url = self.client.encode(source_image) if source_image is not None else None
+        extra = self._prompt_rubric(prompt) if prompt_rubric is None else \
+            self._extra_template.format(prompt_rubrics=prompt_rubric.strip())
+
+        def ask(order):
+            try:
+                return self._present(prompt, urls, source_url, order, extra)
+            except JudgeError as exc:  # the client already retried; the server is down or refusing us
+                return Presentation(order, None, "", str(exc))
+        return ask, [list(range(n))] + ([list(range(n))[::-1]] if self.swap else [])
+
     def _prompt_rubric(self, prompt):
         if self.prompt_rubrics is None:
             return ""
@@ -382,24 +453,44 @@ class ScoreJudge(_PooledJudge):
             retries=self.max_invalid, max_tokens=self.max_tokens, cache=self.cache, extract=str)
 
     def compare_detailed(self, prompt, images, source_image=None):
-        """(Verdict, [one Presentation in the given order]), the shape judge.evaluate reads."""
-        started, scores, order = time.monotonic(), [], list(range(len(images)))
+        """(Verdict, [one Presentation in the given order]), the shape judge.evaluate reads; the images scored one
+        after the other (submit() scores them all at once)."""
+        started, order = time.monotonic(), list(range(len(images)))
         try:
-            if len(images) < 2 or source_image is not None:
-                raise ValueError(f"the score judge compares 2 or more text-to-image candidates, got {len(images)}"
-                                 + (" and a source image" if source_image is not None else ""))
-            for image in images:
-                scores.append(self.score(prompt, image))
-            if len(set(scores)) < len(scores):
-                verdict = Verdict(rank=None, reason=f"tie: scores {scores}", consistent=False, scores=scores)
-            else:
-                best_first = sorted(order, key=lambda i: -scores[i])
-                rank = [best_first.index(i) + 1 for i in order]
-                verdict = Verdict(rank=rank, reason=f"scores {scores}", ranks=[rank], scores=scores)
+            self._check(images, source_image)
+            verdict = self._verdict([self.score(prompt, image) for image in images])
         except Exception as exc:  # compare() must never take the training loop down
             verdict = Verdict(rank=None, error=f"{type(exc).__name__}: {exc}")
         verdict.calls, verdict.latency = len(images), time.monotonic() - started
         return verdict, [Presentation(order, verdict.rank, verdict.reason, verdict.error)]
+
+    def _requests(self, prompt, images, source_image):
+        """submit()'s tasks (one score each) and how their finished futures become the Verdict."""
+        self._check(images, source_image)
+
+        def finish(futures):
+            failed = [future.exception() for future in futures if future.exception() is not None]
+            verdict = (Verdict(rank=None, error=f"{type(failed[0]).__name__}: {failed[0]}") if failed
+                       else self._verdict([future.result() for future in futures]))  # in the images' order
+            verdict.calls = len(images)
+            return verdict
+        return [functools.partial(self.score, prompt, image) for image in images], finish
+
+    @staticmethod
+    def _check(images, source_image):
+        if len(images) < 2 or source_image is not None:
+            raise ValueError(f"the score judge compares 2 or more text-to-image candidates, got {len(images)}"
+                             + (" and a source image" if source_image is not None else ""))
+
+    @staticmethod
+    def _verdict(scores):
+        """The higher score wins; equal scores are a tie."""
+        if len(set(scores)) < len(scores):
+            return Verdict(rank=None, reason=f"tie: scores {scores}", consistent=False, scores=scores)
+        order = list(range(len(scores)))
+        best_first = sorted(order, key=lambda i: -scores[i])
+        rank = [best_first.index(i) + 1 for i in order]
+        return Verdict(rank=rank, reason=f"scores {scores}", ranks=[rank], scores=scores)
 
 
 # ------------------------------------------------------------------------------------- groups of N candidates
@@ -430,9 +521,14 @@ class GroupJudgment:
 
     def __init__(self, mode, n, futures):
         self.mode, self.n, self.futures = mode, n, futures  # {(i, j) or None: Future[Verdict]}
+        self.submitted = time.monotonic()
 
-    def result(self):
-        verdicts = {key: future.result() for key, future in self.futures.items()}
+    def result(self, timeout=None):
+        """The GroupVerdict. With `timeout` (seconds since submission: train.py's --judgment_timeout) a judgment not
+        done by then is a failure at once (listwise: the group is masked and counted; pairs: that pair is left out);
+        its requests finish or time out in the pool."""
+        deadline = None if timeout is None else self.submitted + timeout
+        verdicts = {key: verdict_by(future, deadline, timeout) for key, future in self.futures.items()}
         errors = [v.error for v in verdicts.values() if v.error]
         if self.mode == "listwise":
             (v,) = verdicts.values()
@@ -450,6 +546,20 @@ class GroupJudgment:
         rank = next(iter(verdicts.values())).rank if self.n == 2 and rates is not None else None
         return GroupVerdict(rates, "; ".join(errors) if rates is None and errors else None, list(verdicts.values()),
                             rank)
+
+
+def timed_out(timeout):
+    return (f"the judgment took longer than {timeout:g} s (--judgment_timeout): counted as failed; is the judge server "
+            "overloaded or down?")
+
+
+def verdict_by(future, deadline, timeout=None):
+    """future.result() (a Future[Verdict] of submit) waited for until time.monotonic() reaches `deadline` (None: no
+    limit); past it a failed Verdict saying so (timed_out(timeout)), without waiting any longer."""
+    try:
+        return future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return Verdict(rank=None, error=timed_out(timeout), latency=timeout or 0.0)
 
 
 def submit_group(judge, prompt, images, mode="listwise", source_image=None, prompt_rubric=None):

@@ -101,6 +101,7 @@ class _LogitJudgment:
 
     def __init__(self, future, combine):
         self.future, self.combine = future, combine
+        self.futures = {None: future}  # what train.py waits on (runtime.judgment_result)
 
     def result(self):
         return self.combine(self.future.result())
@@ -271,6 +272,8 @@ class CompositeJudgment:
 
     def __init__(self, judgments, weights, n):
         self.judgments, self.weights, self.n = judgments, weights, n  # {name: judgment}, {name: lambda}, N
+        self.futures = {(name, key): future for name, j in judgments.items()  # what train.py waits on
+                        for key, future in (j.futures.items() if hasattr(j, "futures") else [(None, j)])}
 
     def result(self):
         groups = {name: judgment.result() for name, judgment in self.judgments.items()}

@@ -28,6 +28,7 @@ Deliberate deviations from the official code
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import errno
 import functools
 import hashlib
@@ -42,6 +43,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +54,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from cli import ConfigError
 from data import load_pairs, load_prompts, read_text, split_skipped
 import rewards
-from judge import GroupVerdict, Judge, ScoreJudge, Verdict, VLMClient, evaluate
+from judge import GroupJudgment, GroupVerdict, Judge, ScoreJudge, Verdict, VLMClient, evaluate, timed_out, verdict_by
 from vlm_client import USAGE_KEYS, failure_reasons, public_url, usage_report
 
 
@@ -133,6 +135,10 @@ def load_inputs(cfg, demo, task):
                           "--judge_mode rank without --reward (the demo, score and weighted-rubric judges read no "
                           "rubric text)")
     check_rewards(cfg)
+    if cfg.judgment_timeout > cfg.dist_timeout * 60 / 2:  # the other half: the window's compute after the last verdict
+        raise ConfigError(f"--judgment_timeout {cfg.judgment_timeout:g} s is more than half of --dist_timeout "
+                          f"{cfg.dist_timeout:g} min: a rank waiting that long for its judge would make the others "
+                          "time out in the next all-reduce; lower --judgment_timeout or raise --dist_timeout")
     if cfg.minibatches > cfg.prompts_per_rank:
         raise ConfigError(f"--minibatches {cfg.minibatches} is more than --prompts_per_rank {cfg.prompts_per_rank}: "
                           "every minibatch takes the same number of each rank's prompts, at least one")
@@ -448,34 +454,67 @@ def judge_usage(judge, since=None):
     return now if since is None else {key: now[key] - since[key] for key in now}
 
 
-def judge_check(run, gate=False):
+def judge_check(run, gate=False, final=False):
     """The drift alarm (rank 0, at step 0 and every judge_check_every steps): the judge's accuracy and position gap
     on the labelled pairs of --judge_check_data, judged in both orders with the run's client and rubric, logged as
-    judge_check_*; a judge that degrades or a server swapped mid-run shows there. A fall of 0.1 or more from the
-    first check is printed as a warning. `gate`: the check before this process trains (whatever the step, so a
-    resume is gated too), where --judge_min_accuracy can refuse the judge (RunStopped on every rank)."""
-    if not run.check_items or (run.step % run.cfg.judge_check_every and not gate):
+    judge_check_* with the step it started at; a judge that degrades or a server swapped mid-run shows there. A fall
+    of 0.1 or more from the first check is printed as a warning. The check runs in the background on rank 0 (its
+    requests share the client's --judge_concurrency slots), so no rank waits for it: it is logged at the first
+    window end after it is done, and `final` (the run's end) waits for it unless a stop was requested. A check due
+    while the previous one still runs is skipped, with a line on the console. `gate` (--judge_min_accuracy, the
+    check before this process trains, whatever the step, so a resume is gated too) runs in the foreground instead:
+    every rank waits for it, and a judge below the threshold stops the run on every rank (RunStopped)."""
+    if not run.check_items:
         return
-    if run.d.rank == 0 and not run.stop_requested:  # a stop does not wait for a check
-        if run.cfg.judge_mode != "rank":  # the run's scoring judge itself: a score sees one image, no order
-            summary = evaluate(run.judge, run.check_items)
-        else:
-            rubric = read_text(run.cfg.rubrics, "rubrics")
-            with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
-                summary = evaluate(check, run.check_items)
-        record = {"step": run.step, **{f"judge_check_{key}": summary[key] for key in (
-            "accuracy", "accuracy_avg", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons",
-            "requests")}}
-        log(run, record)
-        first = run.checks[0] if run.checks else None
-        run.checks.append((run.step, summary["accuracy"]))
-        if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
-            print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
-                  f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
-        refusal = gate_refusal(run.cfg, summary) if gate else None
-    refusal = all_gather(refusal if run.d.rank == 0 else None, run.d)[0]  # every rank stops, or none
-    if refusal is not None:
-        raise RunStopped(refusal)
+    if gate and run.cfg.judge_min_accuracy is not None:
+        refusal = None
+        if run.d.rank == 0 and not run.stop_requested:  # a stop does not wait for a check
+            run.check_step = run.step
+            summary = check_summary(run)
+            log_check(run, summary)
+            refusal = gate_refusal(run.cfg, summary)
+        refusal = all_gather(refusal, run.d)[0]  # every rank stops, or none
+        if refusal is not None:
+            raise RunStopped(refusal)
+        return
+    if run.d.rank != 0:
+        return
+    if run.check_future is not None and (final and not run.stop_requested or run.check_future.done()):
+        future, run.check_future = run.check_future, None
+        try:
+            log_check(run, future.result())
+        except Exception as e:  # the alarm must never take the run down
+            print(f"warning: the judge check of step {run.check_step} failed: {type(e).__name__}: {e}", flush=True)
+    if final or run.stop_requested or run.step % run.cfg.judge_check_every:
+        return
+    if run.check_future is not None:
+        print(f"judge check of step {run.step} skipped: the one of step {run.check_step} is still running", flush=True)
+        return
+    if run.check_pool is None:
+        run.check_pool = ThreadPoolExecutor(1, thread_name_prefix="judge-check")
+    run.check_step, run.check_future = run.step, run.check_pool.submit(check_summary, run)
+
+
+def check_summary(run):
+    """judge.evaluate's summary of the judge on the labelled pairs (both orders; a scoring judge as it is)."""
+    if run.cfg.judge_mode != "rank":  # the run's scoring judge itself: a score sees one image, no order to swap
+        return evaluate(run.judge, run.check_items)
+    rubric = read_text(run.cfg.rubrics, "rubrics")
+    with Judge(run.judge.client, rubric, task=run.judge.task, swap=True) as check:
+        return evaluate(check, run.check_items)
+
+
+def log_check(run, summary):
+    """Log one finished judge check (step: when it started) and warn when the accuracy fell by 0.1 or more."""
+    record = {"step": run.check_step, **{f"judge_check_{key}": summary[key] for key in (
+        "accuracy", "accuracy_avg", "position_gap", "tie_rate", "failure_rate", "n", "failure_reasons",
+        "requests")}}
+    log(run, record)
+    first = run.checks[0] if run.checks else None
+    run.checks.append((run.check_step, summary["accuracy"]))
+    if first is not None and summary["accuracy"] is not None and first[1] - summary["accuracy"] >= 0.1:
+        print(f"warning: the judge's accuracy on --judge_check_data fell from {first[1]:.3f} (step {first[0]}) "
+              f"to {summary['accuracy']:.3f}: was the judge server changed or overloaded?", flush=True)
 
 
 def gate_refusal(cfg, summary):
@@ -514,14 +553,41 @@ def divergence_warning(history, evals):
             "raise --kl_beta or stop at an earlier checkpoint.")
 
 
+TIE_WARN_RATE = 0.4  # ours: an unbiased judge right on 3 pairs in 4 ties 2 x 0.75 x 0.25 = 0.375 of them
+
+
+def tie_warning(run, recent):
+    """Once per run, when more than TIE_WARN_RATE of the pairs of the last failure_window windows (`recent`, their
+    records) were order-inconsistent ties: a warning naming the judge's position gap and what helps. The gap comes
+    from the first-position win rate w over the valid answers: with the better image first in half of them,
+    w = (forward + 1 - reverse) / 2, so forward - reverse = 2 w - 1 (paper Table 5's gap)."""
+    pairs = sum(r["pairs"] for r in recent)
+    ties = sum(r["tie_rate"] * r["pairs"] for r in recent)
+    if run.tie_warned or len(recent) < run.cfg.failure_window or ties <= TIE_WARN_RATE * pairs:
+        return
+    run.tie_warned = True
+    wins = [r["first_position_win_rate"] for r in recent if r["first_position_win_rate"] is not None]
+    w = sum(wins) / len(wins) if wins else None
+    bias = (f"The judge preferred the image shown first in {w:.0%} of its answers: a position gap (forward - "
+            f"reverse accuracy, paper Table 5) of about {2 * w - 1:+.2f}. " if w is not None else "")
+    print0(run.d, f"warning: {ties / pairs:.0%} of the pairs of the last {len(recent)} windows were order-"
+                  f"inconsistent ties: masked, so they train nothing (they never stop the run). {bias}What helps: a "
+                  "stronger judge, or a rubric that names the decisive differences (measure either with `python "
+                  "judge.py eval` or --judge_check_data); --no_judge_swap trains every pair, but then a share of the "
+                  "rewards follows the position, not the image (noisier rewards, the bias inside the signal).")
+
+
 # ---- The policy, its memory options, its prompts encoded up front -------------------------------------------------
 
 def load_policy(cfg, cls, d, demo, items):
     """The policy of the config with its memory options, after the memory check (a warning naming the estimate and
     the flags that help, before anything loads); every item's encoder input (`items`: training and eval prompts)
-    encoded up front, then the text encoders released (freed, or moved to the CPU if host memory could not keep
-    every embedding); the LoRA broadcast from rank 0. With --embed_cache the ranks encode a share each into the
-    shared folder and read the rest from it; without it each rank encodes everything into its host memory."""
+    encoded up front into the embedding folder (--embed_cache, by default output_dir/embeddings), then the text
+    encoders freed, so they never run in the hot path (a missing embedding later is an error, not a slow CPU encode);
+    the LoRA broadcast from rank 0. Rank r encodes only its share (every W-th item), then, after a barrier, every
+    rank checks every file and encodes what another rank could not write; later reads come from host memory (a
+    bounded LRU) or the folder, whose entries are keyed by the encoders' and tokenizers' identity and the item, so
+    another model's or prompt set's file is never read as this run's (embed_cache.py)."""
     if demo is None and d.device.type == "cuda":
         warning = memory_warning(cfg, d.world_size, torch.cuda.get_device_properties(d.device).total_memory)
         if warning:
@@ -531,21 +597,23 @@ def load_policy(cfg, cls, d, demo, items):
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(d.device.type, (d.world_size,))
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # LoRA and AdamW stay fp32 either way
+    folder = cfg.embed_cache or str(Path(cfg.output_dir) / "embeddings")
     policy = cls.from_pretrained(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                  lora_targets=cfg.lora_targets, device=d.device, dtype=dtype,
                                  mixed_precision=dtype if dtype != torch.float32 else None,
-                                 gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=cfg.embed_cache,
+                                 gradient_checkpointing=cfg.gradient_checkpointing, embed_cache=folder,
                                  shard_mesh=mesh, **({"source_area": cfg.source_area} if cls.task == "edit" else {}))
     inputs = [item.prompt if cls.task == "t2i" else (item.prompt, item.source_image) for item in items]
     if cls.task == "edit" and cfg.true_cfg_scale > 1:  # true CFG: the negative prompt with every source image
         inputs += [(cfg.negative_prompt, item.source_image) for item in items]
-    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size] if cfg.embed_cache else inputs,
+    encoded = policy.cache_embeddings(inputs[d.rank::d.world_size],  # this rank's share only
                                       progress=Progress("prompts: encoded") if d.rank == 0 else None)
-    barrier(d)  # the shared folder is complete before any rank reads from it
-    where = policy.release_text_encoders()
-    print0(d, f"prompts: {encoded} encoded on rank 0 ({policy.embed_cache.stats['evicted']} did not fit in host "
-              f"memory), text encoders {'freed' if where == 'freed' else 'moved to the CPU (pass --embed_cache)'}"
-              + (f", the base sharded over {d.world_size} ranks" if mesh is not None else ""))
+    barrier(d)  # the folder is complete before any rank reads from it (the slowest share, within --dist_timeout)
+    redone = policy.cache_embeddings(inputs)  # 0 unless a rank's file is missing or unreadable
+    policy.release_text_encoders()  # freed: every embedding is in the folder
+    print0(d, f"prompts: {len(inputs)} (this run's windows and eval) embedded in {folder}: {encoded} encoded by rank "
+              f"0, the rest by the other ranks{f', {redone} again after the barrier' if redone else ''}; text "
+              "encoders freed" + (f", the base sharded over {d.world_size} ranks" if mesh is not None else ""))
     for p in policy.trainable_parameters():
         if d.world_size > 1:
             dist.broadcast(p.data, src=0)
@@ -605,6 +673,16 @@ def next_window(run):
     return [run.items[epoch_order(n, run.cfg.seed, p // n)[p % n]] for p in positions]
 
 
+def planned_items(cfg, items, world_size):
+    """The training items that windows 1..max_steps visit (next_window's order is fixed by the seed and the world
+    size): only they are embedded up front. A resume with a larger --max_steps plans the new windows too."""
+    n, total = len(items), cfg.max_steps * world_size * cfg.prompts_per_rank
+    visited = set()
+    for epoch in range(-(-total // n)):
+        visited.update(epoch_order(n, cfg.seed, epoch)[:total - epoch * n])
+    return [items[i] for i in sorted(visited)]
+
+
 @functools.lru_cache(maxsize=4)
 def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
@@ -651,17 +729,20 @@ class Dist:
     device: torch.device
 
 
-def init_distributed(device=None):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process with world size 1."""
+def init_distributed(device=None, timeout_minutes=None):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process with world size 1.
+    timeout_minutes (--dist_timeout): how long a collective may wait for the slowest rank before the job aborts;
+    None keeps torch's default (10 minutes for NCCL), shorter than a judge that is slow for a while."""
+    timeout = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     use_cuda = device != "cpu" and torch.cuda.is_available() and (device or "cuda").startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)  # before init: NCCL and the object collectives use the current device
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), **timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **timeout)
     return Dist(rank, local_rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
@@ -717,6 +798,10 @@ class Run:
     provenance: dict = field(default_factory=dict)   # what rewards this run (`provenance`): checkpoints, metrics
     provenance_changed: list = field(default_factory=list)  # what differs from the resumed checkpoint's
     judge_evals: list = field(default_factory=list)  # (step, training judge's, eval judge's win rate): divergence
+    check_pool: ThreadPoolExecutor | None = None     # rank 0: the background judge check (judge_check)
+    check_future: object = None                      # the running check's Future[summary], or None
+    check_step: int = 0                              # the step the last check started at
+    tie_warned: bool = False                         # tie_warning said its piece
 
 
 def percentile(values, q):
@@ -1082,25 +1167,39 @@ def install_stop_handler(run):
 NOT_AWAITED = "not awaited: the run was stopped (Ctrl-C / SIGTERM)"
 
 
-def await_done(run, futures):
-    """Wait for the futures; once a stop is requested, at most cfg.stop_grace seconds more (a judge that hangs
-    cannot hold a stop). True when all are done."""
+def await_done(run, futures, deadline=None):
+    """Wait for the futures until `deadline` (time.monotonic(); None: no limit); once a stop is requested, at most
+    cfg.stop_grace seconds more (a judge that hangs cannot hold a stop). False when a stop cut the wait short, else
+    True (every future done, or the deadline passed)."""
     pending = set(futures)
-    while pending:
+    while pending and (deadline is None or time.monotonic() < deadline):
         if run.stop_requested and time.monotonic() - run.stop_time >= run.cfg.stop_grace:
             return False
-        pending = concurrent.futures.wait(pending, timeout=0.1)[1]
+        left = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
+        pending = concurrent.futures.wait(pending, timeout=left)[1]
     return True
 
 
 def judgment_result(run, judgment):
-    """judge.GroupJudgment.result(), or a masked GroupVerdict (NOT_AWAITED) when a stop cut the wait short."""
-    return judgment.result() if await_done(run, judgment.futures.values()) else GroupVerdict(None, NOT_AWAITED)
+    """The GroupVerdict of a group judgment (judge.GroupJudgment, a rewards.py judgment, or a Future of one),
+    waited for until --judgment_timeout after its submission (past it a failure: masked and counted; a pair of
+    `pairs` judging is left out) and, once a stop is requested, at most stop_grace seconds more (NOT_AWAITED)."""
+    timeout = run.cfg.judgment_timeout
+    futures = list(judgment.futures.values()) if hasattr(judgment, "futures") else [judgment]
+    deadline = getattr(judgment, "submitted", time.monotonic()) + timeout
+    if not await_done(run, futures, deadline):
+        return GroupVerdict(None, NOT_AWAITED)
+    if isinstance(judgment, GroupJudgment):
+        return judgment.result(timeout)
+    return judgment.result() if all(f.done() for f in futures) else GroupVerdict(None, timed_out(timeout))
 
 
-def verdict_result(run, future):
-    """A Future[Verdict]'s verdict, or a failed Verdict (NOT_AWAITED) when a stop cut the wait short."""
-    return future.result() if await_done(run, [future]) else Verdict(rank=None, error=NOT_AWAITED)
+def verdict_result(run, future, deadline=None):
+    """A Future[Verdict]'s verdict by `deadline` (past it a failed Verdict: judge.timed_out), or a failed Verdict
+    (NOT_AWAITED) when a stop cut the wait short."""
+    if not await_done(run, [future], deadline):
+        return Verdict(rank=None, error=NOT_AWAITED)
+    return verdict_by(future, deadline, run.cfg.judgment_timeout)
 
 
 def finish(code):
@@ -1120,8 +1219,10 @@ def restore_signal_handlers(previous):
 
 
 def close_run(run):
-    """Stop the judges' threads (after a stop, without waiting for requests in flight), flush the tracker and
-    release the output folder's lock."""
+    """Stop the judges' threads (after a stop, without waiting for a running judge check or requests in flight),
+    flush the tracker and release the output folder's lock."""
+    if run.check_pool is not None:
+        run.check_pool.shutdown(wait=not run.stop_requested, cancel_futures=True)
     close_judges(run.judge, run.eval_judge, wait=not run.stop_requested)
     if run.tracker is not None:
         run.tracker.close()

@@ -36,7 +36,8 @@ Deliberate deviations from the paper and the official code
     2. Judging overlaps computation (phase 4 starts while later groups are judged); the official code waits for
        every judgment with the GPU idle.
     3. A failed or order-inconsistent judgment masks its group (judge_failure_rate / tie_rate) instead of crashing
-       the job; the run saves and stops when the masked rate over failure_window steps passes failure_stop_rate.
+       the job; the run saves and stops when the judge-failure rate over failure_window steps passes
+       failure_stop_rate. Ties never stop it: a high tie rate is warned about once (runtime.tie_warning).
     4. The KL penalty is the exact KL of the two Gaussian transitions by default; the official on-policy k1
        estimate, whose expected gradient is zero, is kept as --kl_estimator k1.
     5. The judge sees both candidate orders by default (--judge_swap); evaluation alternates the policy's position,
@@ -200,6 +201,12 @@ class Config:
                                          valid=at_least(1))
     judge_check_every: int = beyond(25, "windows between judge checks on judge_check_data", "ours",
                                     valid=at_least(1))
+    judgment_timeout: float = beyond(900.0, "seconds one judgment (both orders, re-asks, retries) may take from its "
+                                           "submission; past it the pair is a judge failure (masked, counted); at most "
+                                           "half of --dist_timeout", "ours", valid=above(0))
+    dist_timeout: float = beyond(120.0, "minutes a rank may wait in a collective before torch.distributed aborts "
+                                        "the job (init_process_group's timeout; NCCL's default is 10)",
+                                 "ours; Pref-GRPO sets hours", valid=above(0))
     eval_prompts: str | None = beyond(None, "eval prompts, same format; unset: held out from the prompts",
                                       "ours (the official code has no evaluation)")
     eval_size: int = beyond(64, "at most this many eval prompts", "ours", valid=at_least(1))
@@ -225,7 +232,7 @@ class Config:
                                            "fewer source tokens than the deployed pipeline gives)",
                               "diffusers QwenImageEditPlusPipeline (VAE_IMAGE_SIZE)", valid=at_least(32 * 32))
     embed_cache: str | None = beyond(None, "folder of prompt embeddings (per prompt and model), reused by runs and "
-                                           "ranks", "ours")
+                                           "ranks; unset: output_dir/embeddings", "ours")
     shard_base: bool = beyond(False, "shard the frozen transformer over the ranks with FSDP2 (LoRA replicated)",
                               "torch FSDP2")
     cache_dir: str = beyond("~/.cache/arr-rpo", "where the demo's tiny model is built once", "ours")
@@ -234,8 +241,8 @@ class Config:
     resume: str | None = beyond(None, "auto (newest complete checkpoint in output_dir) or a checkpoint folder",
                                 "ours (the official --resume_from_checkpoint is ignored)")
     seed: int = beyond(42, "seed; rank r samples with seed + r", "ours")
-    failure_stop_rate: float = beyond(0.5, "save and stop when the masked-pair rate over failure_window windows "
-                                           "is above", "ours", valid=within(0, 1))
+    failure_stop_rate: float = beyond(0.5, "save and stop when the judge-failure rate over failure_window windows "
+                                           "is above (ties never stop a run)", "ours", valid=within(0, 1))
     failure_window: int = beyond(5, "windows in the failure-rate window", "ours", valid=at_least(1))
     log_with: str = beyond("none", "also log to wandb or tensorboard (only if installed)", "ours",
                            choices=("none", "wandb", "tensorboard"))
@@ -275,7 +282,7 @@ def demo_overrides(model_type, given):
 RESUME_SAFE = ("output_dir", "resume", "overwrite", "max_steps", "save_every", "eval_every", "judge_check_every",
                "log_with", "num_threads", "cache_dir", "embed_cache", "judge_concurrency", "judge_api_key_env",
                "stop_grace", "judge_timeout", "judge_max_retries", "judge_max_total_time", "judge_max_response_bytes",
-               "gradient_checkpointing")
+               "gradient_checkpointing", "judgment_timeout", "dist_timeout")
 
 
 def saved_config(given):
@@ -658,9 +665,10 @@ def evaluate(run):
         futures.append((i % 2, [j.submit(item.prompt, pair, source_image=source) for j in judges]))
         columns.append((source, mine_image, ref_image))
     counts = torch.zeros(len(judges), 4)  # per judge: wins, ties, failures, judged + failed
+    deadline = time.monotonic() + cfg.judgment_timeout  # every eval pair was submitted: the cap of one judgment
     for policy_at, submitted in futures:
         for row, future in enumerate(submitted):
-            v = runtime.verdict_result(run, future)
+            v = runtime.verdict_result(run, future, deadline)
             counts[row] += torch.tensor([v.error is None and v.rank is not None and v.rank[policy_at] == 1,
                                          v.error is None and v.rank is None, v.error is not None, 1.0])
     counts = runtime.all_reduce_sum(counts.to(d.device), d).cpu()
@@ -723,7 +731,8 @@ def prepare(cfg, d, judge=None):
                       f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
     if demo is not None and cfg.judge_url is not None:
         runtime.print0(d, f"the demo model with the judge at {runtime.public_url(cfg.judge_url)}: "
-                          f"{cfg.num_candidates} candidates per prompt (the paper's pair unless --num_candidates is set)")
+                          f"{cfg.num_candidates} candidates per prompt (the paper's pair unless --num_candidates is "
+                          "set)")
     lock = runtime.lock_output(out, d)
     judges = (None, None)  # make_judges closes its own on a failure
     try:
@@ -732,7 +741,8 @@ def prepare(cfg, d, judge=None):
             build_tiny_model(cfg.model_type, model)
         runtime.barrier(d)
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast by load_policy, to be sure)
-        policy = runtime.load_policy(replace(cfg, model=model), cls, d, demo, items + eval_items)
+        policy = runtime.load_policy(replace(cfg, model=model), cls, d, demo,
+                                     runtime.planned_items(cfg, items, d.world_size) + eval_items)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, cfg.lr_warmup_steps))
@@ -759,7 +769,7 @@ def loop(run):
     """Windows until max_steps: train_step, log, eval, checkpoint; stop (saved) on Ctrl-C or a failing judge. The
     first eval is after eval_every windows: at step 0 the LoRA is untouched and the policy is the reference, a known
     0.5 (evaluate's docstring) that would cost 2 x eval_size judge requests."""
-    cfg, recent = run.cfg, []  # (masked pairs, pairs) of the last failure_window windows
+    cfg, recent = run.cfg, []  # the records of the last failure_window windows
     if run.step == 0 or cfg.judge_min_accuracy is not None:  # a resumed run is gated again
         runtime.judge_check(run, gate=True)
     trained = []  # optimizer steps of each window of this process
@@ -773,10 +783,11 @@ def loop(run):
         if mismatch:
             runtime.print0(run.d, mismatch)
         runtime.judge_check(run)  # the drift alarm: the judge's accuracy on labelled pairs, every judge_check_every
-        # a tie is a valid judgment, but a judge whose two orders always disagree leaves nothing to train on
-        recent = (recent + [(record["masked_pairs"], record["pairs"])])[-cfg.failure_window:]
-        failed, pairs = map(sum, zip(*recent))
+        # only judge failures stop the run: a tie is a valid judgment (masked), warned about once when frequent
+        recent = (recent + [record])[-cfg.failure_window:]
+        failed, pairs = sum(r["judge_failures"] for r in recent), sum(r["pairs"] for r in recent)
         failing = len(recent) == cfg.failure_window and failed > cfg.failure_stop_rate * pairs
+        runtime.tie_warning(run, recent)
         evaluating = cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps)
         if evaluating and not record["stop_requested"]:  # a stop saves first (the eval comes back at the resume)
             runtime.log(run, evaluate(run))
@@ -784,12 +795,13 @@ def loop(run):
             path = runtime.save_checkpoint(run)
             runtime.print0(run.d, f"checkpoint: {path}")
         if failing:
-            raise RunStopped(f"{failed / pairs:.0%} of the pairs of the last {cfg.failure_window} steps were masked "
-                             "(judge failures and order-inconsistent ties), more than "
+            raise RunStopped(f"{failed / pairs:.0%} of the pairs of the last {cfg.failure_window} steps were judge "
+                             "failures (server errors, invalid answers, past --judgment_timeout), more than "
                              f"--failure_stop_rate {cfg.failure_stop_rate}; checkpoint saved to {path}. "
                              f"Check the judge server, then continue with --resume auto --output_dir {run.out}")
         if record["stop_requested"]:
             return stopped(run)
+    runtime.judge_check(run, final=True)  # the last drift check, if one is still running
     untrained(run, trained)
     curve = "  ".join(f"{s}: {w:.2f}" for s, w in run.evals if w is not None)
     runtime.print0(run.d, f"done: {run.step} steps in {run.out}"
@@ -827,7 +839,7 @@ def untrained(run, trained):
 
 def train(cfg, judge=None):
     """Run RPO as configured; returns the exit code. `judge` replaces the configured judge (tests, benchmarks)."""
-    d = runtime.init_distributed(cfg.device)
+    d = runtime.init_distributed(cfg.device, cfg.dist_timeout)
     run, previous = None, {}
     try:
         run = prepare(cfg, d, judge)

@@ -187,13 +187,20 @@ def test_held_out_eval_prompts_are_never_trained_on(tmp_path):
 # ----- the judge during a run: the drift alarm ---------------------------------------------------------------------
 
 def test_drift_alarm_follows_a_judge_that_changes_mid_run(tmp_path, cache, capsys):
-    """--judge_check_data: accuracy and position gap at steps 0, 2, 4; the server turns into an always-first judge
-    after the check at step 2 (request 18: 2 startup + 4 per check + 4 per step)."""
+    """--judge_check_data: accuracy and position gap at steps 0, 2, 4 (each judged in the background on rank 0 and
+    logged with the step it started at); the server turns into an always-first judge for the check pairs after the
+    first two checks (8 check requests: 2 pairs x 2 orders each), while training's pairs are judged as before."""
     (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
     check_data = shipped_data.ties(tmp_path / "check")  # 2 labelled pairs (red wins) and 2 ties (skipped)
+    seen = []
+
+    def turns_after_two_checks(body):
+        if not any(p in json.dumps(body) for p in ("a red ball", "a blue ball")):
+            return None  # training and the startup check: the pixel judge
+        seen.append(1)
+        return json.dumps({"reason": "first", "rank": [1, 2]}) if len(seen) > 8 else None
     with FakeVLM() as fake:
-        fake.handler = lambda body: json.dumps({"reason": "first", "rank": [1, 2]}) if len(fake.requests) > 18 \
-            else None
+        fake.handler = turns_after_two_checks
         argv = demo_args(tmp_path / "run", cache, "--max_steps", "4", "--judge_url", fake.url, "--judge_model",
                          "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_check_data",
                          str(check_data), "--judge_check_every", "2")
@@ -205,7 +212,7 @@ def test_drift_alarm_follows_a_judge_that_changes_mid_run(tmp_path, cache, capsy
                                                       (4, 0.0, 1.0, 1.0, 2)]
     out = capsys.readouterr().out
     assert "warning: the judge's accuracy on --judge_check_data fell from 1.000 (step 0) to 0.000" in out
-    assert [r["tie_rate"] for r in records(tmp_path / "run")][2:] == [1.0, 1.0]  # the swapped server in training
+    assert [r["tie_rate"] for r in records(tmp_path / "run")] == [0.0] * 4  # training's judge did not change
 
 
 # ----- the run folder: resume continues the same run, one run per folder, nothing overwritten ----------------------
