@@ -197,7 +197,8 @@ def test_a_long_reason_is_cut_in_the_verdict_and_the_results_file(tmp_path, imag
         with judge.Judge(client, RUBRIC, swap=False) as the_judge:  # it always answers [1, 2]
             summary = judge.evaluate(the_judge, data.load_pairs(pairs), out=tmp_path / "results.jsonl")
     assert summary["accuracy"] == 1.0
-    (record,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    header, record = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert header[judge.RESULTS_HEADER] == 1
     assert record["reason"].startswith("because because") and record["reason"].endswith("[1600000 characters]")
     assert (tmp_path / "results.jsonl").stat().st_size < 4 * judge.REASON_CHARS
 
