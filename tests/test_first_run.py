@@ -30,15 +30,23 @@ def served(tmp_path, url, *extra):
                      str(tmp_path / "rubrics.txt"), *extra[1:])
 
 
-def test_ties_never_stop_a_run_and_a_high_tie_rate_is_warned_once(tmp_path, cache, capsys):
-    """An always-first judge (forward 1, reverse 0): every pair is an order-inconsistent tie, so nothing trains, yet
-    the run goes on past failure_window; one warning names the position gap (+1.00) and what helps."""
-    with StandinJudge(forward=1.0, reverse=0.0) as standin:
-        assert train.main(served(tmp_path, standin.url, cache, "--max_steps", "3", "--failure_window", "2")) == 0
+def test_ties_never_stop_a_run_and_a_high_tie_rate_is_warned_once(tmp_path, cache, capsys, monkeypatch):
+    """A judge that turns always-first (forward 1, reverse 0) after the startup check: every pair is an
+    order-inconsistent tie, so nothing trains, yet the run goes on past failure_window to max_steps; one warning
+    names the position gap (+1.00) and what helps; a run that trained nothing ends non-zero (no silent success)."""
+    check = runtime.check_judge
+    with StandinJudge(forward=1.0, reverse=1.0) as standin:  # right in both orders for the startup check
+        def then_biased(*args):
+            check(*args)
+            standin.q = 1.0  # from now on the first shown wins
+        monkeypatch.setattr(runtime, "check_judge", then_biased)
+        assert train.main(served(tmp_path, standin.url, cache, "--max_steps", "3", "--failure_window", "2")) == 1
     steps = records(tmp_path / "run")
     assert [(r["step"], r["tie_rate"], r["judge_failures"], r["first_position_win_rate"]) for r in steps] == [
         (1, 1.0, 0, 1.0), (2, 1.0, 0, 1.0), (3, 1.0, 0, 1.0)]
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "no optimizer step in the last 2 of its 3 windows" in captured.err
     assert out.count("were order-inconsistent ties") == 1
     assert "position gap (forward - reverse accuracy, paper Table 5) of about +1.00" in out
     assert "--no_judge_swap" in out and "stronger judge" in out
