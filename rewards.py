@@ -331,7 +331,8 @@ class CompositeJudge:
     def submit(self, prompt, images, source_image=None):
         return self._pool.submit(self.compare, prompt, images, source_image)
 
-    def close(self):
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait=True):
+        """wait=False: do not wait for requests in flight (a stopped run must not hang on its judge)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         for judge in self.components.values():
-            judge.close()
+            judge.close(wait)

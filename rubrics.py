@@ -363,10 +363,11 @@ class GroupRubricJudge:
             return submit_group(self.judge, prompt, images, mode, source_image, prompt_rubric=text).result()
         return self._pool.submit(run)
 
-    def close(self):
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait=True):
+        """wait=False: do not wait for requests in flight (a stopped run must not hang on its judge)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         self.rubric_client.close()
-        self.judge.close()
+        self.judge.close(wait)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -797,7 +797,9 @@ class Run:
     stop_time: float = 0.0     # time.monotonic() of the stop request
     provenance: dict = field(default_factory=dict)   # what rewards this run (`provenance`): checkpoints, metrics
     provenance_changed: list = field(default_factory=list)  # what differs from the resumed checkpoint's
-    judge_evals: list = field(default_factory=list)  # (step, training judge's, eval judge's win rate): divergence
+    # (step, training judge's, eval judge's win rate) for the divergence warning; step 0 is known without judging:
+    # the untouched LoRA is the reference, so every judge's win rate is 0.5 (evaluate's docstring)
+    judge_evals: list = field(default_factory=lambda: [(0, 0.5, 0.5)])
     check_pool: ThreadPoolExecutor | None = None     # rank 0: the background judge check (judge_check)
     check_future: object = None                      # the running check's Future[summary], or None
     check_step: int = 0                              # the step the last check started at

@@ -141,7 +141,8 @@ def test_embeddings_are_on_disk_by_default_each_rank_encodes_its_share_first(tmp
     calls.clear()
     inputs = [f"a prompt of this rank or the other {k}" for k in range(6)]
     two = runtime.Dist(0, 0, 2, policy.torch.device("cpu"))
-    cfg = dataclasses.replace(run.cfg, embed_cache=str(tmp_path / "two"))  # the resolved model, a fresh folder
+    cfg = dataclasses.replace(run.cfg, embed_cache=str(tmp_path / "two"),  # the resolved model, a fresh folder
+                              model=demo.tiny_model_path("flux", run.cfg.cache_dir))
     runtime.load_policy(cfg, train.POLICIES["flux"], two, demo.FLUX_DEMO, [demo.Item(p) for p in inputs])
     assert at_barrier[0] == inputs[0::2] and calls == inputs[0::2] + inputs[1::2]
 

@@ -134,7 +134,8 @@ def test_train_step_against_random_weights_stops_at_the_judge_check(tmp_path, ca
     code = train.main(train_args(tmp_path, cache, random_server, "--judge_max_tokens", str(MAX_TOKENS)))
     err = capsys.readouterr().err
     assert code == 1
-    assert f"stopped: judge check failed for {random_server.url} model {random_server.model}: unusable reply" in err
+    assert f"stopped: judge check failed for {random_server.url} model {random_server.model} (rank judge): " in err
+    assert "unusable reply after 3 attempt(s)" in err
 
 
 def test_train_step_against_the_rigged_judge(tmp_path, cache, fixed_server, capsys):

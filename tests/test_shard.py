@@ -136,7 +136,7 @@ def test_train_shard_base_on_two_ranks_trains_the_same_lora_as_replicated(update
         lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["masked_pairs"] for r in lines if "loss" in r] == [1, 0]
         assert [r["optimizer_steps"] for r in lines if "loss" in r] == ([4, 4] if updates else [1, 1])
-        assert [r["eval_n"] for r in lines if "eval_n" in r] == [3, 3]
+        assert [r["eval_n"] for r in lines if "eval_n" in r] == [3]  # at step 2 (none of the untouched LoRA)
         lora[name] = load_file(tmp_path / name / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
     assert lora["sharded"].keys() == lora["replicated"].keys()
     for key, weights in lora["replicated"].items():

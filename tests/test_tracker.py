@@ -104,9 +104,9 @@ def test_train_logs_the_eval_grid_and_the_rollout_table_to_tensorboard(tmp_path,
                                       "tensorboard", "--log_rollouts", "1"))
     assert train.train(cfg, judge=demo.DemoJudge(demo.warmth)) == 0
     events = read_tensorboard(tmp_path / "tensorboard")
-    assert [e.step for e in events.Images("eval_grid")] == [0, 2]
+    assert [e.step for e in events.Images("eval_grid")] == [2]  # no eval of the untouched LoRA at step 0
     assert [e.step for e in events.Scalars("reward_mean")] == [1, 2]
-    assert [e.step for e in events.Scalars("eval_win_rate")] == [0, 2]
+    assert [e.step for e in events.Scalars("eval_win_rate")] == [2]
     tables = text_of(events, "rollouts")
     assert [step for step, _ in tables] == [1, 2]
     header, _, row = tables[0][1].splitlines()
@@ -123,7 +123,7 @@ def test_train_logs_the_eval_grid_and_the_rollout_table_to_wandb_offline(tmp_pat
                                       "--log_with", "wandb", "--log_rollouts", "2"))
     assert train.train(cfg, judge=demo.DemoJudge(demo.warmth)) == 0
     files = wandb_run_folder(tmp_path / "run") / "files"
-    assert len(list((files / "media" / "images").glob("eval_grid_*.png"))) == 2  # steps 0 and 1
+    assert len(list((files / "media" / "images").glob("eval_grid_*.png"))) == 1  # step 1 (none at step 0)
     (table_file,) = (files / "media" / "table").glob("rollouts_*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"] == COLUMNS and len(table["data"]) == 2

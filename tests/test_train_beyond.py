@@ -20,6 +20,7 @@ from tools import demo
 from tools import memory
 from fake_vlm import FakeVLM, candidate_images, redness
 from train_helpers import demo_args, records
+from vlm_client import public_url
 
 
 def config(tmp_path, cache, *extra):
@@ -148,7 +149,10 @@ def test_judge_gate_refuses_a_contrarian_judge_and_passes_a_good_one(kind, tmp_p
     (tmp_path / "rubrics.txt").write_text("1. Redder is better.\n")
     check_data = shipped_data.ties(tmp_path / "check")  # 2 labelled pairs, red preferred (and 2 ties, skipped)
     with FakeVLM() as fake:
-        fake.handler = contrarian if kind == "contrarian" else None  # None: the fake's own judge, redder wins
+        # None: the fake's own judge, redder wins; contrarian after the startup check (its 2 requests), which would
+        # refuse a judge that prefers blue before the gate is reached
+        fake.handler = (lambda body: None if len(fake.requests) <= 2 else contrarian(body)) if kind == "contrarian" \
+            else None
         argv = demo_args(tmp_path / "run", cache, "--max_steps", "1", "--judge_url", fake.url, "--judge_model",
                          "fake-vl", "--rubrics", str(tmp_path / "rubrics.txt"), "--judge_check_data",
                          str(check_data), "--judge_min_accuracy", "0.6")
@@ -170,7 +174,8 @@ def test_a_resume_is_gated_again_before_it_trains(tmp_path, cache, capsys):
                          str(tmp_path / "rubrics.txt"), "--judge_check_data", str(check_data),
                          "--judge_min_accuracy", "0.6", "--judge_check_every", "10")
         assert train.main([*argv, "--max_steps", "1"]) == 0
-        fake.handler = contrarian  # the server behind the URL changed between the runs
+        asked = len(fake.requests)  # the server behind the URL changed between the runs (after the startup check)
+        fake.handler = lambda body: None if len(fake.requests) <= asked + 2 else contrarian(body)
         assert train.main([*argv, "--max_steps", "2", "--resume", "auto"]) == 1
     assert "is 0.000 (both orders, n 2), below --judge_min_accuracy 0.6" in capsys.readouterr().err
     assert [r["step"] for r in records(tmp_path / "run")] == [1]  # nothing trained after the resume
@@ -191,16 +196,18 @@ def test_divergence_warning_rule():
 
 def test_divergence_warning_on_a_rigged_pair_of_judges(tmp_path, cache, capsys):
     """Training judge: the demo's warmer-wins judge, which the policy learns to please. Eval judge: a server that
-    always answers [1, 2], so its two orders always disagree and the policy's win rate stays 0.5."""
+    (after answering the startup check right) always answers [1, 2], so its two orders always disagree and the
+    policy's win rate stays 0.5. Step 0 counts as 0.5 for both (the untouched LoRA is the reference)."""
     (tmp_path / "eval_rubrics.txt").write_text("1. Anything goes.\n")
     with FakeVLM() as fake:
-        fake.handler = lambda body: json.dumps({"reason": "the first one", "rank": [1, 2]})
+        fake.handler = lambda body: None if len(fake.requests) <= 2 else json.dumps({"reason": "the first one",
+                                                                                    "rank": [1, 2]})
         cfg = config(tmp_path / "run", cache, "--max_steps", "2", "--eval_every", "1", "--eval_judge_url", fake.url,
                      "--eval_rubrics", str(tmp_path / "eval_rubrics.txt"), "--judge_divergence_evals", "2")
         assert train.train(cfg) == 0
     evals = records(tmp_path / "run", "eval_win_rate")
-    assert [r["eval_win_rate"] for r in evals] == [0.5, 0.5, 0.5]
-    assert evals[0]["eval_train_judge_win_rate"] == 0.5 and evals[-1]["eval_train_judge_win_rate"] >= 0.75
+    assert [r["eval_win_rate"] for r in evals] == [0.5, 0.5]  # steps 1 and 2 (none of the untouched LoRA)
+    assert evals[-1]["eval_train_judge_win_rate"] >= 0.75
     out = capsys.readouterr().out
     assert out.count("warning: from step") == 1  # after 2 evals of divergence, not after the first
     assert "warning: from step 0 to 2 the training judge's win rate of the policy rose from 0.500" in out
@@ -223,7 +230,8 @@ def test_provenance_in_checkpoints_and_metrics_and_a_changed_rubric_warns_on_res
         saved = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "provenance.json").read_text())
         assert first == saved
         assert saved["rubric_sha256"] == hashlib.sha256(rubric.read_bytes()).hexdigest()
-        assert saved["judge_model"] == "fake-vl" and saved["judge_url"] == fake.url  # credentials and query dropped
+        assert saved["judge_model"] == "fake-vl" and saved["judge_url"] == public_url(url)  # credentials masked
+        assert "sk-very-secret" not in json.dumps(saved)
         assert saved["judge_templates_sha256"] == judge_lib.templates_sha256(
             ["judge_system_t2i", "judge_user_t2i", "judge_prompt_rubrics", "judge_reask"])
         assert saved["eval_judge_model"] is None
