@@ -21,8 +21,10 @@ Deliberate deviations from a real run (ours)
     1. Random weights and tiny text encoders: memory and time of the transformer are those of the real model;
        images, rewards and text embeddings are meaningless (the T5 / Qwen2.5-VL encoders run once per prompt
        before step 1 and are freed, so their size changes only the prepare phase).
-    2. The judge is tests/fake_vlm.py in its own process (ranks images by redness, 0.2 s per request). Seam:
-       `judge_server` is the one place to swap in tools/standin_judge.py's realistic stand-in when it lands.
+    2. The judge is tests/fake_vlm.py in its own process (ranks images by redness, 0.2 s per request), not the
+       position-biased stand-in of `bench.py rehearsal`: with its ~45% ties a 3-window proof could end with a
+       window that trained nothing (a non-zero exit by design), and this command measures memory and time, which
+       do not depend on the verdicts. `judge_server` is the one place to change it.
     3. MFU counts model FLOPs of the update (policy and reference forwards, backward; torch's FlopCounterMode on
        fake tensors at 1 and 2 depth units, extrapolated in depth like memory.py), not checkpoint recomputation.
 """
@@ -131,7 +133,7 @@ def write_inputs(model_type, folder, n=64):
 @contextlib.contextmanager
 def judge_server(latency=0.2):
     """The loopback OpenAI-compatible judge of the run: tests/fake_vlm.py in its own process (deviation 2); yields
-    (url, model name). The seam for tools/standin_judge.py."""
+    (url, model name)."""
     server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_vlm.py"), "--latency", str(latency)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
