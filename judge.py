@@ -217,7 +217,7 @@ def _resolve(outer, make, started):
     outer.set_result(verdict)
 
 
-class _PooledJudge:
+class PooledJudge:
     """What the judges share: compare() (never raises) is compare_detailed()'s verdict; submit() sends every request
     of a judgment (Judge: both orders; ScoreJudge: every image) to a pool of max_workers threads made on first use
     (default: the client's max_concurrency, so the pool never outruns the client's bound) at once; close() shuts the
@@ -289,8 +289,8 @@ class _PooledJudge:
             return self._pool.submit(fn, *args)
 
 
-class Judge(_PooledJudge):
-    """Rubric-conditioned judge over a VLMClient (compare / submit / close: _PooledJudge). rubrics None: the direct
+class Judge(PooledJudge):
+    """Rubric-conditioned judge over a VLMClient (compare / submit / close: PooledJudge). rubrics None: the direct
     judge of the paper's baseline rows (prompts/judge_system_{task}_direct.txt, no rubric anywhere in its requests);
     per-prompt rubrics may still be given, alone (prompts/judge_prompt_rubrics_only.txt)."""
 
@@ -413,7 +413,7 @@ class Judge(_PooledJudge):
         return Verdict(rank=None, reason=f"order-inconsistent: {reasons}", consistent=False, **seen)
 
 
-class ScoreJudge(_PooledJudge):
+class ScoreJudge(PooledJudge):
     """The T2I-Eval-R1 protocol (arXiv 2505.17897; train_judge.py trains such a judge): each candidate is scored on
     its own with score_messages, in the <think>/<answer> format; the higher score wins and equal scores are a tie
     (rank None, consistent False: train.py masks the pair; in a listwise group of N > 2, equal scores are half a win

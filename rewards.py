@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arr_rpo import combine_rewards, rubric_logit, tournament_win_rates
-from judge import GroupVerdict, Presentation, Verdict, _PooledJudge, labelled_images, load_template, \
+from judge import GroupVerdict, PooledJudge, Presentation, Verdict, labelled_images, load_template, \
     submit_group, templates_sha256
 from rubric_select import SCORE_SCHEMA, parse_score, pointwise_messages
 from rubric_text import INPUT_LABEL, TASKS, ask, numbered, schema
@@ -107,7 +107,7 @@ class _LogitJudgment:
         return self.combine(self.future.result())
 
 
-class RubricWeightJudge(_PooledJudge):
+class RubricWeightJudge(PooledJudge):
     """AutoRubric-T2I's reward: each candidate scored alone under the selected rubrics, r = sum_i w_i s_i + b."""
     swap, prompt_rubrics = False, None  # what judge.eval_settings reads: one image per request, no order
 

@@ -609,17 +609,14 @@ def build_parser():
         if name == "induce":
             p.add_argument("--max_refine", type=int, default=3, help="refinement rounds before an item is discarded")
             p.add_argument("--categories", type=int, default=5, help="themes in the structured rubric, at most")
-            p.add_argument("--cache", default=None, help="sqlite answer cache for resuming (default OUT.cache.sqlite)")
             p.add_argument("--verify", choices=VERIFY, default="both", help="what verification asks of the judge's "
                            "rankings: both (every order recovers the label; the paper's 'consistently'), mean (the "
                            "mean over the orders is at least 1/2, the paper's accuracy: one of two orders), first "
                            "(the given order decides; the reversed one is still asked and recorded)")
             p.add_argument("--no_swap", action="store_true", help="verify in the given order only (half the "
                            "verification requests; every --verify mode then reads that one order)")
-        elif name in ("select", "seeds"):
-            p.add_argument("--cache", default=None, help="sqlite answer cache for resuming (default OUT.cache.sqlite)")
-        else:
-            p.add_argument("--cache", default=None, help="sqlite answer cache (resume)")
+        p.add_argument("--cache", default=None, help="sqlite answer cache for resuming" + (
+            " (default OUT.cache.sqlite)" if name in ("induce", "select", "seeds") else ""))
         if name == "select":
             p.add_argument("--rubrics", required=True, help="candidate rubrics: text (one per line) or sidecar JSON")
             p.add_argument("--top_n", type=int, required=True, help="rubrics to keep, at most")

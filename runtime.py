@@ -1182,13 +1182,14 @@ def await_done(run, futures, deadline=None):
     return True
 
 
-def judgment_result(run, judgment):
-    """The GroupVerdict of a group judgment (judge.GroupJudgment, a rewards.py judgment, or a Future of one),
-    waited for until --judgment_timeout after its submission (past it a failure: masked and counted; a pair of
-    `pairs` judging is left out) and, once a stop is requested, at most stop_grace seconds more (NOT_AWAITED)."""
-    timeout = run.cfg.judgment_timeout
+def judgment_result(run, pending):
+    """The GroupVerdict of a train.Pending's group judgment (judge.GroupJudgment, a rewards.py judgment, or a Future
+    of one), waited for until --judgment_timeout after its submission (past it a failure: masked and counted; a
+    pair of `pairs` judging is left out) and, once a stop is requested, at most stop_grace seconds more
+    (NOT_AWAITED)."""
+    judgment, timeout = pending.judgment, run.cfg.judgment_timeout
     futures = list(judgment.futures.values()) if hasattr(judgment, "futures") else [judgment]
-    deadline = getattr(judgment, "submitted", time.monotonic()) + timeout
+    deadline = pending.submitted + timeout
     if not await_done(run, futures, deadline):
         return GroupVerdict(None, NOT_AWAITED)
     if isinstance(judgment, GroupJudgment):

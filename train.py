@@ -371,6 +371,7 @@ class Pending:
     judgment: judge_lib.GroupJudgment        # .result() -> judge.GroupVerdict (waits for the judge)
     prompt: str = ""                         # what the candidates were asked for (the tracker's rollout table)
     source: object = None                    # the source image (editing) or None
+    submitted: float = 0.0                   # time.monotonic() when it went to the judge (--judgment_timeout)
 
 
 def rollout_and_submit(run, items):
@@ -382,7 +383,7 @@ def rollout_and_submit(run, items):
         traj = run.policy.rollout([item.prompt] * cfg.num_candidates, **extra, **runtime.sampler(cfg),
                                   generator=run.rng, same_noise=cfg.same_noise)
         pending.append(Pending(traj, judge_lib.submit_group(run.judge, item.prompt, traj.images, cfg.group_judging,
-                                                            source), item.prompt, source))
+                                                            source), item.prompt, source, time.monotonic()))
     return pending
 
 
@@ -461,7 +462,8 @@ def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0, window=None, log_
     and N samples and back-propagated UNnormalised (reduce_and_step divides by the global term count T); returns
     its TermSums. old = the rollout's log-probs (ratio != 1 after a window's first optimizer step). The trained
     transitions: a train_fraction of `window` (a range of k; default all K - 1), drawn with `rng`. `log_ratios`, a
-    list: gets |log pi_theta - log pi_old| of every trained term (the rollout / train consistency check)."""
+    list: gets |log pi_theta - log pi_old| (N,) of every trained transition, as tensors on the device (read once,
+    after the step: no host sync per transition; the rollout / train consistency check)."""
     window = range(traj.log_probs.shape[1]) if window is None else window  # K - 1 transitions by default
     trained = max(1, round(cfg.train_fraction * len(window)))
     sums = TermSums()
@@ -470,7 +472,7 @@ def backward_rpo_loss(policy, traj, adv, cfg, rng, weight=1.0, window=None, log_
         stats = policy.recompute(traj, k, reference=cfg.kl_beta > 0)
         old = traj.log_probs[:, k]  # (N,) recorded at rollout time
         if log_ratios is not None:
-            log_ratios += (stats.log_prob.detach() - old).abs().tolist()
+            log_ratios.append((stats.log_prob.detach() - old).abs())
         kl = kl_term(stats, traj.latents[:, k + 1], cfg.kl_estimator)  # (N,)
         loss = arr_rpo.rpo_loss(stats.log_prob, old, adv, cfg.clip_range, kl, cfg.kl_beta)  # (N,)
         (weight * loss.sum()).backward()
@@ -546,6 +548,7 @@ class WindowStats:
     skipped: list = field(default_factory=list)           # per optimizer step: None, or why it did not step
     spent: dict | None = None                             # the judge's requests and tokens (runtime.judge_usage)
     log_ratios: list = field(default_factory=list)        # |log pi_theta - log pi_rollout| per term, 1st minibatch
+    #                                                       (tensors until its step, then floats: `stepped`)
     stop_requested: bool = False
 
     def timed(self, phase, fn, *args):
@@ -577,6 +580,8 @@ class WindowStats:
         return rewards
 
     def stepped(self, sums, grad_norm, skipped):
+        if not self.skipped and self.log_ratios:  # the first minibatch's terms, read after its step's sync
+            self.log_ratios = torch.cat(self.log_ratios).tolist()
         self.sums += sums
         self.grad_norms += [] if grad_norm is None else [grad_norm]
         self.skipped.append(skipped)
@@ -624,7 +629,7 @@ def train_step(run):
         sums = TermSums()
         for j in batch:
             if epoch == 0:  # a group's verdict is awaited when its update comes; later groups are still judged
-                group = window.timed("judge_wait", runtime.judgment_result, run, pending[j].judgment)  # 2. judge
+                group = window.timed("judge_wait", runtime.judgment_result, run, pending[j])  # 2. judge
                 rewards = window.count(group, judge_outcome(group, cfg))
                 adv[j] = None if rewards is None else advantages(rewards, cfg, run.policy.device)  # 3. advantages
             sums += update_group(run, pending[j], adv[j], window)  # 4. update
